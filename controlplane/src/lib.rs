@@ -1,0 +1,4 @@
+//! Skiff's control plane: the revisioned store every other part stands on;
+//! the API server, scheduler and controllers build on it.
+
+pub mod storage;

@@ -1,0 +1,375 @@
+//! The default backend: a SQLite revision log on disk with the whole picture
+//! in memory ([`index`]) so that reads and watches never touch disk.
+//!
+//! All writes go through one writer thread. It takes every write that is
+//! waiting, checks each against the index (and the ones before it in the
+//! batch), appends the batch to the log in one transaction — one fsync for
+//! all of them — then applies it to the index and wakes watchers. Concurrent
+//! writers therefore share fsyncs (group commit) and revisions stay gapless.
+
+mod index;
+mod log;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::thread::JoinHandle;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use self::index::{Index, WriteOp};
+use self::log::Log;
+use super::{
+    Deleted, Event, KeyValue, RangeRequest, RangeResponse, Revision, Store, StoreError,
+    WatchStream, check_key, check_value,
+};
+
+/// Writes taken into one transaction at most.
+const MAX_BATCH: usize = 1024;
+/// Writes waiting for the writer before callers wait to enqueue.
+const QUEUE_DEPTH: usize = 8192;
+/// Events a watcher takes from the index per lock.
+const WATCH_CHUNK: usize = 256;
+
+pub struct EmbeddedStore {
+    index: Arc<RwLock<Index>>,
+    requests: Option<mpsc::Sender<Request>>,
+    /// Watchers wait on this; it carries the latest applied revision.
+    applied: watch::Receiver<Revision>,
+    writer: Option<JoinHandle<()>>,
+}
+
+enum Request {
+    Write {
+        op: WriteOp,
+        reply: oneshot::Sender<Result<Event, StoreError>>,
+    },
+    Compact {
+        revision: Revision,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+impl EmbeddedStore {
+    /// Opens the store in `path` (a SQLite file, created if missing) and
+    /// loads it into memory.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let log = Log::open(path)?;
+        let loaded = log.load()?;
+        let index = Index::load(loaded.rows, loaded.compacted)?;
+        let revision = index.revision();
+        let index = Arc::new(RwLock::new(index));
+        let (requests, queue) = mpsc::channel(QUEUE_DEPTH);
+        let (applied_tx, applied) = watch::channel(revision);
+        let writer = Writer {
+            log,
+            index: index.clone(),
+            applied: applied_tx,
+            queue,
+        };
+        let writer = std::thread::Builder::new()
+            .name("skiff-store-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| StoreError::Internal(format!("starting the writer thread: {e}")))?;
+        tracing::info!(path = %path.display(), revision, "embedded store opened");
+        Ok(EmbeddedStore {
+            index,
+            requests: Some(requests),
+            applied,
+            writer: Some(writer),
+        })
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Index> {
+        read_index(&self.index)
+    }
+
+    async fn write(&self, op: WriteOp) -> Result<Event, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Request::Write { op, reply }).await?;
+        answer.await.map_err(|_| writer_gone())?
+    }
+
+    async fn send(&self, request: Request) -> Result<(), StoreError> {
+        let requests = self.requests.as_ref().ok_or_else(writer_gone)?;
+        requests.send(request).await.map_err(|_| writer_gone())
+    }
+}
+
+impl Drop for EmbeddedStore {
+    /// Closes the queue and waits for the writer to finish what it took, so
+    /// the file is closed (and its lock released) when this returns.
+    fn drop(&mut self) {
+        self.requests = None;
+        if let Some(writer) = self.writer.take()
+            && writer.join().is_err()
+        {
+            tracing::error!("store writer thread panicked");
+        }
+    }
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn current_revision(&self) -> Result<Revision, StoreError> {
+        Ok(self.read().revision())
+    }
+
+    async fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
+        Ok(self.read().get(key))
+    }
+
+    async fn create(&self, key: &[u8], value: Bytes) -> Result<KeyValue, StoreError> {
+        check_key(key)?;
+        check_value(&value)?;
+        let key = Bytes::copy_from_slice(key);
+        Ok(self.write(WriteOp::Create { key, value }).await?.kv)
+    }
+
+    async fn update(
+        &self,
+        key: &[u8],
+        value: Bytes,
+        expected: Revision,
+    ) -> Result<KeyValue, StoreError> {
+        check_key(key)?;
+        check_value(&value)?;
+        let key = Bytes::copy_from_slice(key);
+        let op = WriteOp::Update {
+            key,
+            value,
+            expected,
+        };
+        Ok(self.write(op).await?.kv)
+    }
+
+    async fn delete(&self, key: &[u8], expected: Option<Revision>) -> Result<Deleted, StoreError> {
+        check_key(key)?;
+        let key = Bytes::copy_from_slice(key);
+        let event = self.write(WriteOp::Delete { key, expected }).await?;
+        let prev = event
+            .prev
+            .ok_or_else(|| StoreError::Internal("delete without a previous value".into()))?;
+        Ok(Deleted {
+            revision: event.kv.mod_revision,
+            prev,
+        })
+    }
+
+    async fn range(&self, request: RangeRequest) -> Result<RangeResponse, StoreError> {
+        self.read().range(&request)
+    }
+
+    async fn watch(&self, prefix: &[u8], from: Revision) -> Result<WatchStream, StoreError> {
+        let cursor = {
+            let index = self.read();
+            match from {
+                0 => index.revision(),
+                from if from < index.compacted() => {
+                    return Err(StoreError::Compacted {
+                        requested: from,
+                        compacted: index.compacted(),
+                    });
+                }
+                from if from > index.revision() => {
+                    return Err(StoreError::FutureRevision {
+                        requested: from,
+                        current: index.revision(),
+                    });
+                }
+                from => from,
+            }
+        };
+        let watcher = Watcher {
+            index: self.index.clone(),
+            applied: self.applied.clone(),
+            prefix: Bytes::copy_from_slice(prefix),
+            cursor,
+            ready: Vec::new(),
+        };
+        Ok(Box::pin(futures::stream::unfold(watcher, Watcher::next)))
+    }
+
+    async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Request::Compact { revision, reply }).await?;
+        answer.await.map_err(|_| writer_gone())?
+    }
+}
+
+/// The writer thread's state.
+struct Writer {
+    log: Log,
+    index: Arc<RwLock<Index>>,
+    applied: watch::Sender<Revision>,
+    queue: mpsc::Receiver<Request>,
+}
+
+/// A write accepted into the current batch, waiting for the commit.
+struct Accepted {
+    event: Event,
+    reply: oneshot::Sender<Result<Event, StoreError>>,
+}
+
+impl Writer {
+    fn run(mut self) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while let Some(first) = self.queue.blocking_recv() {
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match self.queue.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+            self.process(&mut batch);
+        }
+    }
+
+    /// Commits the writes of `batch` together; a compaction in the middle
+    /// commits what came before it first, so order is kept.
+    fn process(&mut self, batch: &mut Vec<Request>) {
+        let mut accepted: Vec<Accepted> = Vec::new();
+        let mut pending: HashMap<Bytes, Option<KeyValue>> = HashMap::new();
+        let mut next = read_index(&self.index).revision() + 1;
+        for request in batch.drain(..) {
+            match request {
+                Request::Write { op, reply } => {
+                    let prepared = read_index(&self.index).prepare(op, next, &pending);
+                    match prepared {
+                        Ok(event) => {
+                            let latest = match event.kind {
+                                super::EventKind::Put => Some(event.kv.clone()),
+                                super::EventKind::Delete => None,
+                            };
+                            pending.insert(event.kv.key.clone(), latest);
+                            next += 1;
+                            accepted.push(Accepted { event, reply });
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
+                Request::Compact { revision, reply } => {
+                    self.commit(&mut accepted);
+                    pending.clear();
+                    next = read_index(&self.index).revision() + 1;
+                    let _ = reply.send(self.compact(revision));
+                }
+            }
+        }
+        self.commit(&mut accepted);
+    }
+
+    fn commit(&mut self, accepted: &mut Vec<Accepted>) {
+        if accepted.is_empty() {
+            return;
+        }
+        let rows: Vec<_> = accepted.iter().map(|a| a.event.to_row()).collect();
+        if let Err(e) = self.log.append(&rows) {
+            tracing::error!(error = %e, writes = rows.len(), "store commit failed");
+            for a in accepted.drain(..) {
+                let _ = a.reply.send(Err(StoreError::Internal(e.to_string())));
+            }
+            return;
+        }
+        let mut last = 0;
+        {
+            let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+            for a in accepted.iter() {
+                last = a.event.revision();
+                index.apply(a.event.clone());
+            }
+        }
+        self.applied.send_replace(last);
+        for a in accepted.drain(..) {
+            let _ = a.reply.send(Ok(a.event));
+        }
+    }
+
+    fn compact(&mut self, revision: Revision) -> Result<(), StoreError> {
+        let doomed = {
+            let index = read_index(&self.index);
+            if revision > index.revision() {
+                return Err(StoreError::FutureRevision {
+                    requested: revision,
+                    current: index.revision(),
+                });
+            }
+            if revision <= index.compacted() {
+                return Err(StoreError::Compacted {
+                    requested: revision,
+                    compacted: index.compacted(),
+                });
+            }
+            index.compactable(revision)
+        };
+        self.log.compact(revision, &doomed)?;
+        self.index
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .compact(revision);
+        tracing::debug!(revision, removed = doomed.len(), "store compacted");
+        Ok(())
+    }
+}
+
+/// A watch: a cursor into the index's event log that waits for the writer
+/// when it has caught up. It holds no buffer beyond one chunk, so a slow
+/// consumer costs nothing until compaction overtakes it.
+struct Watcher {
+    index: Arc<RwLock<Index>>,
+    applied: watch::Receiver<Revision>,
+    prefix: Bytes,
+    cursor: Revision,
+    /// Events read but not yet yielded, in reverse order.
+    ready: Vec<Event>,
+}
+
+impl Watcher {
+    async fn next(mut self) -> Option<(Result<Event, StoreError>, Self)> {
+        loop {
+            if let Some(event) = self.ready.pop() {
+                return Some((Ok(event), self));
+            }
+            if self.cursor == i64::MIN {
+                return None;
+            }
+            // Mark the current revision seen before reading, so a write
+            // applied after the read still wakes us.
+            self.applied.borrow_and_update();
+            let read = read_index(&self.index).events_after(&self.prefix, self.cursor, WATCH_CHUNK);
+            match read {
+                Ok((mut events, scanned)) => {
+                    self.cursor = scanned;
+                    if !events.is_empty() {
+                        events.reverse();
+                        self.ready = events;
+                        continue;
+                    }
+                }
+                Err(e) => {
+                    self.cursor = i64::MIN;
+                    return Some((Err(e), self));
+                }
+            }
+            if self.applied.changed().await.is_err() {
+                self.cursor = i64::MIN;
+                return Some((Err(writer_gone()), self));
+            }
+        }
+    }
+}
+
+fn read_index(index: &RwLock<Index>) -> RwLockReadGuard<'_, Index> {
+    // A panic while holding the lock cannot leave the index half-updated in
+    // a way later reads would misread more than failing would, so keep going.
+    index.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn writer_gone() -> StoreError {
+    StoreError::Unavailable("the store is closed".into())
+}

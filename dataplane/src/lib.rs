@@ -1,0 +1,2 @@
+//! The packet engine: the TUN overlay between nodes and Service load
+//! balancing (ClusterIP, NodePort) with connection tracking. Not built yet.

@@ -1,0 +1,2 @@
+//! The Ingress controller: host/path HTTP(S) reverse proxy with TLS by SNI.
+//! Not built yet.

@@ -1,0 +1,7 @@
+//! The harness for Skiff's end-to-end tests and benchmarks: real components
+//! (etcd, and later `skiff` servers and network namespaces) started for a
+//! test and removed after it, plus suites that hold every implementation of
+//! a contract to the same checks.
+
+pub mod etcd;
+pub mod store_conformance;
