@@ -272,7 +272,7 @@ fn parse_scale() -> anyhow::Result<f64> {
 
 fn fmt(d: Duration) -> String {
     if d < Duration::from_millis(1) {
-        format!("{:.0}µs", d.as_secs_f64() * 1e6)
+        format!("{:.1}µs", d.as_secs_f64() * 1e6)
     } else {
         format!("{:.2}ms", d.as_secs_f64() * 1e3)
     }

@@ -1,0 +1,1 @@
+//! Table responses (`meta.k8s.io/v1` Table) for `kubectl get`.

@@ -1,0 +1,1 @@
+//! The HTTPS listener: TLS accept loop and client certificate identity.
