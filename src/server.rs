@@ -1,26 +1,83 @@
-//! `skiff server`: opens the store and runs the control plane until told to
-//! stop.
+//! `skiff server`: opens the store, prepares the cluster's certificates and
+//! kubeconfig, and serves the Kubernetes API over HTTPS until stopped.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
+use controlplane::apiserver::authn::{Authenticator, User};
+use controlplane::apiserver::pki::{Pki, ServerNames};
+use controlplane::apiserver::{self, ApiState, ServiceRanges, tls};
 use controlplane::storage::Store;
 use controlplane::storage::embedded::EmbeddedStore;
 use controlplane::storage::etcd::EtcdStore;
+use ipnet::IpNet;
 
 use crate::cli::ServerArgs;
 
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
+    let data_dir = &args.node.data_dir;
+    let server_dir = data_dir.join("server");
+    std::fs::create_dir_all(&server_dir)
+        .with_context(|| format!("creating {}", server_dir.display()))?;
     let store = open_store(&args).await?;
-    let revision = store
-        .current_revision()
+
+    let ranges = service_ranges(args.service_cidr)?;
+    let node_ip = args.node.node_ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let hostname = hostname();
+    let names = ServerNames::new(
+        &[node_ip],
+        &hostname,
+        IpAddr::V4(ranges.first_ip()),
+        &args.cluster_domain,
+    );
+    let mut pki = Pki::load_or_create(&server_dir.join("tls"), &names)
+        .context("preparing the cluster certificates")?;
+    pki.load_or_create_token(&server_dir.join("token"), args.token.as_deref())
+        .context("preparing the node join token")?;
+    let local_url = format!("https://127.0.0.1:{}", args.https_listen_port);
+    pki.write_kubeconfig(&data_dir.join("kubeconfig.yaml"), &local_url)
+        .context("writing the admin kubeconfig")?;
+    if let Some(path) = &args.write_kubeconfig {
+        pki.write_kubeconfig(path, &local_url)
+            .with_context(|| format!("writing the kubeconfig to {}", path.display()))?;
+    }
+
+    let mut authenticator = Authenticator::new();
+    authenticator
+        .load_token_file(&server_dir.join("tokens.csv"))
+        .map_err(anyhow::Error::msg)
+        .context("reading the static token file")?;
+    if let Some(token) = pki.token() {
+        // Nodes joining with the token act as bootstrappers, as in k3s.
+        let bootstrap = User {
+            name: "system:node-bootstrap".into(),
+            groups: vec!["system:bootstrappers".into(), "system:nodes".into()],
+        };
+        authenticator.add_token(&token.to_string(), bootstrap.clone());
+        authenticator.add_token(token.secret(), bootstrap);
+    }
+
+    let advertise = SocketAddr::new(node_ip, args.https_listen_port).to_string();
+    let state = Arc::new(ApiState::new(store, ranges, advertise));
+    apiserver::bootstrap(&state)
         .await
-        .context("reading the store's revision")?;
-    tracing::info!(revision, "store ready");
-    tokio::signal::ctrl_c()
+        .context("creating the default namespaces and the kubernetes Service")?;
+    let router = apiserver::router(state, Arc::new(authenticator));
+
+    let tls_config = tls::server_config(&pki).context("configuring TLS")?;
+    let bind = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), args.https_listen_port);
+    let listener = tokio::net::TcpListener::bind(bind)
         .await
-        .context("waiting for the stop signal")?;
-    tracing::info!("stopping");
+        .with_context(|| format!("listening on {bind}"))?;
+    tracing::info!(%bind, kubeconfig = %data_dir.join("kubeconfig.yaml").display(), "API server listening");
+    tls::serve(listener, tls_config, router, async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot wait for the stop signal");
+        }
+    })
+    .await;
+    tracing::info!("stopped");
     Ok(())
 }
 
@@ -42,4 +99,23 @@ async fn open_store(args: &ServerArgs) -> anyhow::Result<Arc<dyn Store>> {
         .context("opening the embedded store")?
         .context("opening the embedded store")?;
     Ok(Arc::new(store))
+}
+
+fn service_ranges(cidr: IpNet) -> anyhow::Result<ServiceRanges> {
+    let IpNet::V4(cidr) = cidr else {
+        bail!("--service-cidr {cidr}: only IPv4 service ranges are supported");
+    };
+    if cidr.prefix_len() > 29 {
+        bail!("--service-cidr {cidr} is too small");
+    }
+    Ok(ServiceRanges {
+        cidr,
+        node_ports: 30000..=32767,
+    })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into())
 }

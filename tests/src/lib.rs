@@ -4,4 +4,5 @@
 //! a contract to the same checks.
 
 pub mod etcd;
+pub mod server;
 pub mod store_conformance;

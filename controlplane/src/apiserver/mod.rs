@@ -1,8 +1,344 @@
 //! The Kubernetes API server: REST semantics for the built-in kinds over
 //! HTTPS, backed by the revisioned store.
+//!
+//! A request flows: TLS listener ([`tls`]) → authentication ([`authn`]) →
+//! routing ([`request`]) → a verb handler ([`handlers`], [`watch`],
+//! [`scale`]) → the store. Objects stay JSON bytes end to end ([`objects`]);
+//! the `k8s-openapi` structs are used to type-check and find unknown fields.
 
+pub mod authn;
+mod defaults;
+pub mod discovery;
+mod handlers;
+mod list;
+mod objects;
+pub mod openapi;
 pub mod patch;
 pub mod pki;
+mod request;
+pub mod resources;
+mod scale;
 pub mod selectors;
+mod services;
+pub mod status;
+mod strategy;
 pub mod table;
 pub mod tls;
+mod validation;
+mod watch;
+mod yaml;
+
+use std::sync::{Arc, LazyLock};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+
+use self::request::{MAX_BODY_BYTES, Query, Route};
+use self::resources::{Registry, ResourceType};
+use self::status::ApiError;
+use crate::storage::Store;
+
+pub use self::services::ServiceRanges;
+
+static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
+
+/// The served kinds.
+pub fn registry() -> &'static Registry {
+    &REGISTRY
+}
+
+/// Everything a request handler needs.
+pub struct ApiState {
+    pub store: Arc<dyn Store>,
+    pub registry: &'static Registry,
+    pub ranges: ServiceRanges,
+    /// `host:port` clients are told to use (in `/api` discovery).
+    pub advertise: String,
+}
+
+impl ApiState {
+    pub fn new(store: Arc<dyn Store>, ranges: ServiceRanges, advertise: String) -> Self {
+        ApiState {
+            store,
+            registry: registry(),
+            ranges,
+            advertise,
+        }
+    }
+}
+
+/// The whole HTTP surface of the API server, behind authentication.
+pub fn router(state: Arc<ApiState>, auth: Arc<authn::Authenticator>) -> Router {
+    Router::new()
+        .route("/version", get(version))
+        .route("/version/", get(version))
+        .route("/healthz", get(healthy))
+        .route("/livez", get(healthy))
+        .route("/readyz", get(ready))
+        .route("/api", get(api_root))
+        .route("/api/", get(api_root))
+        .route("/apis", get(apis_root))
+        .route("/apis/", get(apis_root))
+        .route("/openapi/v3", get(openapi_index))
+        .route("/openapi/v3/", get(openapi_index))
+        .route("/openapi/v3/{*path}", get(openapi_document))
+        .fallback(resource_request)
+        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(auth, authn::authenticate))
+}
+
+async fn version() -> Response {
+    json_response(StatusCode::OK, &discovery::version())
+}
+
+async fn healthy() -> &'static str {
+    "ok"
+}
+
+/// Ready when the store answers.
+async fn ready(State(state): State<Arc<ApiState>>) -> Response {
+    match state.store.current_revision().await {
+        Ok(_) => "ok".into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("[-]etcd failed: {e}\nreadyz check failed"),
+        )
+            .into_response(),
+    }
+}
+
+async fn api_root(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
+    match discovery::aggregated_wanted(&headers) {
+        Some(media) => aggregated_response(discovery::aggregated(state.registry, true, media), media),
+        None => json_response(StatusCode::OK, &discovery::api_versions(&state.advertise)),
+    }
+}
+
+async fn apis_root(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
+    match discovery::aggregated_wanted(&headers) {
+        Some(media) => {
+            aggregated_response(discovery::aggregated(state.registry, false, media), media)
+        }
+        None => json_response(StatusCode::OK, &discovery::api_group_list(state.registry)),
+    }
+}
+
+async fn openapi_index() -> Response {
+    json_response(StatusCode::OK, &openapi::documents().index())
+}
+
+async fn openapi_document(axum::extract::Path(path): axum::extract::Path<String>) -> Response {
+    match openapi::documents().get(path.trim_matches('/')) {
+        Some(body) => (
+            StatusCode::OK,
+            [(http::header::CONTENT_TYPE, "application/json")],
+            body.to_owned(),
+        )
+            .into_response(),
+        None => ApiError::no_route(&format!("/openapi/v3/{path}")).into_response(),
+    }
+}
+
+/// Everything under `/api/v1/...` and `/apis/<group>/<version>/...`.
+async fn resource_request(State(state): State<Arc<ApiState>>, request: Request<Body>) -> Response {
+    match dispatch(state, request).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn dispatch(state: Arc<ApiState>, request: Request<Body>) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    let path = parts.uri.path().to_owned();
+    let route = request::route(state.registry, &path)?.ok_or_else(|| ApiError::no_route(&path))?;
+    match route {
+        Route::GroupVersion { group, version } => {
+            if let Some(group_only) = group_document(state.registry, &path) {
+                return Ok(json_response(StatusCode::OK, &group_only));
+            }
+            let list = discovery::api_resource_list(state.registry, &group, &version)
+                .ok_or_else(|| ApiError::no_route(&path))?;
+            Ok(json_response(StatusCode::OK, &list))
+        }
+        Route::Resource(target) => {
+            let body = read_body(body).await?;
+            let query = Query::parse(parts.uri.query());
+            handlers::serve(
+                state.clone(),
+                target,
+                parts.method,
+                &parts.headers,
+                query,
+                body,
+            )
+            .await
+        }
+    }
+}
+
+/// `/apis/<group>` (no version) is the APIGroup document.
+fn group_document(registry: &Registry, path: &str) -> Option<Value> {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["apis", group] => registry
+            .group_versions()
+            .into_iter()
+            .find(|(g, _)| g == group)
+            .map(|(g, v)| discovery::api_group(g, v)),
+        _ => None,
+    }
+}
+
+async fn read_body(body: Body) -> Result<Bytes, ApiError> {
+    match http_body_util::Limited::new(body, MAX_BODY_BYTES).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ApiError::too_large(MAX_BODY_BYTES))
+        }
+        Err(e) => Err(ApiError::bad_request(format!("reading the request body: {e}"))),
+    }
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Response {
+    (
+        status,
+        [(http::header::CONTENT_TYPE, "application/json")],
+        value.to_string(),
+    )
+        .into_response()
+}
+
+fn aggregated_response(value: Value, media: &'static str) -> Response {
+    (
+        StatusCode::OK,
+        [
+            (http::header::CONTENT_TYPE, media),
+            (http::header::VARY, "Accept"),
+        ],
+        value.to_string(),
+    )
+        .into_response()
+}
+
+/// The current time as Kubernetes writes timestamps (RFC 3339, seconds).
+pub fn now() -> String {
+    now_plus(0)
+}
+
+pub fn now_plus(seconds: i64) -> String {
+    let at = jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_secs(seconds))
+        .unwrap_or_else(|_| jiff::Timestamp::now());
+    at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// A Table for `kubectl get`, honouring `includeObject`.
+fn table_for(rt: &ResourceType, objects: &[Value], query: &Query) -> Result<Value, ApiError> {
+    let include = match query.get("includeObject") {
+        None | Some("Metadata") => table::IncludeObject::Metadata,
+        Some("None") => table::IncludeObject::None,
+        Some("Object") => table::IncludeObject::Object,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "includeObject: unsupported value {other:?}"
+            )));
+        }
+    };
+    Ok(table::render(
+        rt.group,
+        rt.plural,
+        objects,
+        jiff::Timestamp::now(),
+        include,
+    ))
+}
+
+/// Applies a PATCH body of `patch_type` to an object of kind `rt`.
+fn patch_object(
+    rt: &ResourceType,
+    current: &Value,
+    patch_type: patch::PatchType,
+    body: &Bytes,
+) -> Result<Value, ApiError> {
+    patch_value(rt.group, rt.kind, current, patch_type, body)
+}
+
+fn patch_value(
+    group: &str,
+    kind: &str,
+    current: &Value,
+    patch_type: patch::PatchType,
+    body: &Bytes,
+) -> Result<Value, ApiError> {
+    patch::apply(group, kind, current, patch_type, body).map_err(|e| e.into())
+}
+
+/// Objects every cluster has from the start: the four namespaces and the
+/// `kubernetes` Service on the first Service address.
+pub async fn bootstrap(state: &ApiState) -> Result<(), ApiError> {
+    let namespaces = resource(state, "", "namespaces")?;
+    for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        let object = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
+        create_if_missing(state, namespaces, None, object).await?;
+    }
+    let services = resource(state, "", "services")?;
+    let service = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": "kubernetes",
+            "namespace": "default",
+            "labels": {"component": "apiserver", "provider": "kubernetes"},
+        },
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": state.ranges.first_ip().to_string(),
+            "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 6443}],
+            "sessionAffinity": "None",
+        },
+    });
+    create_if_missing(state, services, Some("default"), service).await
+}
+
+fn resource(
+    state: &ApiState,
+    group: &str,
+    plural: &str,
+) -> Result<&'static ResourceType, ApiError> {
+    state
+        .registry
+        .all()
+        .iter()
+        .find(|t| t.group == group && t.plural == plural)
+        .ok_or_else(|| ApiError::internal(format!("{plural} are not served")))
+}
+
+async fn create_if_missing(
+    state: &ApiState,
+    rt: &ResourceType,
+    ns: Option<&str>,
+    object: Value,
+) -> Result<(), ApiError> {
+    let name = objects::name_of(&object).to_owned();
+    if handlers::read(state, rt, ns, &name).await.is_ok() {
+        return Ok(());
+    }
+    let body = Bytes::from(object.to_string());
+    let path = match ns {
+        Some(ns) => format!("namespaces/{ns}/{}", rt.plural),
+        None => rt.plural.to_owned(),
+    };
+    let created = handlers::create_internal(state, rt, ns, body).await;
+    match created {
+        Ok(()) => Ok(()),
+        Err(e) if e.reason == "AlreadyExists" => Ok(()),
+        Err(e) => Err(ApiError::internal(format!("creating {path}/{name}: {e}"))),
+    }
+}

@@ -1,0 +1,242 @@
+//! Validation shared by every kind: names, labels, annotations, metadata,
+//! and fields the typed structs do not know. Kind-specific rules live in
+//! [`super::strategy`].
+
+use serde_json::{Map, Value};
+
+use super::status::Cause;
+
+/// Which rule a kind's names follow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NameRule {
+    /// RFC 1123 subdomain: lower-case alphanumerics, '-' and '.', ≤ 253.
+    Subdomain,
+    /// RFC 1123 label: lower-case alphanumerics and '-', ≤ 63.
+    Label,
+    /// RFC 1035 label: as Label but starting with a letter (Services).
+    Label1035,
+    /// Any name usable in a path segment (e.g. RBAC roles).
+    PathSegment,
+}
+
+pub fn check_name(rule: NameRule, name: &str) -> Option<String> {
+    match rule {
+        NameRule::Subdomain => dns1123_subdomain(name),
+        NameRule::Label => dns1123_label(name),
+        NameRule::Label1035 => dns1035_label(name),
+        NameRule::PathSegment => {
+            if name.contains('/') || name.contains('%') || name == "." || name == ".." {
+                Some("may not contain '/' or '%' and may not be '.' or '..'".into())
+            } else {
+                None
+            }
+        }
+    }
+}
+
+pub fn dns1123_label(value: &str) -> Option<String> {
+    if value.len() > 63 {
+        return Some("must be no more than 63 characters".into());
+    }
+    if !is_label(value) {
+        return Some("a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')".into());
+    }
+    None
+}
+
+pub fn dns1035_label(value: &str) -> Option<String> {
+    if value.len() > 63 {
+        return Some("must be no more than 63 characters".into());
+    }
+    if !is_label(value) || !value.starts_with(|c: char| c.is_ascii_lowercase()) {
+        return Some("a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an alphabetic character, and end with an alphanumeric character (e.g. 'my-name',  or 'abc-123', regex used for validation is '[a-z]([-a-z0-9]*[a-z0-9])?')".into());
+    }
+    None
+}
+
+pub fn dns1123_subdomain(value: &str) -> Option<String> {
+    if value.len() > 253 {
+        return Some("must be no more than 253 characters".into());
+    }
+    if value.is_empty() || !value.split('.').all(is_label) {
+        return Some("a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')".into());
+    }
+    None
+}
+
+fn is_label(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    !bytes.is_empty()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes[0] != b'-'
+        && bytes[bytes.len() - 1] != b'-'
+}
+
+/// A label or annotation key: `[prefix/]name`, prefix a DNS subdomain,
+/// name ≤ 63 of alphanumerics, '-', '_', '.', alphanumeric at both ends.
+pub fn qualified_name(key: &str) -> Option<String> {
+    let (prefix, name) = match key.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    if let Some(prefix) = prefix
+        && let Some(problem) = dns1123_subdomain(prefix)
+    {
+        return Some(format!("prefix part {problem}"));
+    }
+    if name.is_empty() || name.len() > 63 || !is_label_value(name) {
+        return Some("name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')".into());
+    }
+    None
+}
+
+/// A label value: empty, or ≤ 63 of alphanumerics, '-', '_', '.',
+/// alphanumeric at both ends.
+pub fn label_value(value: &str) -> Option<String> {
+    if value.is_empty() {
+        return None;
+    }
+    if value.len() > 63 {
+        return Some("must be no more than 63 characters".into());
+    }
+    if !is_label_value(value) {
+        return Some("a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyValue',  or 'my_value',  or '12345', regex used for validation is '(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')".into());
+    }
+    None
+}
+
+fn is_label_value(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    bytes
+        .iter()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
+        && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
+}
+
+/// Upstream's limit on all annotations of one object together.
+const ANNOTATIONS_MAX_BYTES: usize = 256 * 1024;
+
+/// Checks `metadata`: name, labels, annotations, finalizers.
+pub fn check_metadata(meta: &Map<String, Value>, rule: NameRule, causes: &mut Vec<Cause>) {
+    match meta.get("name").and_then(Value::as_str) {
+        None | Some("") => causes.push(Cause::required("metadata.name")),
+        Some(name) => {
+            if let Some(problem) = check_name(rule, name) {
+                causes.push(Cause::invalid("metadata.name", name, problem));
+            }
+        }
+    }
+    if let Some(Value::Object(labels)) = meta.get("labels") {
+        for (key, value) in labels {
+            if let Some(problem) = qualified_name(key) {
+                causes.push(Cause::invalid("metadata.labels", key, problem));
+            }
+            let value = value.as_str().unwrap_or_default();
+            if let Some(problem) = label_value(value) {
+                causes.push(Cause::invalid(format!("metadata.labels.{key}"), value, problem));
+            }
+        }
+    }
+    if let Some(Value::Object(annotations)) = meta.get("annotations") {
+        let mut total = 0;
+        for (key, value) in annotations {
+            if let Some(problem) = qualified_name(&key.to_ascii_lowercase()) {
+                causes.push(Cause::invalid("metadata.annotations", key, problem));
+            }
+            total += key.len() + value.as_str().map_or(0, str::len);
+        }
+        if total > ANNOTATIONS_MAX_BYTES {
+            causes.push(Cause {
+                reason: "FieldValueTooLong",
+                message: format!("Too long: must have at most {ANNOTATIONS_MAX_BYTES} bytes"),
+                field: "metadata.annotations".into(),
+            });
+        }
+    }
+    if let Some(Value::Array(finalizers)) = meta.get("finalizers") {
+        for (i, f) in finalizers.iter().enumerate() {
+            let f = f.as_str().unwrap_or_default();
+            if let Some(problem) = qualified_name(f) {
+                causes.push(Cause::invalid(format!("metadata.finalizers[{i}]"), f, problem));
+            }
+        }
+    }
+}
+
+/// Paths of fields in `original` that `typed` (its round trip through the
+/// typed struct) lost: the fields the kind does not know.
+pub fn unknown_fields(original: &Value, typed: &Value) -> Vec<String> {
+    let mut found = Vec::new();
+    walk_unknown(original, typed, &mut String::new(), &mut found);
+    found
+}
+
+fn walk_unknown(original: &Value, typed: &Value, path: &mut String, found: &mut Vec<String>) {
+    match (original, typed) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (key, value) in a {
+                let len = path.len();
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(key);
+                match b.get(key) {
+                    Some(other) => walk_unknown(value, other, path, found),
+                    // Explicit nulls and empty optional fields also vanish
+                    // in the round trip without being unknown.
+                    None if value.is_null() => {}
+                    None if is_known_empty(value) => {}
+                    None => found.push(path.clone()),
+                }
+                path.truncate(len);
+            }
+        }
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                walk_unknown(x, y, path, found);
+                path.truncate(len);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// k8s-openapi skips some empty values on output (e.g. `Option<Vec>` that
+/// deserialized from `[]` stays, but an empty object for a defaulted struct
+/// may not); those are not unknown.
+fn is_known_empty(value: &Value) -> bool {
+    matches!(value, Value::Object(m) if m.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn names() {
+        assert!(dns1123_subdomain("web-1.example").is_none());
+        assert!(dns1123_subdomain("Web").is_some());
+        assert!(dns1123_subdomain("a..b").is_some());
+        assert!(dns1123_label("a.b").is_some());
+        assert!(dns1035_label("1abc").is_some());
+        assert!(dns1035_label("abc-1").is_none());
+        assert!(qualified_name("app.kubernetes.io/name").is_none());
+        assert!(qualified_name("-bad").is_some());
+        assert!(label_value("").is_none());
+        assert!(label_value("v1.2_x").is_none());
+        assert!(label_value("has space").is_some());
+    }
+
+    #[test]
+    fn finds_unknown_fields() {
+        let original = json!({"spec": {"replicas": 1, "bogus": 2, "template": {"x": null}}, "list": [{"a": 1, "b": 2}]});
+        let typed = json!({"spec": {"replicas": 1, "template": {}}, "list": [{"a": 1}]});
+        assert_eq!(unknown_fields(&original, &typed), vec!["spec.bogus", "list[0].b"]);
+    }
+}

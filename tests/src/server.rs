@@ -1,0 +1,184 @@
+//! A real `skiff server` process on a free loopback port with its own data
+//! directory, and the real `kubectl` pointed at it. The process is killed
+//! and the directory removed on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tempfile::TempDir;
+
+use crate::etcd::free_port;
+
+pub struct Server {
+    bin: PathBuf,
+    child: Option<Child>,
+    dir: TempDir,
+    pub port: u16,
+    extra_args: Vec<String>,
+}
+
+impl Server {
+    /// Starts `bin server` with the embedded store; `extra_args` are added
+    /// to its command line (e.g. `--datastore-endpoint`).
+    pub async fn start(bin: &Path, extra_args: &[&str]) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("skiff-test-server-")
+            .tempdir()
+            .context("creating the server's data directory")?;
+        let mut server = Server {
+            bin: bin.to_owned(),
+            child: None,
+            dir,
+            port: free_port()?,
+            extra_args: extra_args.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        server.spawn().await?;
+        Ok(server)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig.yaml")
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// `kubectl` with this server's admin kubeconfig.
+    pub fn kubectl(&self) -> Command {
+        let mut command = Command::new("kubectl");
+        command
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .env_remove("KUBECONFIG")
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Runs kubectl with `args`, failing with its output if it fails.
+    pub fn kubectl_ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let output = self.kubectl().args(args).output().context("running kubectl")?;
+        check(args, &output)?;
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Runs kubectl with `args` and `stdin` as its input.
+    pub fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> anyhow::Result<String> {
+        use std::io::Write;
+        let mut child = self
+            .kubectl()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running kubectl")?;
+        child
+            .stdin
+            .take()
+            .context("kubectl stdin")?
+            .write_all(stdin.as_bytes())?;
+        let output = child.wait_with_output()?;
+        check(args, &output)?;
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Runs kubectl expecting it to fail; returns its stderr.
+    pub fn kubectl_err(&self, args: &[&str]) -> anyhow::Result<String> {
+        let output = self.kubectl().args(args).output().context("running kubectl")?;
+        if output.status.success() {
+            bail!(
+                "kubectl {} succeeded but should have failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stdout)
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+
+    /// Stops the server with SIGKILL, keeping its data.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and data.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn().await
+    }
+
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::File::create(self.dir.path().join("server.log"))
+            .context("creating the server log")?;
+        let child = Command::new(&self.bin)
+            .arg("server")
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .arg("--https-listen-port")
+            .arg(self.port.to_string())
+            .args(&self.extra_args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))?;
+        self.child = Some(child);
+        self.wait_ready().await
+    }
+
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("skiff server exited with {status}: {}", self.log_tail());
+            }
+            if self.kubeconfig().exists() {
+                let probe = self.kubectl().args(["get", "--raw", "/readyz"]).output()?;
+                if probe.status.success() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("skiff server did not become ready: {}", self.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+        let start = log.len().saturating_sub(4000);
+        log[log.floor_char_boundary(start)..].to_owned()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn check(args: &[&str], output: &Output) -> anyhow::Result<()> {
+    if !output.status.success() {
+        bail!(
+            "kubectl {} failed ({}): {}{}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr),
+            String::from_utf8_lossy(&output.stdout)
+        );
+    }
+    Ok(())
+}
