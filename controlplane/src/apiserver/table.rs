@@ -1,1 +1,0 @@
-//! Table responses (`meta.k8s.io/v1` Table) for `kubectl get`.
