@@ -40,13 +40,12 @@ impl Filter {
     /// Checks that every field the selector names is one this resource
     /// supports, so that a typo is a 400 and not an empty list.
     pub fn check_fields(&self, rt: &ResourceType) -> Result<(), ApiError> {
-        if let Some(fields) = &self.fields {
-            for field in fields.fields() {
-                super::selectors::field_value(rt.group, rt.plural, &Value::Null, field)
-                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
-            }
+        match &self.fields {
+            Some(fields) => fields
+                .validate_for(rt.group, rt.plural)
+                .map_err(|e| ApiError::bad_request(e.to_string())),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     pub fn matches(&self, rt: &ResourceType, object: &Value) -> bool {
@@ -55,14 +54,10 @@ impl Filter {
         {
             return false;
         }
-        if let Some(fields) = &self.fields {
-            return fields.matches(|field| {
-                super::selectors::field_value(rt.group, rt.plural, object, field)
-                    .ok()
-                    .flatten()
-            });
+        match &self.fields {
+            Some(fields) => fields.matches_object(rt.group, rt.plural, object),
+            None => true,
         }
-        true
     }
 }
 

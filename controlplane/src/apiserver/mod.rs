@@ -241,16 +241,8 @@ pub fn now_plus(seconds: i64) -> String {
 
 /// A Table for `kubectl get`, honouring `includeObject`.
 fn table_for(rt: &ResourceType, objects: &[Value], query: &Query) -> Result<Value, ApiError> {
-    let include = match query.get("includeObject") {
-        None | Some("Metadata") => table::IncludeObject::Metadata,
-        Some("None") => table::IncludeObject::None,
-        Some("Object") => table::IncludeObject::Object,
-        Some(other) => {
-            return Err(ApiError::bad_request(format!(
-                "includeObject: unsupported value {other:?}"
-            )));
-        }
-    };
+    let include =
+        table::IncludeObject::parse(query.get("includeObject")).map_err(ApiError::bad_request)?;
     Ok(table::render(
         rt.group,
         rt.plural,

@@ -41,6 +41,8 @@ struct Plan {
     include_object: Query,
     bookmarks: bool,
     initial: bool,
+    /// Table watches carry column definitions on their first event only.
+    columns_sent: std::sync::atomic::AtomicBool,
     /// Watch from this revision (exclusive); 0 = after the initial list.
     from: Revision,
     timeout: Duration,
@@ -88,6 +90,7 @@ pub async fn serve(
         include_object,
         bookmarks: query.flag("allowWatchBookmarks")?,
         initial,
+        columns_sent: std::sync::atomic::AtomicBool::new(false),
         from: if initial { 0 } else { rv.unwrap_or(0) },
         timeout: Duration::from_secs(timeout as u64),
     };
@@ -221,6 +224,13 @@ fn encode_event(plan: &Plan, kind: &str, stored: &[u8], revision: Revision) -> R
             let object = objects::decode(stored, revision)?;
             let mut table = super::table_for(plan.rt, &[object], &plan.include_object)?;
             table["metadata"] = json!({"resourceVersion": revision.to_string()});
+            if plan
+                .columns_sent
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+                && let Some(map) = table.as_object_mut()
+            {
+                map.remove("columnDefinitions");
+            }
             serde_json::to_writer(&mut out, &table)
                 .map_err(|e| ApiError::internal(e.to_string()))?;
         }
