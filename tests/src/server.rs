@@ -63,7 +63,11 @@ impl Server {
 
     /// Runs kubectl with `args`, failing with its output if it fails.
     pub fn kubectl_ok(&self, args: &[&str]) -> anyhow::Result<String> {
-        let output = self.kubectl().args(args).output().context("running kubectl")?;
+        let output = self
+            .kubectl()
+            .args(args)
+            .output()
+            .context("running kubectl")?;
         check(args, &output)?;
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
@@ -91,7 +95,11 @@ impl Server {
 
     /// Runs kubectl expecting it to fail; returns its stderr.
     pub fn kubectl_err(&self, args: &[&str]) -> anyhow::Result<String> {
-        let output = self.kubectl().args(args).output().context("running kubectl")?;
+        let output = self
+            .kubectl()
+            .args(args)
+            .output()
+            .context("running kubectl")?;
         if output.status.success() {
             bail!(
                 "kubectl {} succeeded but should have failed: {}",

@@ -44,7 +44,8 @@ pub fn apply(rt: &ResourceType, object: &mut Value) {
         ("apps", "statefulsets") => {
             if let Some(spec) = object.get_mut("spec").and_then(Value::as_object_mut) {
                 spec.entry("replicas").or_insert(json!(1));
-                spec.entry("podManagementPolicy").or_insert(json!("OrderedReady"));
+                spec.entry("podManagementPolicy")
+                    .or_insert(json!("OrderedReady"));
                 spec.entry("revisionHistoryLimit").or_insert(json!(10));
                 let strategy = spec
                     .entry("updateStrategy")
@@ -52,9 +53,8 @@ pub fn apply(rt: &ResourceType, object: &mut Value) {
                 if strategy["type"] == "RollingUpdate" && strategy.get("rollingUpdate").is_none() {
                     strategy["rollingUpdate"] = json!({"partition": 0});
                 }
-                spec.entry("persistentVolumeClaimRetentionPolicy").or_insert(
-                    json!({"whenDeleted": "Retain", "whenScaled": "Retain"}),
-                );
+                spec.entry("persistentVolumeClaimRetentionPolicy")
+                    .or_insert(json!({"whenDeleted": "Retain", "whenScaled": "Retain"}));
             }
             template(object);
         }
@@ -97,12 +97,15 @@ fn pod_spec(spec: &mut Value) {
         return;
     };
     map.entry("restartPolicy").or_insert(json!("Always"));
-    map.entry("terminationGracePeriodSeconds").or_insert(json!(30));
+    map.entry("terminationGracePeriodSeconds")
+        .or_insert(json!(30));
     map.entry("dnsPolicy").or_insert(json!("ClusterFirst"));
     map.entry("securityContext").or_insert(json!({}));
-    map.entry("schedulerName").or_insert(json!("default-scheduler"));
+    map.entry("schedulerName")
+        .or_insert(json!("default-scheduler"));
     map.entry("enableServiceLinks").or_insert(json!(true));
-    map.entry("preemptionPolicy").or_insert(json!("PreemptLowerPriority"));
+    map.entry("preemptionPolicy")
+        .or_insert(json!("PreemptLowerPriority"));
     map.entry("priority").or_insert(json!(0));
     // The ServiceAccount admission plugin's default.
     map.entry("serviceAccountName").or_insert(json!("default"));
@@ -116,7 +119,9 @@ fn pod_spec(spec: &mut Value) {
         ] {
             let present = list.iter().any(|t| {
                 t.get("key").and_then(Value::as_str) == Some(key)
-                    && t.get("effect").and_then(Value::as_str).is_none_or(|e| e == "NoExecute")
+                    && t.get("effect")
+                        .and_then(Value::as_str)
+                        .is_none_or(|e| e == "NoExecute")
             });
             if !present {
                 list.push(json!({
@@ -148,7 +153,8 @@ fn container_defaults(container: &mut Value) {
         .or_insert_with(|| json!(pull_policy_for(&image)));
     map.entry("terminationMessagePath")
         .or_insert(json!("/dev/termination-log"));
-    map.entry("terminationMessagePolicy").or_insert(json!("File"));
+    map.entry("terminationMessagePolicy")
+        .or_insert(json!("File"));
     map.entry("resources").or_insert(json!({}));
     if let Some(Value::Array(ports)) = map.get_mut("ports") {
         for port in ports.iter_mut().filter_map(Value::as_object_mut) {
@@ -182,9 +188,11 @@ fn service(object: &mut Value) {
         return;
     }
     spec.entry("sessionAffinity").or_insert(json!("None"));
-    spec.entry("internalTrafficPolicy").or_insert(json!("Cluster"));
+    spec.entry("internalTrafficPolicy")
+        .or_insert(json!("Cluster"));
     if kind == "NodePort" || kind == "LoadBalancer" {
-        spec.entry("externalTrafficPolicy").or_insert(json!("Cluster"));
+        spec.entry("externalTrafficPolicy")
+            .or_insert(json!("Cluster"));
     }
     if let Some(Value::Array(ports)) = spec.get_mut("ports") {
         for port in ports.iter_mut().filter_map(Value::as_object_mut) {
@@ -228,8 +236,12 @@ pub fn qos_class(pod: &Value) -> &'static str {
     let mut any_set = false;
     let mut guaranteed = true;
     for container in &containers {
-        let requests = container.pointer("/resources/requests").and_then(Value::as_object);
-        let limits = container.pointer("/resources/limits").and_then(Value::as_object);
+        let requests = container
+            .pointer("/resources/requests")
+            .and_then(Value::as_object);
+        let limits = container
+            .pointer("/resources/limits")
+            .and_then(Value::as_object);
         for resource in ["cpu", "memory"] {
             let request = requests.and_then(|r| r.get(resource));
             let limit = limits.and_then(|l| l.get(resource));
@@ -273,6 +285,9 @@ mod tests {
             qos_class(&pod(json!({"limits": {"cpu": "1", "memory": "1Gi"}}))),
             "Guaranteed"
         );
-        assert_eq!(qos_class(&pod(json!({"requests": {"cpu": "1"}}))), "Burstable");
+        assert_eq!(
+            qos_class(&pod(json!({"requests": {"cpu": "1"}}))),
+            "Burstable"
+        );
     }
 }

@@ -75,7 +75,9 @@ pub async fn serve(
     let rt = target.rt;
     let ns = target.namespace.as_deref();
     if rt.namespaced && ns.is_none() && target.name.is_some() {
-        return Err(ApiError::no_route("a namespaced object needs its namespace in the path"));
+        return Err(ApiError::no_route(
+            "a namespaced object needs its namespace in the path",
+        ));
     }
     let answer = Answer::of(headers)?;
     let reply = match (&method, target.name.as_deref(), target.subresource) {
@@ -211,7 +213,11 @@ async fn create(
     }
     let stored = objects::encode(&object)?;
     let key = rt.key(ns, &name);
-    match state.store.create(key.as_bytes(), Bytes::from(stored)).await {
+    match state
+        .store
+        .create(key.as_bytes(), Bytes::from(stored))
+        .await
+    {
         Ok(kv) => {
             let mut reply = Reply::json(
                 StatusCode::CREATED,
@@ -452,7 +458,11 @@ async fn delete_one(
             if options.dry_run {
                 return Ok(Reply::value(StatusCode::OK, &object));
             }
-            match state.store.delete(key.as_bytes(), Some(kv.mod_revision)).await {
+            match state
+                .store
+                .delete(key.as_bytes(), Some(kv.mod_revision))
+                .await
+            {
                 Ok(deleted) => {
                     services::release_for(state, rt, &object).await;
                     objects::set_resource_version(&mut object, deleted.revision);
@@ -501,7 +511,11 @@ async fn delete_one(
             Err(e) => return Err(ApiError::from_store(e, rt, name)),
         }
     }
-    Err(ApiError::conflict(rt, name, "too many concurrent updates; try again"))
+    Err(ApiError::conflict(
+        rt,
+        name,
+        "too many concurrent updates; try again",
+    ))
 }
 
 /// `pods/binding`: assigns a pod to a node, once.
@@ -518,16 +532,18 @@ async fn bind(
         .pointer("/target/name")
         .and_then(Value::as_str)
         .filter(|n| !n.is_empty())
-        .ok_or_else(|| {
-            ApiError::invalid(rt, name, vec![Cause::required("target.name")])
-        })?
+        .ok_or_else(|| ApiError::invalid(rt, name, vec![Cause::required("target.name")]))?
         .to_owned();
     let key = rt.key(ns, name);
     for _ in 0..UPDATE_RETRIES {
         let kv = read(state, rt, ns, name).await?;
         let mut pod = objects::decode(&kv.value, kv.mod_revision)?;
         if pod.pointer("/metadata/deletionTimestamp").is_some() {
-            return Err(ApiError::conflict(rt, name, "pod is being deleted, cannot be assigned to a host"));
+            return Err(ApiError::conflict(
+                rt,
+                name,
+                "pod is being deleted, cannot be assigned to a host",
+            ));
         }
         if let Some(current) = pod.pointer("/spec/nodeName").and_then(Value::as_str)
             && !current.is_empty()
@@ -565,7 +581,11 @@ async fn bind(
             Err(e) => return Err(ApiError::from_store(e, rt, name)),
         }
     }
-    Err(ApiError::conflict(rt, name, "too many concurrent updates; try again"))
+    Err(ApiError::conflict(
+        rt,
+        name,
+        "too many concurrent updates; try again",
+    ))
 }
 
 /// `pods/eviction`: a delete that a PodDisruptionBudget could refuse (no
@@ -656,7 +676,10 @@ impl DeleteOptions {
             return Err(ApiError::conflict(
                 rt,
                 name,
-                &format!("Precondition failed: UID in precondition: {uid}, UID in object meta: {}", objects::meta_str(object, "uid").unwrap_or("")),
+                &format!(
+                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                    objects::meta_str(object, "uid").unwrap_or("")
+                ),
             ));
         }
         if let Some(rv) = &self.resource_version
@@ -665,7 +688,9 @@ impl DeleteOptions {
             return Err(ApiError::conflict(
                 rt,
                 name,
-                &format!("Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {revision}"),
+                &format!(
+                    "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {revision}"
+                ),
             ));
         }
         Ok(())
@@ -746,7 +771,9 @@ pub async fn read(
 /// `apiVersion` and `kind` must name this resource; absent ones are set.
 fn check_type_meta(rt: &ResourceType, object: &mut Value) -> Result<(), ApiError> {
     let Some(map) = object.as_object_mut() else {
-        return Err(ApiError::bad_request("the request body must be a JSON object"));
+        return Err(ApiError::bad_request(
+            "the request body must be a JSON object",
+        ));
     };
     match map.get("apiVersion").and_then(Value::as_str) {
         None | Some("") => {

@@ -175,9 +175,17 @@ pub fn encode(rt: &ResourceType, page: &Page) -> Vec<u8> {
     let size: usize = page.items.iter().map(|(b, _)| b.len() + 40).sum();
     let mut out = Vec::with_capacity(size + 256);
     out.extend_from_slice(b"{\"kind\":");
-    out.extend_from_slice(Value::String(rt.list_kind.to_owned()).to_string().as_bytes());
+    out.extend_from_slice(
+        Value::String(rt.list_kind.to_owned())
+            .to_string()
+            .as_bytes(),
+    );
     out.extend_from_slice(b",\"apiVersion\":");
-    out.extend_from_slice(Value::String(rt.api_version.to_owned()).to_string().as_bytes());
+    out.extend_from_slice(
+        Value::String(rt.api_version.to_owned())
+            .to_string()
+            .as_bytes(),
+    );
     out.extend_from_slice(b",\"metadata\":");
     out.extend_from_slice(list_metadata(page).to_string().as_bytes());
     out.extend_from_slice(b",\"items\":[");
@@ -208,9 +216,8 @@ fn requested_revision(query: &Query) -> Result<Revision, ApiError> {
     let rv = query.get("resourceVersion");
     let parsed = rv
         .map(|v| {
-            v.parse::<Revision>().map_err(|_| {
-                ApiError::bad_request(format!("invalid resource version {v:?}"))
-            })
+            v.parse::<Revision>()
+                .map_err(|_| ApiError::bad_request(format!("invalid resource version {v:?}")))
         })
         .transpose()?;
     match (query.get("resourceVersionMatch"), parsed) {

@@ -91,7 +91,10 @@ pub fn router(state: Arc<ApiState>, auth: Arc<authn::Authenticator>) -> Router {
         .route("/openapi/v3/{*path}", get(openapi_document))
         .fallback(resource_request)
         .with_state(state)
-        .layer(axum::middleware::from_fn_with_state(auth, authn::authenticate))
+        .layer(axum::middleware::from_fn_with_state(
+            auth,
+            authn::authenticate,
+        ))
 }
 
 async fn version() -> Response {
@@ -116,7 +119,9 @@ async fn ready(State(state): State<Arc<ApiState>>) -> Response {
 
 async fn api_root(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
     match discovery::aggregated_wanted(&headers) {
-        Some(media) => aggregated_response(discovery::aggregated(state.registry, true, media), media),
+        Some(media) => {
+            aggregated_response(discovery::aggregated(state.registry, true, media), media)
+        }
         None => json_response(StatusCode::OK, &discovery::api_versions(&state.advertise)),
     }
 }
@@ -197,12 +202,17 @@ fn group_document(registry: &Registry, path: &str) -> Option<Value> {
 }
 
 async fn read_body(body: Body) -> Result<Bytes, ApiError> {
-    match http_body_util::Limited::new(body, MAX_BODY_BYTES).collect().await {
+    match http_body_util::Limited::new(body, MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             Err(ApiError::too_large(MAX_BODY_BYTES))
         }
-        Err(e) => Err(ApiError::bad_request(format!("reading the request body: {e}"))),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "reading the request body: {e}"
+        ))),
     }
 }
 

@@ -85,7 +85,10 @@ pub fn decode(stored: &[u8], revision: i64) -> Result<Value, ApiError> {
 
 pub fn set_resource_version(object: &mut Value, revision: i64) {
     if let Some(meta) = metadata_mut(object) {
-        meta.insert("resourceVersion".into(), Value::String(revision.to_string()));
+        meta.insert(
+            "resourceVersion".into(),
+            Value::String(revision.to_string()),
+        );
     }
 }
 

@@ -148,7 +148,10 @@ fn add_paths(rt: &ResourceType, paths: &mut Map<String, Value>) {
     );
     let mut item_params = path_params.clone();
     item_params.push(path_param("name"));
-    paths.insert(item.clone(), item_operations(rt, &kind_ref, &item_params, true));
+    paths.insert(
+        item.clone(),
+        item_operations(rt, &kind_ref, &item_params, true),
+    );
     if rt.has(Subresource::Status) {
         paths.insert(
             format!("{item}/status"),
@@ -156,8 +159,7 @@ fn add_paths(rt: &ResourceType, paths: &mut Map<String, Value>) {
         );
     }
     if rt.has(Subresource::Scale) {
-        let scale_ref =
-            json!({"$ref": "#/components/schemas/io.k8s.api.autoscaling.v1.Scale"});
+        let scale_ref = json!({"$ref": "#/components/schemas/io.k8s.api.autoscaling.v1.Scale"});
         paths.insert(
             format!("{item}/scale"),
             item_operations(rt, &scale_ref, &item_params, false),
@@ -209,7 +211,8 @@ fn patch_operation(rt: &ResourceType, schema: &Value) -> Value {
         schema,
         &["dryRun", "fieldManager", "fieldValidation", "force"],
     );
-    let patch_ref = json!({"$ref": "#/components/schemas/io.k8s.apimachinery.pkg.apis.meta.v1.Patch"});
+    let patch_ref =
+        json!({"$ref": "#/components/schemas/io.k8s.apimachinery.pkg.apis.meta.v1.Patch"});
     op["requestBody"] = json!({
         "content": {
             "application/json-patch+json": {"schema": patch_ref},
@@ -257,7 +260,8 @@ mod tests {
             deployment["x-kubernetes-group-version-kind"][0]["kind"],
             "Deployment"
         );
-        let patch = &doc["paths"]["/apis/apps/v1/namespaces/{namespace}/deployments/{name}"]["patch"];
+        let patch =
+            &doc["paths"]["/apis/apps/v1/namespaces/{namespace}/deployments/{name}"]["patch"];
         let params = patch["parameters"].as_array().unwrap();
         assert!(params.iter().any(|p| p["name"] == "fieldValidation"));
         assert!(

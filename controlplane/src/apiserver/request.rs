@@ -110,7 +110,10 @@ impl Query {
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.params.get(name).map(String::as_str).filter(|v| !v.is_empty())
+        self.params
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
     }
 
     pub fn flag(&self, name: &str) -> Result<bool, ApiError> {
@@ -248,7 +251,9 @@ impl Answer {
 /// Names in paths must be usable as store key segments.
 fn check_path_name(name: &str) -> Result<(), ApiError> {
     if name.is_empty() || name == "." || name == ".." || name.contains('%') {
-        return Err(ApiError::bad_request(format!("invalid name {name:?} in path")));
+        return Err(ApiError::bad_request(format!(
+            "invalid name {name:?} in path"
+        )));
     }
     Ok(())
 }

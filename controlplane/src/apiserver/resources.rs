@@ -103,7 +103,16 @@ impl Registry {
             of::<core::v1::Pod>(
                 &["po"],
                 ALL,
-                &[Status, Binding, Log, Exec, Attach, PortForward, Eviction, Proxy],
+                &[
+                    Status,
+                    Binding,
+                    Log,
+                    Exec,
+                    Attach,
+                    PortForward,
+                    Eviction,
+                    Proxy,
+                ],
             ),
             of::<core::v1::Service>(&["svc"], ALL, &[Status, Proxy]),
             of::<core::v1::Endpoints>(&["ep"], &[], &[]),
@@ -217,12 +226,7 @@ fn of<T>(
     subresources: &'static [Subresource],
 ) -> ResourceType
 where
-    T: Resource
-        + ListableResource
-        + DeserializeOwned
-        + Serialize
-        + schemars::JsonSchema
-        + 'static,
+    T: Resource + ListableResource + DeserializeOwned + Serialize + schemars::JsonSchema + 'static,
 {
     ResourceType {
         group: T::GROUP,
@@ -259,7 +263,10 @@ mod tests {
         assert!(pods.namespaced);
         assert_eq!(pods.kind, "Pod");
         assert_eq!(pods.list_kind, "PodList");
-        assert_eq!(pods.key(Some("default"), "web"), "/registry/core/pods/default/web");
+        assert_eq!(
+            pods.key(Some("default"), "web"),
+            "/registry/core/pods/default/web"
+        );
         let nodes = registry.get("", "v1", "nodes").unwrap();
         assert!(!nodes.namespaced);
         assert_eq!(nodes.key(None, "n1"), "/registry/core/nodes/n1");

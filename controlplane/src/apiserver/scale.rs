@@ -34,14 +34,22 @@ pub async fn serve(
             let precondition = objects::meta_str(&scale, "resourceVersion")
                 .filter(|rv| !rv.is_empty())
                 .map(|rv| {
-                    rv.parse::<i64>()
-                        .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv:?}")))
+                    rv.parse::<i64>().map_err(|_| {
+                        ApiError::bad_request(format!("invalid resourceVersion {rv:?}"))
+                    })
                 })
                 .transpose()?;
             let replicas = replicas_of(rt, name, &scale)?;
-            write_update(state, rt, ns, name, None, precondition, dry_run, |current| {
-                Ok(with_replicas(current, replicas))
-            })
+            write_update(
+                state,
+                rt,
+                ns,
+                name,
+                None,
+                precondition,
+                dry_run,
+                |current| Ok(with_replicas(current, replicas)),
+            )
             .await?
         }
         Method::PATCH => {

@@ -159,14 +159,16 @@ async fn assign(
     } else {
         let ip = parse_in_range(&state.ranges, &wanted)?;
         if !dry_run {
-            claim(state, &ip_key(ip), owner).await.map_err(|e| match e {
-                Some(e) => Problem::Api(e),
-                None => Problem::Invalid(vec![Cause::invalid(
-                    "spec.clusterIP",
-                    &wanted,
-                    "provided IP is already allocated",
-                )]),
-            })?;
+            claim(state, &ip_key(ip), owner)
+                .await
+                .map_err(|e| match e {
+                    Some(e) => Problem::Api(e),
+                    None => Problem::Invalid(vec![Cause::invalid(
+                        "spec.clusterIP",
+                        &wanted,
+                        "provided IP is already allocated",
+                    )]),
+                })?;
             allocations.added.push(ip_key(ip));
         }
         Some(wanted.clone())
@@ -211,7 +213,10 @@ async fn assign(
                 .and_then(Value::as_str)
                 .unwrap_or("TCP")
                 .to_owned();
-            let requested = map.get("nodePort").and_then(Value::as_i64).filter(|p| *p != 0);
+            let requested = map
+                .get("nodePort")
+                .and_then(Value::as_i64)
+                .filter(|p| *p != 0);
             let previous = old_ports
                 .iter()
                 .find(|(p, proto, _)| *p == number && *proto == protocol)
@@ -232,14 +237,16 @@ async fn assign(
                         )]));
                     }
                     if !kept.contains(&r) && !dry_run {
-                        claim(state, &port_key(r), owner).await.map_err(|e| match e {
-                            Some(e) => Problem::Api(e),
-                            None => Problem::Invalid(vec![Cause::invalid(
-                                format!("spec.ports[{i}].nodePort"),
-                                &r.to_string(),
-                                "provided port is already allocated",
-                            )]),
-                        })?;
+                        claim(state, &port_key(r), owner)
+                            .await
+                            .map_err(|e| match e {
+                                Some(e) => Problem::Api(e),
+                                None => Problem::Invalid(vec![Cause::invalid(
+                                    format!("spec.ports[{i}].nodePort"),
+                                    &r.to_string(),
+                                    "provided port is already allocated",
+                                )]),
+                            })?;
                         allocations.added.push(port_key(r));
                     }
                     r
@@ -261,7 +268,9 @@ async fn assign(
             allocations.dropped.push(port_key(*node_port));
         }
     }
-    if let Some(old_ip) = old.and_then(|o| o.pointer("/spec/clusterIP")).and_then(Value::as_str)
+    if let Some(old_ip) = old
+        .and_then(|o| o.pointer("/spec/clusterIP"))
+        .and_then(Value::as_str)
         && ip.as_deref() != Some(old_ip)
         && let Ok(addr) = old_ip.parse::<Ipv4Addr>()
     {
@@ -277,7 +286,9 @@ async fn pick_ip(state: &ApiState, owner: &str, dry_run: bool) -> Result<Ipv4Add
     // Service asks for it by name) and the broadcast address.
     let size = 1u64 << (32 - net.prefix_len());
     if size < 8 {
-        return Err(Problem::Api(ApiError::internal("service CIDR is too small")));
+        return Err(Problem::Api(ApiError::internal(
+            "service CIDR is too small",
+        )));
     }
     let usable = (size - 3) as u32;
     for _ in 0..RANDOM_TRIES {
@@ -389,7 +400,9 @@ fn parse_in_range(ranges: &ServiceRanges, wanted: &str) -> Result<Ipv4Addr, Prob
             ranges.cidr
         ))),
         Ok(IpAddr::V6(_)) => Err(invalid("IPv6 is not supported by this cluster")),
-        Err(_) => Err(invalid("must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)")),
+        Err(_) => Err(invalid(
+            "must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)",
+        )),
     }
 }
 

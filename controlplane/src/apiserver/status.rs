@@ -216,7 +216,9 @@ impl ApiError {
         ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "UnsupportedMediaType",
-            format!("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml, application/vnd.kubernetes.protobuf (got {content_type:?})"),
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml, application/vnd.kubernetes.protobuf (got {content_type:?})"
+            ),
         )
     }
 
@@ -224,7 +226,9 @@ impl ApiError {
         ApiError::new(
             StatusCode::NOT_ACCEPTABLE,
             "NotAcceptable",
-            format!("only the following media types are accepted: application/json, application/yaml (got {accept:?})"),
+            format!(
+                "only the following media types are accepted: application/json, application/yaml (got {accept:?})"
+            ),
         )
     }
 
@@ -253,7 +257,11 @@ impl ApiError {
     }
 
     pub fn unavailable(message: impl Into<String>) -> Self {
-        let mut error = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", message);
+        let mut error = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            message,
+        );
         error.details = Some(Details {
             retry_after_seconds: Some(1),
             ..Details::default()
@@ -277,7 +285,9 @@ impl ApiError {
             StoreError::FutureRevision { requested, current } => ApiError::timeout(format!(
                 "Too large resource version: {requested}, current: {current}"
             )),
-            StoreError::ValueTooLarge { .. } => ApiError::too_large(crate::storage::MAX_VALUE_BYTES),
+            StoreError::ValueTooLarge { .. } => {
+                ApiError::too_large(crate::storage::MAX_VALUE_BYTES)
+            }
             StoreError::InvalidRequest(message) => ApiError::bad_request(message),
             StoreError::Unavailable(message) => ApiError::unavailable(message),
             StoreError::Corrupt(message) | StoreError::Internal(message) => {
@@ -337,7 +347,9 @@ impl IntoResponse for ApiError {
         if let Some(seconds) = self.details.as_ref().and_then(|d| d.retry_after_seconds)
             && let Ok(value) = http::HeaderValue::from_str(&seconds.to_string())
         {
-            response.headers_mut().insert(http::header::RETRY_AFTER, value);
+            response
+                .headers_mut()
+                .insert(http::header::RETRY_AFTER, value);
         }
         response
     }
@@ -345,7 +357,13 @@ impl IntoResponse for ApiError {
 
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({}): {}", self.reason, self.code.as_u16(), self.message)
+        write!(
+            f,
+            "{} ({}): {}",
+            self.reason,
+            self.code.as_u16(),
+            self.message
+        )
     }
 }
 

@@ -180,9 +180,7 @@ fn pod_spec(spec: &Value, path: &str, causes: &mut Vec<Cause>) {
     let containers = spec.get("containers").and_then(Value::as_array);
     match containers {
         None => causes.push(Cause::required(format!("{path}.containers"))),
-        Some(list) if list.is_empty() => {
-            causes.push(Cause::required(format!("{path}.containers")))
-        }
+        Some(list) if list.is_empty() => causes.push(Cause::required(format!("{path}.containers"))),
         Some(_) => {}
     }
     let mut names: Vec<&str> = Vec::new();
@@ -267,7 +265,9 @@ fn workload(object: &Value, causes: &mut Vec<Cause>) {
         if !selects {
             causes.push(Cause::invalid(
                 "spec.template.metadata.labels",
-                &labels.map(|l| Value::Object(l.clone()).to_string()).unwrap_or_default(),
+                &labels
+                    .map(|l| Value::Object(l.clone()).to_string())
+                    .unwrap_or_default(),
                 "`selector` does not match template `labels`",
             ));
         }
@@ -318,7 +318,10 @@ fn service(object: &Value, causes: &mut Vec<Cause>) {
         if ports.len() > 1 && name.is_empty() {
             causes.push(Cause::required(format!("spec.ports[{i}].name")));
         }
-        let protocol = port.get("protocol").and_then(Value::as_str).unwrap_or("TCP");
+        let protocol = port
+            .get("protocol")
+            .and_then(Value::as_str)
+            .unwrap_or("TCP");
         let key = (number, protocol);
         if seen.contains(&key) {
             causes.push(Cause::duplicate(

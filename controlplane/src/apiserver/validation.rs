@@ -136,7 +136,11 @@ pub fn check_metadata(meta: &Map<String, Value>, rule: NameRule, causes: &mut Ve
             }
             let value = value.as_str().unwrap_or_default();
             if let Some(problem) = label_value(value) {
-                causes.push(Cause::invalid(format!("metadata.labels.{key}"), value, problem));
+                causes.push(Cause::invalid(
+                    format!("metadata.labels.{key}"),
+                    value,
+                    problem,
+                ));
             }
         }
     }
@@ -160,7 +164,11 @@ pub fn check_metadata(meta: &Map<String, Value>, rule: NameRule, causes: &mut Ve
         for (i, f) in finalizers.iter().enumerate() {
             let f = f.as_str().unwrap_or_default();
             if let Some(problem) = qualified_name(f) {
-                causes.push(Cause::invalid(format!("metadata.finalizers[{i}]"), f, problem));
+                causes.push(Cause::invalid(
+                    format!("metadata.finalizers[{i}]"),
+                    f,
+                    problem,
+                ));
             }
         }
     }
@@ -237,6 +245,9 @@ mod tests {
     fn finds_unknown_fields() {
         let original = json!({"spec": {"replicas": 1, "bogus": 2, "template": {"x": null}}, "list": [{"a": 1, "b": 2}]});
         let typed = json!({"spec": {"replicas": 1, "template": {}}, "list": [{"a": 1}]});
-        assert_eq!(unknown_fields(&original, &typed), vec!["spec.bogus", "list[0].b"]);
+        assert_eq!(
+            unknown_fields(&original, &typed),
+            vec!["spec.bogus", "list[0].b"]
+        );
     }
 }

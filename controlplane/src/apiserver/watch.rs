@@ -59,9 +59,10 @@ pub async fn serve(
     filter.check_fields(rt)?;
     let rv = match query.get("resourceVersion") {
         None => None,
-        Some(v) => Some(v.parse::<Revision>().map_err(|_| {
-            ApiError::bad_request(format!("invalid resource version {v:?}"))
-        })?),
+        Some(v) => Some(
+            v.parse::<Revision>()
+                .map_err(|_| ApiError::bad_request(format!("invalid resource version {v:?}")))?,
+        ),
     };
     let send_initial = match query.get("sendInitialEvents") {
         None => None,
@@ -213,7 +214,12 @@ fn translate(plan: &Plan, event: &Event) -> Result<Option<Bytes>, ApiError> {
     }
 }
 
-fn encode_event(plan: &Plan, kind: &str, stored: &[u8], revision: Revision) -> Result<Bytes, ApiError> {
+fn encode_event(
+    plan: &Plan,
+    kind: &str,
+    stored: &[u8],
+    revision: Revision,
+) -> Result<Bytes, ApiError> {
     let mut out = Vec::with_capacity(stored.len() + 64);
     out.extend_from_slice(b"{\"type\":\"");
     out.extend_from_slice(kind.as_bytes());

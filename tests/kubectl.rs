@@ -1,0 +1,246 @@
+//! The real kubectl against a real `skiff server`: the commands a platform
+//! team types every day, checked by what the server then holds.
+
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use serde_json::Value;
+use skiff_e2e::server::Server;
+
+const SKIFF: &str = env!("CARGO_BIN_EXE_skiff");
+
+const DEPLOYMENT: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  labels: {app: web}
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+      - name: app
+        image: nginx:1.25
+        ports:
+        - containerPort: 80
+        - containerPort: 8080
+"#;
+
+fn json(text: &str) -> anyhow::Result<Value> {
+    serde_json::from_str(text).context("kubectl output is not JSON")
+}
+
+#[tokio::test]
+async fn discovery_version_and_defaults() -> anyhow::Result<()> {
+    let server = Server::start(SKIFF.as_ref(), &[]).await?;
+    let version = server.kubectl_ok(&["version", "-o", "json"])?;
+    let version = json(&version)?;
+    ensure!(version["serverVersion"]["minor"] == "33", "{version}");
+
+    let namespaces = server.kubectl_ok(&["get", "namespaces"])?;
+    for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        ensure!(namespaces.contains(ns), "{ns} missing:\n{namespaces}");
+    }
+    let ip = server.kubectl_ok(&[
+        "get",
+        "service",
+        "kubernetes",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ])?;
+    ensure!(ip == "10.43.0.1", "kubernetes Service has {ip}");
+
+    let resources = server.kubectl_ok(&["api-resources"])?;
+    for line in [
+        "deployments",
+        "deploy",
+        "apps/v1",
+        "ingresses",
+        "endpointslices",
+        "leases",
+    ] {
+        ensure!(
+            resources.contains(line),
+            "api-resources lacks {line}:\n{resources}"
+        );
+    }
+    let explain = server.kubectl_ok(&["explain", "deployment.spec"])?;
+    ensure!(explain.contains("DeploymentSpec"), "{explain}");
+    ensure!(explain.contains("replicas"), "{explain}");
+    let all = server.kubectl_ok(&["get", "all", "-A"])?;
+    ensure!(all.contains("service/kubernetes"), "{all}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn apply_get_describe_delete() -> anyhow::Result<()> {
+    let server = Server::start(SKIFF.as_ref(), &[]).await?;
+    let created = server.kubectl_stdin(&["apply", "-f", "-"], DEPLOYMENT)?;
+    ensure!(created.contains("deployment.apps/web created"), "{created}");
+
+    let object = json(&server.kubectl_ok(&["get", "deployment", "web", "-o", "json"])?)?;
+    ensure!(object["spec"]["replicas"] == 2);
+    ensure!(object["metadata"]["generation"] == 1);
+    ensure!(
+        object["spec"]["strategy"]["type"] == "RollingUpdate",
+        "defaulted"
+    );
+    let ports = &object["spec"]["template"]["spec"]["containers"][0]["ports"];
+    ensure!(ports.as_array().map(Vec::len) == Some(2), "{ports}");
+
+    let wide = server.kubectl_ok(&["get", "deployments", "-o", "wide"])?;
+    ensure!(wide.contains("READY") && wide.contains("UP-TO-DATE") && wide.contains("AVAILABLE"));
+    ensure!(
+        wide.contains("nginx:1.25") && wide.contains("app=web"),
+        "{wide}"
+    );
+    let yaml = server.kubectl_ok(&["get", "deployment", "web", "-o", "yaml"])?;
+    ensure!(yaml.contains("kind: Deployment"), "{yaml}");
+    let describe = server.kubectl_ok(&["describe", "deployment", "web"])?;
+    ensure!(
+        describe.contains("Replicas:") && describe.contains("nginx:1.25"),
+        "{describe}"
+    );
+
+    let deleted = server.kubectl_stdin(&["delete", "-f", "-", "--wait"], DEPLOYMENT)?;
+    ensure!(deleted.contains("deleted"), "{deleted}");
+    let gone = server.kubectl_err(&["get", "deployment", "web"])?;
+    ensure!(gone.contains("NotFound"), "{gone}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn pods_table_selectors_and_watch() -> anyhow::Result<()> {
+    let server = Server::start(SKIFF.as_ref(), &[]).await?;
+    server.kubectl_stdin(
+        &["create", "-f", "-"],
+        r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p1","labels":{"app":"web"}},
+            "spec":{"containers":[{"name":"c","image":"busybox"}]}}"#,
+    )?;
+    let pods = server.kubectl_ok(&["get", "pods", "-A", "-o", "wide"])?;
+    for column in [
+        "READY", "STATUS", "RESTARTS", "AGE", "IP", "NODE", "p1", "Pending",
+    ] {
+        ensure!(pods.contains(column), "{column} missing:\n{pods}");
+    }
+    let selected = server.kubectl_ok(&["get", "pods", "-l", "app=web", "-o", "name"])?;
+    ensure!(selected.trim() == "pod/p1", "{selected}");
+    let none = server.kubectl_ok(&["get", "pods", "-l", "app=db", "-o", "name"])?;
+    ensure!(none.trim().is_empty(), "{none}");
+    let by_field = server.kubectl_ok(&[
+        "get",
+        "pods",
+        "--field-selector",
+        "status.phase=Pending",
+        "-o",
+        "name",
+    ])?;
+    ensure!(by_field.trim() == "pod/p1", "{by_field}");
+    let bad = server.kubectl_err(&["get", "pods", "--field-selector", "spec.bogus=1"])?;
+    ensure!(
+        bad.contains("BadRequest") || bad.contains("not supported"),
+        "{bad}"
+    );
+
+    // `get -w` sees a change made after it started.
+    let mut watch = server
+        .kubectl()
+        .args(["get", "pods", "-w", "-o", "name", "--request-timeout=20s"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    server.kubectl_stdin(
+        &["create", "-f", "-"],
+        r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p2"},
+            "spec":{"containers":[{"name":"c","image":"busybox"}]}}"#,
+    )?;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    watch.kill()?;
+    let output = watch.wait_with_output()?;
+    let seen = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        seen.contains("pod/p1") && seen.contains("pod/p2"),
+        "watch saw:\n{seen}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_input_gets_status_errors() -> anyhow::Result<()> {
+    let server = Server::start(SKIFF.as_ref(), &[]).await?;
+    let invalid = server.kubectl_stdin(
+        &["create", "-f", "-", "-o", "name"],
+        r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"Bad_Name"},"spec":{"containers":[]}}"#,
+    );
+    let err = invalid
+        .err()
+        .context("an invalid pod was accepted")?
+        .to_string();
+    ensure!(err.contains("is invalid"), "{err}");
+    ensure!(
+        err.contains("metadata.name") && err.contains("spec.containers"),
+        "{err}"
+    );
+
+    let unknown = server.kubectl_stdin(
+        &["create", "-f", "-"],
+        r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"c"},"bogus":1}"#,
+    );
+    let err = unknown
+        .err()
+        .context("an unknown field was accepted")?
+        .to_string();
+    ensure!(
+        err.contains("unknown field") && err.contains("bogus"),
+        "{err}"
+    );
+    ensure!(
+        server
+            .kubectl_err(&["get", "configmap", "c"])?
+            .contains("NotFound"),
+        "a refused object was stored"
+    );
+
+    let missing = server.kubectl_err(&["get", "widgets"])?;
+    ensure!(
+        missing.contains("the server doesn't have a resource type"),
+        "{missing}"
+    );
+    let raw_missing = server.kubectl_err(&["get", "--raw", "/apis/nope/v1/things"])?;
+    ensure!(raw_missing.contains("NotFound"), "{raw_missing}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn restart_keeps_objects_and_revisions_grow() -> anyhow::Result<()> {
+    let mut server = Server::start(SKIFF.as_ref(), &[]).await?;
+    server.kubectl_stdin(&["apply", "-f", "-"], DEPLOYMENT)?;
+    let before = json(&server.kubectl_ok(&["get", "deployment", "web", "-o", "json"])?)?;
+    let kubeconfig = std::fs::read_to_string(server.kubeconfig())?;
+    server.restart().await?;
+    ensure!(
+        std::fs::read_to_string(server.kubeconfig())? == kubeconfig,
+        "restart must reuse the certificates"
+    );
+    let after = json(&server.kubectl_ok(&["get", "deployment", "web", "-o", "json"])?)?;
+    ensure!(before == after, "object changed across a restart");
+    let created = server.kubectl_stdin(
+        &["create", "-f", "-", "-o", "json"],
+        r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"later"}}"#,
+    )?;
+    let later: i64 = json(&created)?["metadata"]["resourceVersion"]
+        .as_str()
+        .context("resourceVersion")?
+        .parse()?;
+    let old: i64 = before["metadata"]["resourceVersion"]
+        .as_str()
+        .context("resourceVersion")?
+        .parse()?;
+    ensure!(later > old, "resourceVersion went from {old} to {later}");
+    Ok(())
+}
