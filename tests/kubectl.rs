@@ -244,3 +244,85 @@ async fn restart_keeps_objects_and_revisions_grow() -> anyhow::Result<()> {
     ensure!(later > old, "resourceVersion went from {old} to {later}");
     Ok(())
 }
+
+#[tokio::test]
+async fn apply_update_label_annotate_scale_set_image_diff() -> anyhow::Result<()> {
+    let server = Server::start(SKIFF.as_ref(), &[]).await?;
+    server.kubectl_stdin(&["apply", "-f", "-"], DEPLOYMENT)?;
+
+    // Client-side apply of a changed image and a removed container port.
+    let changed = DEPLOYMENT
+        .replace("nginx:1.25", "nginx:1.26")
+        .replace("        - containerPort: 8080\n", "");
+    let diff = server
+        .kubectl()
+        .args(["diff", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let diff = {
+        use std::io::Write;
+        let mut diff = diff;
+        diff.stdin
+            .take()
+            .context("stdin")?
+            .write_all(changed.as_bytes())?;
+        diff.wait_with_output()?
+    };
+    let diff_text = String::from_utf8_lossy(&diff.stdout);
+    ensure!(
+        diff.status.code() == Some(1),
+        "kubectl diff exit {:?}: {diff_text}",
+        diff.status
+    );
+    ensure!(
+        diff_text.contains("nginx:1.26") && diff_text.contains("8080"),
+        "{diff_text}"
+    );
+
+    let applied = server.kubectl_stdin(&["apply", "-f", "-"], &changed)?;
+    ensure!(applied.contains("configured"), "{applied}");
+    let object = json(&server.kubectl_ok(&["get", "deployment", "web", "-o", "json"])?)?;
+    let container = &object["spec"]["template"]["spec"]["containers"][0];
+    ensure!(container["image"] == "nginx:1.26", "{container}");
+    let ports = container["ports"].as_array().context("ports")?;
+    ensure!(
+        ports.len() == 1 && ports[0]["containerPort"] == 80,
+        "port not removed: {container}"
+    );
+    ensure!(
+        object["metadata"]["generation"] == 2,
+        "generation follows spec changes"
+    );
+
+    server.kubectl_ok(&["label", "deployment", "web", "tier=frontend"])?;
+    server.kubectl_ok(&["annotate", "deployment", "web", "owner=team-a"])?;
+    server.kubectl_ok(&["scale", "deployment/web", "--replicas=5"])?;
+    server.kubectl_ok(&["set", "image", "deployment/web", "app=nginx:1.27"])?;
+    let object = json(&server.kubectl_ok(&["get", "deployment", "web", "-o", "json"])?)?;
+    ensure!(
+        object["metadata"]["labels"]["tier"] == "frontend",
+        "{object}"
+    );
+    ensure!(object["metadata"]["annotations"]["owner"] == "team-a");
+    ensure!(object["spec"]["replicas"] == 5);
+    ensure!(object["spec"]["template"]["spec"]["containers"][0]["image"] == "nginx:1.27");
+    let replicas = server.kubectl_ok(&[
+        "get",
+        "deployment",
+        "web",
+        "-o",
+        "jsonpath={.spec.replicas}",
+    ])?;
+    ensure!(replicas == "5");
+    server.kubectl_ok(&["label", "deployment", "web", "tier-"])?;
+    let labels = server.kubectl_ok(&[
+        "get",
+        "deployment",
+        "web",
+        "-o",
+        "jsonpath={.metadata.labels}",
+    ])?;
+    ensure!(!labels.contains("tier"), "{labels}");
+    Ok(())
+}

@@ -279,7 +279,10 @@ fn patch_value(
     patch_type: patch::PatchType,
     body: &Bytes,
 ) -> Result<Value, ApiError> {
-    patch::apply(group, kind, current, patch_type, body).map_err(|e| e.into())
+    patch::apply(patch::TypeRef::new(group, kind), current, patch_type, body).map_err(|e| {
+        let code = StatusCode::from_u16(e.status_code()).unwrap_or(StatusCode::BAD_REQUEST);
+        ApiError::new(code, e.reason(), e.to_string())
+    })
 }
 
 /// Objects every cluster has from the start: the four namespaces and the

@@ -89,7 +89,12 @@ fn group_version_document(types: &[&ResourceType]) -> Value {
             schema.insert("x-kubernetes-group-version-kind".into(), gvk(rt));
         }
     }
-    super::patch::annotate_openapi(&mut schemas);
+    super::patch::annotate_openapi(
+        &mut schemas,
+        types
+            .iter()
+            .map(|t| (t.group, t.kind, t.schema_name.as_str())),
+    );
     let mut paths = Map::new();
     for rt in types {
         add_paths(rt, &mut paths);

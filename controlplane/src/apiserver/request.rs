@@ -231,10 +231,10 @@ impl Answer {
                 "application/json" | "application/*" | "*/*" if is_table => {
                     return Ok(Answer::Table);
                 }
-                "application/json" | "application/*" | "*/*" | "application/yaml" => {
-                    if params.iter().all(|p| !p.starts_with("as=")) {
-                        json_ok = true;
-                    }
+                "application/json" | "application/*" | "*/*" | "application/yaml"
+                    if params.iter().all(|p| !p.starts_with("as=")) =>
+                {
+                    json_ok = true;
                 }
                 // Protobuf is offered by clients that also take JSON.
                 _ => {}

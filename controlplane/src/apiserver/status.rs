@@ -14,7 +14,7 @@ pub struct ApiError {
     pub code: StatusCode,
     pub reason: &'static str,
     pub message: String,
-    pub details: Option<Details>,
+    pub details: Option<Box<Details>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -91,7 +91,7 @@ impl Cause {
 }
 
 impl ApiError {
-    fn new(code: StatusCode, reason: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(code: StatusCode, reason: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             code,
             reason,
@@ -101,12 +101,12 @@ impl ApiError {
     }
 
     fn with_object(mut self, rt: &ResourceType, name: &str) -> Self {
-        self.details = Some(Details {
+        self.details = Some(Box::new(Details {
             name: name.to_owned(),
             group: rt.group.to_owned(),
             kind: rt.plural.to_owned(),
             ..Details::default()
-        });
+        }));
         self
     }
 
@@ -181,13 +181,13 @@ impl ApiError {
             "Invalid",
             format!("{} {name:?} is invalid: {summary}", rt.kind),
         );
-        error.details = Some(Details {
+        error.details = Some(Box::new(Details {
             name: name.to_owned(),
             group: rt.group.to_owned(),
             kind: rt.kind.to_owned(),
             causes,
             retry_after_seconds: None,
-        });
+        }));
         error
     }
 
@@ -199,12 +199,12 @@ impl ApiError {
             "Invalid",
             format!("ListOptions.meta.k8s.io \"\" is invalid: {field}: Forbidden: {message}"),
         );
-        error.details = Some(Details {
+        error.details = Some(Box::new(Details {
             group: "meta.k8s.io".into(),
             kind: "ListOptions".into(),
             causes: vec![Cause::forbidden(field, message)],
             ..Details::default()
-        });
+        }));
         error
     }
 
@@ -262,10 +262,10 @@ impl ApiError {
             "ServiceUnavailable",
             message,
         );
-        error.details = Some(Details {
+        error.details = Some(Box::new(Details {
             retry_after_seconds: Some(1),
             ..Details::default()
-        });
+        }));
         error
     }
 
