@@ -247,7 +247,7 @@ mod tests {
         let typed = json!({"spec": {"replicas": 1, "template": {}}, "list": [{"a": 1}]});
         assert_eq!(
             unknown_fields(&original, &typed),
-            vec!["spec.bogus", "list[0].b"]
+            vec!["list[0].b", "spec.bogus"]
         );
     }
 }
