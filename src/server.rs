@@ -8,6 +8,7 @@ use anyhow::{Context, bail};
 use controlplane::apiserver::authn::{Authenticator, User};
 use controlplane::apiserver::pki::{Pki, ServerNames};
 use controlplane::apiserver::{self, ApiState, ServiceRanges, tls};
+use controlplane::controllers;
 use controlplane::storage::Store;
 use controlplane::storage::embedded::EmbeddedStore;
 use controlplane::storage::etcd::EtcdStore;
@@ -63,7 +64,13 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     apiserver::bootstrap(&state)
         .await
         .context("creating the default namespaces and the kubernetes Service")?;
-    let router = apiserver::router(state, Arc::new(authenticator));
+    let router = apiserver::router(state.clone(), Arc::new(authenticator));
+    tokio::spawn(apiserver::compaction::run(
+        state.store.clone(),
+        apiserver::compaction::INTERVAL,
+    ));
+    let client = apiserver::client::in_process(router.clone());
+    tokio::spawn(controllers::run(client));
 
     let tls_config = tls::server_config(&pki).context("configuring TLS")?;
     let bind = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), args.https_listen_port);

@@ -2,4 +2,5 @@
 //! the API server, scheduler and controllers build on it.
 
 pub mod apiserver;
+pub mod controllers;
 pub mod storage;

@@ -90,7 +90,7 @@ pub async fn serve(
         (&Method::GET, Some(name), None | Some(Subresource::Status)) => {
             get(&state, rt, ns, name, answer).await?
         }
-        (&Method::PUT, Some(name), sub @ (None | Some(Subresource::Status))) => {
+        (&Method::PUT, Some(name), sub @ (None | Some(Subresource::Status | Subresource::Finalize))) => {
             update(&state, rt, ns, name, sub, headers, &query, body).await?
         }
         (&Method::PATCH, Some(name), sub @ (None | Some(Subresource::Status))) => {
@@ -141,6 +141,10 @@ async fn get(
             let table = super::table_for(rt, &[object], &Query::default())?;
             Ok(Reply::value(StatusCode::OK, &table))
         }
+        Answer::Metadata => {
+            let object = objects::decode(&kv.value, kv.mod_revision)?;
+            Ok(Reply::value(StatusCode::OK, &objects::partial_metadata(&object)))
+        }
     }
 }
 
@@ -165,6 +169,22 @@ async fn list(
             let mut table = super::table_for(rt, &objects, query)?;
             table["metadata"] = list::list_metadata(&page);
             Ok(Reply::value(StatusCode::OK, &table))
+        }
+        Answer::Metadata => {
+            let items = page
+                .items
+                .iter()
+                .map(|(bytes, rev)| {
+                    objects::decode(bytes, *rev).map(|o| objects::partial_metadata(&o))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let list = json!({
+                "kind": "PartialObjectMetadataList",
+                "apiVersion": "meta.k8s.io/v1",
+                "metadata": list::list_metadata(&page),
+                "items": items,
+            });
+            Ok(Reply::value(StatusCode::OK, &list))
         }
     }
 }
@@ -454,7 +474,7 @@ async fn delete_one(
         }
         let grace = grace_period(rt, &object, options.grace_seconds);
         let already_deleting = object.pointer("/metadata/deletionTimestamp").is_some();
-        if finalizers.is_empty() && grace == 0 {
+        if finalizers.is_empty() && grace == 0 && spec_finalizers_of(&object).is_empty() {
             if options.dry_run {
                 return Ok(Reply::value(StatusCode::OK, &object));
             }
@@ -743,10 +763,29 @@ fn add_finalizer(finalizers: &mut Vec<String>, finalizer: &str) {
     }
 }
 
+/// A namespace's own finalizers (`spec.finalizers`), which the namespace
+/// controller removes once the namespace is empty.
+fn spec_finalizers_of(object: &Value) -> Vec<String> {
+    if object.get("kind").and_then(Value::as_str) != Some("Namespace") {
+        return Vec::new();
+    }
+    object
+        .pointer("/spec/finalizers")
+        .and_then(Value::as_array)
+        .map(|list| {
+            list.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// An object being deleted whose finalizers are all gone is removed.
 fn finalized(object: &Value) -> bool {
     object.pointer("/metadata/deletionTimestamp").is_some()
         && finalizers_of(object).is_empty()
+        && spec_finalizers_of(object).is_empty()
         && object
             .pointer("/metadata/deletionGracePeriodSeconds")
             .and_then(Value::as_i64)

@@ -7,6 +7,8 @@
 //! the `k8s-openapi` structs are used to type-check and find unknown fields.
 
 pub mod authn;
+pub mod client;
+pub mod compaction;
 mod defaults;
 pub mod discovery;
 mod handlers;

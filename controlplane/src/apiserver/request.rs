@@ -208,11 +208,14 @@ pub fn decode_body(format: BodyFormat, body: &Bytes) -> Result<Value, ApiError> 
     Ok(value)
 }
 
-/// What the response may be: JSON, or a Table rendering of it.
+/// What the response may be: JSON, a Table rendering of it, or only the
+/// objects' metadata (`PartialObjectMetadata`, as metadata-only clients
+/// such as garbage collectors ask for).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Answer {
     Json,
     Table,
+    Metadata,
 }
 
 impl Answer {
@@ -226,11 +229,18 @@ impl Answer {
             let mut parts = option.split(';').map(str::trim);
             let media = parts.next().unwrap_or("");
             let params: Vec<&str> = parts.collect();
-            let is_table = params.iter().any(|p| p.replace(' ', "") == "as=Table");
-            match media {
-                "application/json" | "application/*" | "*/*" if is_table => {
-                    return Ok(Answer::Table);
+            let as_param = params
+                .iter()
+                .find_map(|p| p.replace(' ', "").strip_prefix("as=").map(str::to_owned));
+            let json_like = matches!(media, "application/json" | "application/*" | "*/*");
+            match as_param.as_deref() {
+                Some("Table") if json_like => return Ok(Answer::Table),
+                Some("PartialObjectMetadata" | "PartialObjectMetadataList") if json_like => {
+                    return Ok(Answer::Metadata);
                 }
+                _ => {}
+            }
+            match media {
                 "application/json" | "application/*" | "*/*" | "application/yaml"
                     if params.iter().all(|p| !p.starts_with("as=")) =>
                 {

@@ -44,6 +44,8 @@ pub enum Subresource {
     PortForward,
     Eviction,
     Proxy,
+    /// `namespaces/<name>/finalize`: changes only `spec.finalizers`.
+    Finalize,
 }
 
 impl Subresource {
@@ -58,6 +60,7 @@ impl Subresource {
             Subresource::PortForward => "portforward",
             Subresource::Eviction => "eviction",
             Subresource::Proxy => "proxy",
+            Subresource::Finalize => "finalize",
         }
     }
 
@@ -74,6 +77,7 @@ impl Subresource {
             Subresource::PortForward => ("", "PodPortForwardOptions", &["create", "get"]),
             Subresource::Eviction => ("policy", "Eviction", &["create"]),
             Subresource::Proxy => ("", "", &["create", "delete", "get", "patch", "update"]),
+            Subresource::Finalize => ("", "", &["update"]),
         }
     }
 }
@@ -99,7 +103,7 @@ impl Registry {
         use Subresource::*;
         const ALL: &[&str] = &["all"];
         let types = vec![
-            of::<core::v1::Namespace>(&["ns"], &[], &[Status]),
+            of::<core::v1::Namespace>(&["ns"], &[], &[Status, Finalize]),
             of::<core::v1::Pod>(
                 &["po"],
                 ALL,

@@ -85,6 +85,21 @@ pub fn prepare_update(
     old: &Value,
     subresource: Option<Subresource>,
 ) {
+    if subresource == Some(Subresource::Finalize) {
+        // Only the namespace's spec.finalizers changes through /finalize.
+        let finalizers = new.pointer("/spec/finalizers").cloned();
+        let mut merged = old.clone();
+        match finalizers {
+            Some(list) => merged["spec"]["finalizers"] = list,
+            None => {
+                if let Some(spec) = merged.get_mut("spec").and_then(Value::as_object_mut) {
+                    spec.remove("finalizers");
+                }
+            }
+        }
+        *new = merged;
+        return;
+    }
     if subresource == Some(Subresource::Status) {
         // Only status changes through /status: everything else stays.
         let status = new.get("status").cloned();

@@ -226,6 +226,11 @@ fn encode_event(
     out.extend_from_slice(b"\",\"object\":");
     match plan.answer {
         Answer::Json => objects::write_with_version(&mut out, stored, revision),
+        Answer::Metadata => {
+            let object = objects::decode(stored, revision)?;
+            serde_json::to_writer(&mut out, &objects::partial_metadata(&object))
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+        }
         Answer::Table => {
             let object = objects::decode(stored, revision)?;
             let mut table = super::table_for(plan.rt, &[object], &plan.include_object)?;

@@ -1,0 +1,9 @@
+//! Controllers: each turns one kind of desired state into actions through
+//! the Kubernetes API, using `kube` watchers like any external controller.
+
+pub mod namespace;
+
+/// Runs every controller until one of them fails irrecoverably.
+pub async fn run(client: kube::Client) {
+    namespace::run(client).await;
+}
