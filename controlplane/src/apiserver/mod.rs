@@ -3,6 +3,7 @@
 
 pub mod patch;
 pub mod pki;
+pub mod protobuf;
 pub mod selectors;
 pub mod table;
 pub mod tls;
