@@ -326,3 +326,81 @@ async fn apply_update_label_annotate_scale_set_image_diff() -> anyhow::Result<()
     ensure!(!labels.contains("tier"), "{labels}");
     Ok(())
 }
+
+#[tokio::test]
+async fn create_commands_send_protobuf_and_namespaces_delete() -> anyhow::Result<()> {
+    let server = Server::start(SKIFF.as_ref(), &[]).await?;
+    // kubectl sends these creates as protobuf bodies.
+    server.kubectl_ok(&["create", "namespace", "team"])?;
+    server.kubectl_ok(&[
+        "-n",
+        "team",
+        "create",
+        "configmap",
+        "settings",
+        "--from-literal=mode=fast",
+    ])?;
+    server.kubectl_ok(&[
+        "-n",
+        "team",
+        "create",
+        "secret",
+        "generic",
+        "creds",
+        "--from-literal=password=s3cret",
+    ])?;
+    server.kubectl_ok(&[
+        "-n",
+        "team",
+        "create",
+        "deployment",
+        "api",
+        "--image=nginx:1.25",
+        "--replicas=3",
+        "--port=80",
+    ])?;
+    let data = server.kubectl_ok(&[
+        "-n",
+        "team",
+        "get",
+        "configmap",
+        "settings",
+        "-o",
+        "jsonpath={.data.mode}",
+    ])?;
+    ensure!(data == "fast", "{data}");
+    let secret = server.kubectl_ok(&[
+        "-n",
+        "team",
+        "get",
+        "secret",
+        "creds",
+        "-o",
+        "jsonpath={.data.password}",
+    ])?;
+    ensure!(secret == "czNjcmV0", "{secret}");
+    let deployment =
+        json(&server.kubectl_ok(&["-n", "team", "get", "deployment", "api", "-o", "json"])?)?;
+    ensure!(deployment["spec"]["replicas"] == 3, "{deployment}");
+    ensure!(
+        deployment["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] == 80
+    );
+
+    // Deleting the namespace empties it, then it goes away.
+    server.kubectl_ok(&["delete", "namespace", "team", "--wait", "--timeout=60s"])?;
+    let gone = server.kubectl_err(&["get", "namespace", "team"])?;
+    ensure!(gone.contains("NotFound"), "{gone}");
+    let leftovers = server.kubectl_ok(&[
+        "get",
+        "configmaps,secrets,deployments",
+        "-n",
+        "team",
+        "-o",
+        "name",
+    ])?;
+    ensure!(
+        leftovers.trim().is_empty(),
+        "left in the deleted namespace: {leftovers}"
+    );
+    Ok(())
+}

@@ -90,9 +90,11 @@ pub async fn serve(
         (&Method::GET, Some(name), None | Some(Subresource::Status)) => {
             get(&state, rt, ns, name, answer).await?
         }
-        (&Method::PUT, Some(name), sub @ (None | Some(Subresource::Status | Subresource::Finalize))) => {
-            update(&state, rt, ns, name, sub, headers, &query, body).await?
-        }
+        (
+            &Method::PUT,
+            Some(name),
+            sub @ (None | Some(Subresource::Status | Subresource::Finalize)),
+        ) => update(&state, rt, ns, name, sub, headers, &query, body).await?,
         (&Method::PATCH, Some(name), sub @ (None | Some(Subresource::Status))) => {
             patch(&state, rt, ns, name, sub, headers, &query, body).await?
         }
@@ -143,7 +145,10 @@ async fn get(
         }
         Answer::Metadata => {
             let object = objects::decode(&kv.value, kv.mod_revision)?;
-            Ok(Reply::value(StatusCode::OK, &objects::partial_metadata(&object)))
+            Ok(Reply::value(
+                StatusCode::OK,
+                &objects::partial_metadata(&object),
+            ))
         }
     }
 }

@@ -17,6 +17,7 @@ mod objects;
 pub mod openapi;
 pub mod patch;
 pub mod pki;
+pub mod protobuf;
 mod request;
 pub mod resources;
 mod scale;

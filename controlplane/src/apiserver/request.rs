@@ -172,6 +172,7 @@ pub enum FieldValidation {
 pub enum BodyFormat {
     Json,
     Yaml,
+    Protobuf,
 }
 
 impl BodyFormat {
@@ -184,6 +185,7 @@ impl BodyFormat {
         match media {
             "application/json" | "" | "*/*" => Ok(BodyFormat::Json),
             "application/yaml" => Ok(BodyFormat::Yaml),
+            super::protobuf::CONTENT_TYPE => Ok(BodyFormat::Protobuf),
             _ => Err(ApiError::unsupported_media_type(content_type)),
         }
     }
@@ -198,6 +200,18 @@ pub fn decode_body(format: BodyFormat, body: &Bytes) -> Result<Value, ApiError> 
             let text = std::str::from_utf8(body)
                 .map_err(|_| ApiError::bad_request("YAML request body is not UTF-8"))?;
             super::yaml::parse(text)?
+        }
+        BodyFormat::Protobuf => {
+            let decoded =
+                super::protobuf::decode(body).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            // Field numbers this server's types do not have: say so rather
+            // than drop them silently.
+            if let Some(unknown) = decoded.unknown_fields.first() {
+                return Err(ApiError::bad_request(format!(
+                    "protobuf body has fields this server does not know: {unknown}"
+                )));
+            }
+            decoded.object
         }
     };
     if !value.is_object() {
