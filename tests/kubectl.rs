@@ -404,3 +404,101 @@ async fn create_commands_send_protobuf_and_namespaces_delete() -> anyhow::Result
     );
     Ok(())
 }
+
+/// Creates ConfigMap `name` owned by the object with `owner_uid`.
+fn create_dependent(
+    server: &Server,
+    name: &str,
+    owner: &str,
+    owner_uid: &str,
+) -> anyhow::Result<()> {
+    let object = serde_json::json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": name, "ownerReferences": [
+            {"apiVersion": "v1", "kind": "ConfigMap", "name": owner, "uid": owner_uid}
+        ]}
+    });
+    server.kubectl_stdin(&["create", "-f", "-"], &object.to_string())?;
+    Ok(())
+}
+
+async fn wait_gone(server: &Server, name: &str) -> anyhow::Result<()> {
+    for _ in 0..100 {
+        let out = server.kubectl().args(["get", "configmap", name]).output()?;
+        if !out.status.success() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("configmap {name} was not garbage collected")
+}
+
+#[tokio::test]
+async fn garbage_collection_follows_propagation_policy() -> anyhow::Result<()> {
+    let server = Server::start(SKIFF.as_ref(), &[]).await?;
+    let uid = |name: &str| -> anyhow::Result<String> {
+        server.kubectl_ok(&[
+            "create",
+            "configmap",
+            name,
+            "-o",
+            "jsonpath={.metadata.uid}",
+        ])
+    };
+
+    // Background (the default): dependents go after the owner.
+    let owner = uid("bg-owner")?;
+    create_dependent(&server, "bg-dep", "bg-owner", &owner)?;
+    server.kubectl_ok(&["delete", "configmap", "bg-owner"])?;
+    wait_gone(&server, "bg-dep").await?;
+
+    // Foreground: the owner waits for its dependents.
+    let owner = uid("fg-owner")?;
+    create_dependent(&server, "fg-dep", "fg-owner", &owner)?;
+    server.kubectl_ok(&[
+        "delete",
+        "configmap",
+        "fg-owner",
+        "--cascade=foreground",
+        "--wait",
+        "--timeout=30s",
+    ])?;
+    ensure!(
+        server
+            .kubectl_err(&["get", "configmap", "fg-dep"])?
+            .contains("NotFound")
+    );
+
+    // Orphan: the dependent stays, without its owner reference.
+    let owner = uid("orphan-owner")?;
+    create_dependent(&server, "orphan-dep", "orphan-owner", &owner)?;
+    server.kubectl_ok(&[
+        "delete",
+        "configmap",
+        "orphan-owner",
+        "--cascade=orphan",
+        "--wait",
+        "--timeout=30s",
+    ])?;
+    let refs = server.kubectl_ok(&[
+        "get",
+        "configmap",
+        "orphan-dep",
+        "-o",
+        "jsonpath={.metadata.ownerReferences}",
+    ])?;
+    ensure!(
+        refs.trim().is_empty(),
+        "owner reference left behind: {refs}"
+    );
+
+    // An object whose owner never existed is collected too.
+    create_dependent(
+        &server,
+        "stray",
+        "ghost",
+        "00000000-0000-0000-0000-000000000000",
+    )?;
+    wait_gone(&server, "stray").await?;
+    Ok(())
+}

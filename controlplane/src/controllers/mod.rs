@@ -1,9 +1,10 @@
 //! Controllers: each turns one kind of desired state into actions through
 //! the Kubernetes API, using `kube` watchers like any external controller.
 
+pub mod garbage;
 pub mod namespace;
 
 /// Runs every controller until one of them fails irrecoverably.
 pub async fn run(client: kube::Client) {
-    namespace::run(client).await;
+    tokio::join!(namespace::run(client.clone()), garbage::run(client));
 }
