@@ -192,3 +192,51 @@ async fn watch_from_a_compacted_revision_gets_410() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_service_creates_get_distinct_addresses_and_ports() -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Service;
+    let cluster = cluster().await?;
+    let api: Api<Service> = Api::namespaced(cluster.client.clone(), "default");
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let api = api.clone();
+        tasks.push(tokio::spawn(async move {
+            let service: Service = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": format!("svc-{i}")},
+                "spec": {"type": "NodePort", "selector": {"app": "x"},
+                         "ports": [{"port": 80, "targetPort": 8080}]}
+            }))?;
+            anyhow::Ok(api.create(&PostParams::default(), &service).await?)
+        }));
+    }
+    let mut ips = std::collections::HashSet::new();
+    let mut ports = std::collections::HashSet::new();
+    for task in tasks {
+        let service = task.await??;
+        let spec = service.spec.context("spec")?;
+        let ip = spec.cluster_ip.context("clusterIP")?;
+        ensure!(ip.starts_with("10.43."), "{ip}");
+        ensure!(ips.insert(ip.clone()), "duplicate clusterIP {ip}");
+        let node_port = spec.ports.context("ports")?[0]
+            .node_port
+            .context("nodePort")?;
+        ensure!((30000..=32767).contains(&node_port), "{node_port}");
+        ensure!(ports.insert(node_port), "duplicate nodePort {node_port}");
+    }
+    // A requested address already taken is refused; a free one is granted.
+    let taken = ips.iter().next().context("an address")?.clone();
+    let clash: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "clash"},
+        "spec": {"clusterIP": taken, "ports": [{"port": 80}]}
+    }))?;
+    let err = api
+        .create(&PostParams::default(), &clash)
+        .await
+        .err()
+        .context("duplicate IP accepted")?;
+    ensure!(err.to_string().contains("already allocated"), "{err}");
+    // Deleting a Service frees its address for reuse.
+    api.delete("svc-0", &DeleteParams::default()).await?;
+    Ok(())
+}

@@ -502,3 +502,96 @@ async fn garbage_collection_follows_propagation_policy() -> anyhow::Result<()> {
     wait_gone(&server, "stray").await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn authentication_tokens_anonymous_and_limits() -> anyhow::Result<()> {
+    let mut server = Server::start(SKIFF.as_ref(), &[]).await?;
+    // A static token file in upstream's format, read at start.
+    std::fs::write(
+        server.data_dir().join("server/tokens.csv"),
+        "t0ken-for-ci,ci-bot,1001,\"ci,deployers\"\n",
+    )?;
+    server.restart().await?;
+    let ca = server.data_dir().join("server/tls/server-ca.crt");
+    let ca = ca.to_str().context("path")?;
+    let url = server.url();
+    let as_token = |token: Option<&str>, args: &[&str]| {
+        let mut command = std::process::Command::new("kubectl");
+        command.args([
+            "--kubeconfig",
+            "/dev/null",
+            "--server",
+            &url,
+            "--certificate-authority",
+            ca,
+        ]);
+        if let Some(token) = token {
+            command.args(["--token", token]);
+        }
+        command.args(args).output()
+    };
+    let ok = as_token(Some("t0ken-for-ci"), &["get", "namespaces", "-o", "name"])?;
+    ensure!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    ensure!(String::from_utf8_lossy(&ok.stdout).contains("namespace/default"));
+    let wrong = as_token(Some("nope"), &["get", "namespaces"])?;
+    ensure!(String::from_utf8_lossy(&wrong.stderr).contains("Unauthorized"));
+    // kubectl would prompt for a password without credentials; curl asks
+    // anonymously.
+    let curl = |path: &str| {
+        std::process::Command::new("curl")
+            .args(["-s", "--cacert", ca, &format!("{url}{path}")])
+            .output()
+    };
+    let anonymous = curl("/api/v1/namespaces")?;
+    let status: Value = serde_json::from_slice(&anonymous.stdout)?;
+    ensure!(
+        status["code"] == 401 && status["reason"] == "Unauthorized",
+        "{status}"
+    );
+    let health = curl("/readyz")?;
+    ensure!(
+        String::from_utf8_lossy(&health.stdout) == "ok",
+        "health endpoints are public"
+    );
+
+    // Bodies over 3 MiB are refused whole.
+    let big = server.data_dir().join("big.txt");
+    std::fs::write(&big, vec![b'x'; 4 * 1024 * 1024])?;
+    let too_big = server.kubectl_err(&[
+        "create",
+        "configmap",
+        "big",
+        &format!("--from-file={}", big.display()),
+    ])?;
+    ensure!(
+        too_big.contains("too large") || too_big.contains("RequestEntityTooLarge"),
+        "{too_big}"
+    );
+    ensure!(
+        server
+            .kubectl_err(&["get", "configmap", "big"])?
+            .contains("NotFound")
+    );
+
+    // `kubectl wait --for=delete` sees a deletion.
+    server.kubectl_ok(&["create", "configmap", "short-lived"])?;
+    let mut waiter = server
+        .kubectl()
+        .args([
+            "wait",
+            "--for=delete",
+            "configmap/short-lived",
+            "--timeout=30s",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.kubectl_ok(&["delete", "configmap", "short-lived"])?;
+    let waited = waiter.wait()?;
+    ensure!(waited.success(), "kubectl wait --for=delete failed");
+    Ok(())
+}
