@@ -13,6 +13,7 @@ mod defaults;
 pub mod discovery;
 mod handlers;
 mod list;
+pub mod metrics;
 mod objects;
 pub mod openapi;
 pub mod patch;
@@ -64,6 +65,7 @@ pub struct ApiState {
     pub ranges: ServiceRanges,
     /// `host:port` clients are told to use (in `/api` discovery).
     pub advertise: String,
+    pub metrics: metrics::Metrics,
 }
 
 impl ApiState {
@@ -73,6 +75,7 @@ impl ApiState {
             registry: registry(),
             ranges,
             advertise,
+            metrics: metrics::Metrics::new(),
         }
     }
 }
@@ -85,6 +88,7 @@ pub fn router(state: Arc<ApiState>, auth: Arc<authn::Authenticator>) -> Router {
         .route("/healthz", get(healthy))
         .route("/livez", get(healthy))
         .route("/readyz", get(ready))
+        .route("/metrics", get(metrics::serve))
         .route("/api", get(api_root))
         .route("/api/", get(api_root))
         .route("/apis", get(apis_root))
@@ -93,11 +97,12 @@ pub fn router(state: Arc<ApiState>, auth: Arc<authn::Authenticator>) -> Router {
         .route("/openapi/v3/", get(openapi_index))
         .route("/openapi/v3/{*path}", get(openapi_document))
         .fallback(resource_request)
-        .with_state(state)
+        .with_state(state.clone())
         .layer(axum::middleware::from_fn_with_state(
             auth,
             authn::authenticate,
         ))
+        .layer(axum::middleware::from_fn_with_state(state, metrics::record))
 }
 
 async fn version() -> Response {
