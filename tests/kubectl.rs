@@ -76,9 +76,15 @@ async fn discovery_version_and_defaults() -> anyhow::Result<()> {
     ensure!(all.contains("service/kubernetes"), "{all}");
 
     let metrics = server.kubectl_ok(&["get", "--raw", "/metrics"])?;
-    ensure!(metrics.contains("apiserver_request_total{verb=\"LIST\""), "{metrics}");
+    ensure!(
+        metrics.contains("apiserver_request_total{verb=\"LIST\""),
+        "{metrics}"
+    );
     ensure!(metrics.contains("apiserver_request_duration_seconds_bucket"));
-    ensure!(metrics.contains("apiserver_storage_objects{resource=\"namespaces\"} 4"), "{metrics}");
+    ensure!(
+        metrics.contains("apiserver_storage_objects{resource=\"namespaces\"} 4"),
+        "{metrics}"
+    );
     Ok(())
 }
 

@@ -39,8 +39,9 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let requests = Family::<Labels, Counter>::default();
-        let durations =
-            Family::<Labels, Histogram>::new_with_constructor(|| Histogram::new(BUCKETS.iter().copied()));
+        let durations = Family::<Labels, Histogram>::new_with_constructor(|| {
+            Histogram::new(BUCKETS.iter().copied())
+        });
         let objects = Family::<Labels, Gauge>::default();
         registry.register(
             "apiserver_request",
@@ -79,7 +80,11 @@ pub async fn record(State(state): State<Arc<ApiState>>, request: Request, next: 
     let response = next.run(request).await;
     if let Some(labels) = labels {
         let elapsed = started.elapsed().as_secs_f64();
-        state.metrics.durations.get_or_create(&labels).observe(elapsed);
+        state
+            .metrics
+            .durations
+            .get_or_create(&labels)
+            .observe(elapsed);
         let mut with_code = labels;
         with_code.push(("code", response.status().as_u16().to_string()));
         state.metrics.requests.get_or_create(&with_code).inc();
@@ -126,7 +131,9 @@ fn classify(state: &ApiState, request: &Request) -> Option<Labels> {
         return None;
     };
     let query = request.uri().query().unwrap_or("");
-    let watching = query.split('&').any(|p| p == "watch=true" || p == "watch=1");
+    let watching = query
+        .split('&')
+        .any(|p| p == "watch=true" || p == "watch=1");
     let verb = match (request.method(), &target.name) {
         (&Method::GET, None) if watching => "WATCH",
         (&Method::GET, None) => "LIST",
@@ -150,7 +157,10 @@ fn classify(state: &ApiState, request: &Request) -> Option<Labels> {
         ("resource", target.rt.plural.to_owned()),
         (
             "subresource",
-            target.subresource.map(|s| s.name().to_owned()).unwrap_or_default(),
+            target
+                .subresource
+                .map(|s| s.name().to_owned())
+                .unwrap_or_default(),
         ),
         ("scope", scope.to_owned()),
         ("component", "apiserver".to_owned()),

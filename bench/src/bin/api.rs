@@ -1,0 +1,292 @@
+//! API server benchmark: a real `skiff server` (embedded store) driven over
+//! HTTPS by kube-rs clients, the way controllers and users drive it.
+//!
+//! Workloads: pod creates, gets and updates from 32 concurrent clients, LIST
+//! of 1,000 pods, and one write fanned out to 1,000 concurrent watchers;
+//! then the server's RSS holding 10,000 pods. Peers: upstream's API call
+//! latency SLO (p99 ≤ 1 s per single-object call) and k3s's documented
+//! server memory (1.6 GB with a workload); there is no kube-apiserver on
+//! this machine to run in the same process tree.
+//!
+//! `cargo build --release && cargo run --release -p skiff-bench --bin api`
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
+use skiff_bench::Samples;
+use skiff_e2e::server::Server;
+
+const CLIENTS: usize = 32;
+const UPSTREAM_SLO: Duration = Duration::from_secs(1);
+const K3S_SERVER_RSS_MB: f64 = 1600.0;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let bin = skiff_binary()?;
+    let server = Server::start(&bin, &[]).await?;
+    let config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(server.kubeconfig())?,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await?;
+    // Several connections, as several clients would have.
+    let clients: Arc<Vec<kube::Client>> = Arc::new(
+        (0..8)
+            .map(|_| kube::Client::try_from(config.clone()))
+            .collect::<Result<_, _>>()?,
+    );
+    let pods = pods_in(&clients, "default");
+
+    println!(
+        "API benchmark: skiff server (embedded store) over HTTPS, {CLIENTS} concurrent kube-rs clients"
+    );
+    let creates = run(CLIENTS, 6_400, move |i| {
+        let api = pods(i);
+        async move {
+            api.create(&PostParams::default(), &pod(&format!("bench-{i}")))
+                .await?;
+            Ok(())
+        }
+    })
+    .await?;
+    report("create pod", &creates, Some(Duration::from_millis(5)));
+    let pods = pods_in(&clients, "default");
+    let gets = run(CLIENTS, 12_800, move |i| {
+        let api = pods(i);
+        async move {
+            api.get(&format!("bench-{}", (i * 7919) % 6_400)).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    report("get pod", &gets, Some(Duration::from_millis(2)));
+    let pods = pods_in(&clients, "default");
+    let updates = run(CLIENTS, 6_400, move |i| {
+        let api = pods(i);
+        async move {
+            let patch =
+                serde_json::json!({"metadata": {"labels": {"round": (i % 97).to_string()}}});
+            api.patch(
+                &format!("bench-{i}"),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await?;
+            Ok(())
+        }
+    })
+    .await?;
+    report("update pod (patch)", &updates, None);
+
+    let lists_ns: Api<Pod> = Api::namespaced(clients[0].clone(), "lists");
+    create_namespace(&clients[0], "lists").await?;
+    let in_lists = pods_in(&clients, "lists");
+    run(CLIENTS, 1_000, move |i| {
+        let api = in_lists(i);
+        async move {
+            api.create(&PostParams::default(), &pod(&format!("l-{i}")))
+                .await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let mut list_latencies = Vec::new();
+    let started = Instant::now();
+    for _ in 0..50 {
+        let t = Instant::now();
+        let listed = lists_ns.list(&ListParams::default()).await?;
+        list_latencies.push(t.elapsed());
+        anyhow::ensure!(listed.items.len() == 1_000);
+    }
+    let lists = Samples::new(list_latencies, started.elapsed());
+    report("list 1,000 pods", &lists, Some(Duration::from_millis(50)));
+
+    let fanout = watch_fanout(&clients, 1_000).await?;
+    report("watch event to 1,000 watchers", &fanout, None);
+
+    // Fill to 10,000 pods in all and read the server's memory.
+    let pods = pods_in(&clients, "default");
+    run(CLIENTS, 10_000 - 6_400 - 1_000, move |i| {
+        let api = pods(i);
+        async move {
+            api.create(&PostParams::default(), &pod(&format!("fill-{i}")))
+                .await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let rss = server_rss_mb(&server)?;
+    println!();
+    println!(
+        "server RSS with 10,000 pods stored: {rss:.0} MB (goal <= 150 MB; k3s server {K3S_SERVER_RSS_MB:.0} MB: {:.1}x less)",
+        K3S_SERVER_RSS_MB / rss
+    );
+    println!(
+        "creates/s: {:.0} (goal >= 5,000); upstream SLO p99 <= {}s per single-object call",
+        creates.rate(),
+        UPSTREAM_SLO.as_secs()
+    );
+    Ok(())
+}
+
+/// Pods in `namespace`, spreading calls over the clients by index.
+fn pods_in(
+    clients: &Arc<Vec<kube::Client>>,
+    namespace: &'static str,
+) -> impl Fn(usize) -> Api<Pod> + Send + Sync + 'static {
+    let clients = clients.clone();
+    move |i| Api::namespaced(clients[i % clients.len()].clone(), namespace)
+}
+
+/// `total` calls of `call(i)` from `clients` concurrent tasks.
+async fn run<F, Fut>(clients: usize, total: usize, call: F) -> anyhow::Result<Samples>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let call = Arc::new(call);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let call = call.clone();
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= total {
+                    return anyhow::Ok(latencies);
+                }
+                let t = Instant::now();
+                call(i).await?;
+                latencies.push(t.elapsed());
+            }
+        }));
+    }
+    let mut all = Vec::with_capacity(total);
+    for task in tasks {
+        all.extend(task.await??);
+    }
+    Ok(Samples::new(all, started.elapsed()))
+}
+
+/// Opens `watchers` watches on one namespace, writes one pod, and times its
+/// arrival at each watcher.
+async fn watch_fanout(clients: &[kube::Client], watchers: usize) -> anyhow::Result<Samples> {
+    create_namespace(&clients[0], "fanout").await?;
+    let api: Api<Pod> = Api::namespaced(clients[0].clone(), "fanout");
+    let rv = api
+        .list(&ListParams::default())
+        .await?
+        .metadata
+        .resource_version
+        .context("list resourceVersion")?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for w in 0..watchers {
+        let api: Api<Pod> = Api::namespaced(clients[w % clients.len()].clone(), "fanout");
+        let rv = rv.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let stream = api.watch(&WatchParams::default().timeout(120), &rv).await;
+            let Ok(stream) = stream else { return };
+            let mut stream = stream.boxed();
+            while let Some(Ok(event)) = stream.next().await {
+                if let WatchEvent::Added(_) = event {
+                    let _ = tx.send(Instant::now());
+                    return;
+                }
+            }
+        });
+    }
+    drop(tx);
+    // Let every watch reach the server before the write.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let started = Instant::now();
+    api.create(&PostParams::default(), &pod("fanout-0")).await?;
+    let mut latencies = Vec::with_capacity(watchers);
+    while let Ok(Some(at)) = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
+        latencies.push(at.duration_since(started));
+        if latencies.len() == watchers {
+            break;
+        }
+    }
+    anyhow::ensure!(
+        latencies.len() == watchers,
+        "only {} of {watchers} watchers saw the event",
+        latencies.len()
+    );
+    Ok(Samples::new(latencies, started.elapsed()))
+}
+
+async fn create_namespace(client: &kube::Client, name: &str) -> anyhow::Result<()> {
+    let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let ns = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?;
+    api.create(&PostParams::default(), &ns).await?;
+    Ok(())
+}
+
+fn pod(name: &str) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": {"app": "bench", "tier": "web"}},
+        "spec": {"containers": [{
+            "name": "app", "image": "registry.local/app:1.0",
+            "ports": [{"containerPort": 8080}],
+            "env": [{"name": "MODE", "value": "bench"}],
+            "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}
+        }]}
+    }))
+    .unwrap_or_default()
+}
+
+fn report(name: &str, samples: &Samples, goal_p99: Option<Duration>) {
+    let p99 = samples.percentile(99.0);
+    let goal = goal_p99
+        .map(|g| {
+            format!(
+                " (goal p99 <= {:.0}ms: {})",
+                g.as_secs_f64() * 1e3,
+                if p99 <= g { "met" } else { "missed" }
+            )
+        })
+        .unwrap_or_default();
+    println!(
+        "{name:<32} {:>9.0}/s  p50 {:>8.2}ms  p99 {:>8.2}ms  ({:.0}x under the 1 s SLO){goal}",
+        samples.rate(),
+        samples.percentile(50.0).as_secs_f64() * 1e3,
+        p99.as_secs_f64() * 1e3,
+        UPSTREAM_SLO.as_secs_f64() / p99.as_secs_f64().max(1e-9),
+    );
+}
+
+fn server_rss_mb(server: &Server) -> anyhow::Result<f64> {
+    let pid = server.pid().context("server is not running")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .context("VmRSS")?
+        .parse()?;
+    Ok(kb / 1024.0)
+}
+
+/// The release `skiff` next to this benchmark's own binary.
+fn skiff_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let bin = exe
+        .parent()
+        .context("bench binary has no folder")?
+        .join("skiff");
+    anyhow::ensure!(
+        bin.exists(),
+        "{} is missing: run `cargo build --release` first",
+        bin.display()
+    );
+    Ok(bin)
+}
