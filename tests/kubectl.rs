@@ -606,3 +606,67 @@ async fn authentication_tokens_anonymous_and_limits() -> anyhow::Result<()> {
     ensure!(waited.success(), "kubectl wait --for=delete failed");
     Ok(())
 }
+
+#[tokio::test]
+async fn pagination_and_kubectl_1_32() -> anyhow::Result<()> {
+    let server = Server::start(SKIFF.as_ref(), &[]).await?;
+    for i in 0..7 {
+        server.kubectl_ok(&["create", "configmap", &format!("page-{i}")])?;
+    }
+    // kubectl pages through with limit/continue.
+    let chunked = server.kubectl_ok(&["get", "configmaps", "--chunk-size=2", "-o", "name"])?;
+    let names: Vec<&str> = chunked
+        .lines()
+        .filter(|l| l.starts_with("configmap/page-"))
+        .collect();
+    ensure!(names.len() == 7, "{chunked}");
+    let page = json(&server.kubectl_ok(&[
+        "get",
+        "--raw",
+        "/api/v1/namespaces/default/configmaps?limit=3",
+    ])?)?;
+    ensure!(page["items"].as_array().map(Vec::len) == Some(3), "{page}");
+    ensure!(page["metadata"]["continue"].is_string(), "{page}");
+    ensure!(
+        page["metadata"]["remainingItemCount"].as_i64() >= Some(4),
+        "{page}"
+    );
+    let bad = server.kubectl_err(&[
+        "get",
+        "--raw",
+        "/api/v1/namespaces/default/configmaps?limit=3&continue=garbage",
+    ])?;
+    ensure!(
+        bad.contains("BadRequest") || bad.contains("continue"),
+        "{bad}"
+    );
+
+    // The previous minor's kubectl works too (the dispatcher picks 1.33).
+    let kubectl_132 = "/usr/lib/google-cloud-sdk/bin/kubectl.1.32";
+    let old = |args: &[&str]| {
+        std::process::Command::new(kubectl_132)
+            .arg("--kubeconfig")
+            .arg(server.kubeconfig())
+            .args(args)
+            .output()
+    };
+    let version = old(&["version"])?;
+    ensure!(
+        String::from_utf8_lossy(&version.stdout).contains("v1.32"),
+        "not kubectl 1.32"
+    );
+    for args in [
+        &["create", "configmap", "from-132", "--from-literal=a=b"][..],
+        &["get", "configmap", "from-132", "-o", "jsonpath={.data.a}"][..],
+        &["get", "pods,services", "-A"][..],
+        &["delete", "configmap", "from-132"][..],
+    ] {
+        let out = old(args)?;
+        ensure!(
+            out.status.success(),
+            "kubectl 1.32 {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}

@@ -95,7 +95,7 @@ pub async fn read(
             let token = decode_token(token)?;
             (token.rv, Some(format!("{prefix}{}", token.start)))
         }
-        None => (requested_revision(query)?, None),
+        None => (requested_revision(store, query).await?, None),
     };
     let mut page = Page {
         items: Vec::new(),
@@ -212,7 +212,7 @@ pub fn list_metadata(page: &Page) -> Value {
 
 /// The revision a list without `continue` reads at: the current one,
 /// unless `resourceVersionMatch=Exact` names a past one.
-fn requested_revision(query: &Query) -> Result<Revision, ApiError> {
+async fn requested_revision(store: &dyn Store, query: &Query) -> Result<Revision, ApiError> {
     let rv = query.get("resourceVersion");
     let parsed = rv
         .map(|v| {
@@ -225,10 +225,36 @@ fn requested_revision(query: &Query) -> Result<Revision, ApiError> {
         (Some("Exact"), _) => Err(ApiError::bad_request(
             "resourceVersionMatch \"Exact\" requires a non-zero resourceVersion",
         )),
+        (Some("NotOlderThan") | None, Some(rv)) if rv > 0 => {
+            wait_for_revision(store, rv).await?;
+            Ok(0)
+        }
         (Some("NotOlderThan") | None, _) => Ok(0),
         (Some(other), _) => Err(ApiError::bad_request(format!(
             "unsupported resourceVersionMatch {other:?}"
         ))),
+    }
+}
+
+/// A read "not older than" a revision this server has not reached yet
+/// waits a little for it (another API server on the same etcd may have
+/// written it), then fails as upstream does.
+async fn wait_for_revision(store: &dyn Store, wanted: Revision) -> Result<(), ApiError> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let current = store
+            .current_revision()
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        if current >= wanted {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ApiError::timeout(format!(
+                "Too large resource version: {wanted}, current: {current}"
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
 
