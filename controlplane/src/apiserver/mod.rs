@@ -6,6 +6,7 @@
 //! [`scale`]) → the store. Objects stay JSON bytes end to end ([`objects`]);
 //! the `k8s-openapi` structs are used to type-check and find unknown fields.
 
+pub mod apply;
 pub mod authn;
 pub mod client;
 pub mod compaction;

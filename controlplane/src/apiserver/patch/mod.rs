@@ -22,7 +22,7 @@
 mod error;
 mod json;
 mod openapi;
-mod schema;
+pub(crate) mod schema;
 mod strategic;
 
 #[cfg(test)]

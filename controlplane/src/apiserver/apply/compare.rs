@@ -1,0 +1,212 @@
+//! Which fields a write added, modified or removed.
+//!
+//! Leaves (scalars and atomic values) are added, removed or modified. A struct,
+//! map or list item that appears or disappears as a whole is added or removed
+//! itself as well as everything in it: that is how an updater comes to own
+//! `metadata.labels` (`"."` in FieldsV1) when it created the map. When both
+//! sides are empty or missing, the value counts as a leaf so that `{}` versus
+//! nothing is still a change.
+//!
+//! Both objects were accepted by the server earlier, but a list that cannot be
+//! keyed (an item without its key) is compared as one atomic value rather than
+//! failing the write.
+
+use std::collections::{HashMap, HashSet};
+
+use serde_json::{Map, Value};
+
+use super::MAX_DEPTH;
+use super::fieldset::{FieldSet, Path, PathElement};
+use super::items;
+use super::schema::Shape;
+
+/// The difference between two versions of an object.
+#[derive(Debug, Default)]
+pub(super) struct Comparison {
+    pub(super) added: FieldSet,
+    pub(super) modified: FieldSet,
+    pub(super) removed: FieldSet,
+}
+
+impl Comparison {
+    /// Fields whose value this write set: added or modified.
+    pub(super) fn changed(&self) -> FieldSet {
+        let mut changed = self.added.clone();
+        changed.union_with(&self.modified);
+        changed
+    }
+}
+
+/// Compares `old` and `new`, whole objects of shape `shape`.
+pub(super) fn compare(old: &Value, new: &Value, shape: Shape) -> Comparison {
+    let mut comparison = Comparison::default();
+    comparison.walk(Some(old), Some(new), shape, &mut Vec::new(), 0);
+    comparison
+}
+
+/// How two values at one path are compared.
+enum Walk<'v> {
+    Leaf,
+    Fields(
+        Option<&'v Map<String, Value>>,
+        Option<&'v Map<String, Value>>,
+    ),
+    Items(Vec<(PathElement, &'v Value)>, Vec<(PathElement, &'v Value)>),
+}
+
+impl Comparison {
+    fn walk(
+        &mut self,
+        old: Option<&Value>,
+        new: Option<&Value>,
+        shape: Shape,
+        path: &mut Path,
+        depth: usize,
+    ) {
+        let walk = if depth > MAX_DEPTH {
+            Walk::Leaf
+        } else {
+            classify(old, new, shape)
+        };
+        match walk {
+            Walk::Leaf => self.leaf(old, new, path),
+            Walk::Fields(old_fields, new_fields) => {
+                let names = old_fields.into_iter().flat_map(Map::keys).chain(
+                    new_fields.into_iter().flat_map(Map::keys).filter(|name| {
+                        !old_fields.is_some_and(|fields| fields.contains_key(name.as_str()))
+                    }),
+                );
+                for name in names {
+                    path.push(PathElement::Field(name.clone()));
+                    self.walk(
+                        old_fields.and_then(|f| f.get(name)),
+                        new_fields.and_then(|f| f.get(name)),
+                        shape.child(name),
+                        path,
+                        depth + 1,
+                    );
+                    path.pop();
+                }
+                self.container(old, new, path);
+            }
+            Walk::Items(old_items, new_items) => {
+                let item_shape = match shape {
+                    Shape::ListMap(list) => list.item(),
+                    _ => Shape::Atomic,
+                };
+                let old_by_name = first_occurrences(&old_items);
+                let new_by_name = first_occurrences(&new_items);
+                let names = old_items.iter().chain(
+                    new_items
+                        .iter()
+                        .filter(|(name, _)| !old_by_name.contains_key(name)),
+                );
+                let mut done = HashSet::new();
+                for (name, _) in names {
+                    if !done.insert(name) {
+                        continue;
+                    }
+                    path.push(name.clone());
+                    self.walk(
+                        old_by_name.get(name).copied(),
+                        new_by_name.get(name).copied(),
+                        item_shape,
+                        path,
+                        depth + 1,
+                    );
+                    path.pop();
+                }
+                self.container(old, new, path);
+            }
+        }
+    }
+
+    fn leaf(&mut self, old: Option<&Value>, new: Option<&Value>, path: &Path) {
+        match (old, new) {
+            (None, Some(_)) => self.added.insert(path),
+            (Some(_), None) => self.removed.insert(path),
+            (Some(a), Some(b)) if !items::json_equal(a, b) => self.modified.insert(path),
+            _ => {}
+        }
+    }
+
+    /// A struct, map or list that appeared or disappeared is itself added or removed.
+    fn container(&mut self, old: Option<&Value>, new: Option<&Value>, path: &Path) {
+        match (old, new) {
+            (None, Some(_)) => self.added.insert(path),
+            (Some(_), None) => self.removed.insert(path),
+            _ => {}
+        }
+    }
+}
+
+/// Decides whether `old` and `new` are compared as containers. `null` stands for
+/// an empty container of whatever kind the other side is.
+fn classify<'v>(old: Option<&'v Value>, new: Option<&'v Value>, shape: Shape) -> Walk<'v> {
+    let present = |v: Option<&'v Value>| v.filter(|v| !v.is_null());
+    let (old_value, new_value) = (present(old), present(new));
+    if old_value.is_none() && new_value.is_none() {
+        return Walk::Leaf;
+    }
+    let walk = match shape {
+        Shape::Struct(_) | Shape::Map => match (old_value, new_value) {
+            (None | Some(Value::Object(_)), None | Some(Value::Object(_))) => Walk::Fields(
+                old_value.and_then(Value::as_object),
+                new_value.and_then(Value::as_object),
+            ),
+            _ => Walk::Leaf,
+        },
+        Shape::ListMap(list) => {
+            let name = |item: &Value| items::key_element(list.keys(), item).ok();
+            named_items(old_value, new_value, name)
+        }
+        Shape::Set => named_items(old_value, new_value, |item| items::value_element(item).ok()),
+        Shape::Atomic => Walk::Leaf,
+    };
+    if is_empty(old_value) && is_empty(new_value) {
+        Walk::Leaf
+    } else {
+        walk
+    }
+}
+
+fn named_items<'v>(
+    old: Option<&'v Value>,
+    new: Option<&'v Value>,
+    name: impl Fn(&Value) -> Option<PathElement>,
+) -> Walk<'v> {
+    let named = |value: Option<&'v Value>| -> Option<Vec<(PathElement, &'v Value)>> {
+        match value {
+            None => Some(Vec::new()),
+            Some(Value::Array(entries)) => entries
+                .iter()
+                .map(|item| name(item).map(|element| (element, item)))
+                .collect(),
+            Some(_) => None,
+        }
+    };
+    match (named(old), named(new)) {
+        (Some(old_items), Some(new_items)) => Walk::Items(old_items, new_items),
+        _ => Walk::Leaf,
+    }
+}
+
+fn is_empty(value: Option<&Value>) -> bool {
+    match value {
+        None => true,
+        Some(Value::Object(fields)) => fields.is_empty(),
+        Some(Value::Array(entries)) => entries.is_empty(),
+        Some(_) => false,
+    }
+}
+
+/// Items by name; a repeated name keeps its first item, as upstream compares.
+fn first_occurrences<'a, 'v>(
+    named: &'a [(PathElement, &'v Value)],
+) -> HashMap<&'a PathElement, &'v Value> {
+    let mut by_name = HashMap::with_capacity(named.len());
+    for (name, item) in named {
+        by_name.entry(name).or_insert(*item);
+    }
+    by_name
+}
