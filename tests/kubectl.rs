@@ -670,3 +670,66 @@ async fn pagination_and_kubectl_1_32() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn server_side_apply_owns_fields_and_reports_conflicts() -> anyhow::Result<()> {
+    let server = Server::start(SKIFF.as_ref(), &[]).await?;
+    let applied = server.kubectl_stdin(&["apply", "--server-side", "-f", "-"], DEPLOYMENT)?;
+    ensure!(applied.contains("serverside-applied"), "{applied}");
+    let object = json(&server.kubectl_ok(&[
+        "get",
+        "deployment",
+        "web",
+        "-o",
+        "json",
+        "--show-managed-fields",
+    ])?)?;
+    let managers = object["metadata"]["managedFields"]
+        .as_array()
+        .context("managedFields")?;
+    ensure!(
+        managers
+            .iter()
+            .any(|m| m["manager"] == "kubectl" && m["operation"] == "Apply"),
+        "{managers:?}"
+    );
+
+    // Changing an owned field is fine; a field another manager changed
+    // since is a conflict until forced.
+    server.kubectl_stdin(
+        &["apply", "--server-side", "-f", "-"],
+        &DEPLOYMENT.replace("nginx:1.25", "nginx:1.26"),
+    )?;
+    server.kubectl_ok(&[
+        "patch",
+        "deployment",
+        "web",
+        "--field-manager=autoscaler",
+        "-p",
+        r#"{"spec":{"replicas":4}}"#,
+    ])?;
+    let conflict = server
+        .kubectl_stdin(&["apply", "--server-side", "-f", "-"], DEPLOYMENT)
+        .err()
+        .context("conflicting apply succeeded")?
+        .to_string();
+    ensure!(
+        conflict.contains("conflict") && conflict.contains(".spec.replicas"),
+        "{conflict}"
+    );
+    server.kubectl_stdin(
+        &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+        DEPLOYMENT,
+    )?;
+    let object = json(&server.kubectl_ok(&["get", "deployment", "web", "-o", "json"])?)?;
+    ensure!(object["spec"]["replicas"] == 2, "{object}");
+    ensure!(object["spec"]["template"]["spec"]["containers"][0]["image"] == "nginx:1.25");
+
+    // Dropping a field from the applied configuration removes it.
+    let without_second_port = DEPLOYMENT.replace("        - containerPort: 8080\n", "");
+    server.kubectl_stdin(&["apply", "--server-side", "-f", "-"], &without_second_port)?;
+    let object = json(&server.kubectl_ok(&["get", "deployment", "web", "-o", "json"])?)?;
+    let ports = &object["spec"]["template"]["spec"]["containers"][0]["ports"];
+    ensure!(ports.as_array().map(Vec::len) == Some(1), "{ports}");
+    Ok(())
+}

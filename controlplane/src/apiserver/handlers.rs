@@ -13,7 +13,7 @@ use super::objects::{self, metadata_mut, name_of};
 use super::request::{Answer, BodyFormat, FieldValidation, Query, Target, decode_body};
 use super::resources::{ResourceType, Subresource};
 use super::status::{ApiError, Cause, success};
-use super::{ApiState, list, services, strategy, validation, watch};
+use super::{ApiState, apply, list, services, strategy, validation, watch};
 use crate::storage::{KeyValue, StoreError};
 
 /// How often an update that lost a race is retried from a fresh read
@@ -214,13 +214,31 @@ async fn create(
     query: &Query,
     body: Bytes,
 ) -> Result<Reply, ApiError> {
+    let manager = field_manager(headers, query)?;
     let mut object = decode_body(BodyFormat::of(headers)?, &body)?;
     check_type_meta(rt, &mut object)?;
     place_in_namespace(rt, ns, &mut object)?;
     generate_name(&mut object);
-    let mut warnings = check_fields(rt, &mut object, query.field_validation()?)?;
+    let warnings = check_fields(rt, &mut object, query.field_validation()?)?;
+    create_object(state, rt, ns, object, query, Some(&manager), warnings).await
+}
+
+/// Stores a new object: server-owned fields, defaults, ownership (unless
+/// server-side apply already recorded it), validation, allocation.
+async fn create_object(
+    state: &ApiState,
+    rt: &ResourceType,
+    ns: Option<&str>,
+    mut object: Value,
+    query: &Query,
+    manager: Option<&str>,
+    mut warnings: Vec<String>,
+) -> Result<Reply, ApiError> {
     let now = super::now();
     strategy::prepare_create(rt, &mut object, uuid::Uuid::new_v4().to_string(), &now);
+    if let Some(manager) = manager {
+        apply::record_update(kind_of(rt), None, &mut object, manager, &now);
+    }
     let name = name_of(&object).to_owned();
     let causes = strategy::validate(rt, &object);
     if !causes.is_empty() {
@@ -285,9 +303,18 @@ async fn update(
     let warnings = check_fields(rt, &mut object, query.field_validation()?)?;
     let precondition = resource_version_of(&object)?;
     let dry_run = query.dry_run()?;
-    let mut reply = write_update(state, rt, ns, name, sub, precondition, dry_run, |_| {
-        Ok(object.clone())
-    })
+    let manager = field_manager(headers, query)?;
+    let mut reply = write_update(
+        state,
+        rt,
+        ns,
+        name,
+        sub,
+        precondition,
+        dry_run,
+        Some(&manager),
+        |_| Ok(object.clone()),
+    )
     .await?;
     reply.warnings = warnings;
     Ok(reply)
@@ -310,15 +337,29 @@ async fn patch(
         .unwrap_or("");
     let patch_type = super::patch::PatchType::from_content_type(content_type)
         .ok_or_else(|| ApiError::unsupported_media_type(content_type))?;
+    if patch_type == super::patch::PatchType::Apply {
+        return server_side_apply(state, rt, ns, name, sub, query, body).await;
+    }
     let validation_mode = query.field_validation()?;
     let dry_run = query.dry_run()?;
+    let manager = field_manager(headers, query)?;
     let mut warnings = Vec::new();
-    let reply = write_update(state, rt, ns, name, sub, None, dry_run, |current| {
-        let mut patched = super::patch_object(rt, current, patch_type, &body)?;
-        check_type_meta(rt, &mut patched)?;
-        warnings = check_fields(rt, &mut patched, validation_mode)?;
-        Ok(patched)
-    })
+    let reply = write_update(
+        state,
+        rt,
+        ns,
+        name,
+        sub,
+        None,
+        dry_run,
+        Some(&manager),
+        |current| {
+            let mut patched = super::patch_object(rt, current, patch_type, &body)?;
+            check_type_meta(rt, &mut patched)?;
+            warnings = check_fields(rt, &mut patched, validation_mode)?;
+            Ok(patched)
+        },
+    )
     .await?;
     Ok(Reply { warnings, ..reply })
 }
@@ -336,6 +377,7 @@ pub async fn write_update(
     sub: Option<Subresource>,
     precondition: Option<i64>,
     dry_run: bool,
+    manager: Option<&str>,
     mut change: impl FnMut(&Value) -> Result<Value, ApiError>,
 ) -> Result<Reply, ApiError> {
     let key = rt.key(ns, name);
@@ -355,6 +397,22 @@ pub async fn write_update(
             return Err(ApiError::stale(rt, name));
         }
         strategy::prepare_update(rt, &mut desired, &current, sub);
+        if let Some(manager) = manager {
+            let now = super::now();
+            match sub {
+                Some(sub) => apply::record_subresource_update(
+                    kind_of(rt),
+                    sub.name(),
+                    &current,
+                    &mut desired,
+                    manager,
+                    &now,
+                ),
+                None => {
+                    apply::record_update(kind_of(rt), Some(&current), &mut desired, manager, &now)
+                }
+            }
+        }
         let causes = strategy::validate(rt, &desired);
         if !causes.is_empty() {
             return Err(ApiError::invalid(rt, name, causes));
@@ -975,4 +1033,117 @@ async fn check_namespace_open(state: &ApiState, ns: &str) -> Result<(), ApiError
         )));
     }
     Ok(())
+}
+
+/// `kubectl apply --server-side`: the applied configuration is merged by
+/// field ownership; an absent object is created from it.
+async fn server_side_apply(
+    state: &ApiState,
+    rt: &ResourceType,
+    ns: Option<&str>,
+    name: &str,
+    sub: Option<Subresource>,
+    query: &Query,
+    body: Bytes,
+) -> Result<Reply, ApiError> {
+    let manager = query
+        .get("fieldManager")
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+            )
+        })?
+        .to_owned();
+    apply::validate_manager(&manager, true).map_err(apply_error)?;
+    let force = query.flag("force")?;
+    let dry_run = query.dry_run()?;
+    let text =
+        std::str::from_utf8(&body).map_err(|_| ApiError::bad_request("apply body is not UTF-8"))?;
+    let mut applied = super::yaml::parse(text)?;
+    if !applied.is_object() {
+        return Err(ApiError::bad_request("the apply body must be an object"));
+    }
+    check_type_meta(rt, &mut applied)?;
+    place_in_namespace(rt, ns, &mut applied)?;
+    match name_of(&applied) {
+        "" => {
+            if let Some(meta) = metadata_mut(&mut applied) {
+                meta.insert("name".into(), json!(name));
+            }
+        }
+        body_name if body_name != name => {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({body_name}) does not match the name on the URL ({name})"
+            )));
+        }
+        _ => {}
+    }
+    let warnings = check_fields(rt, &mut applied, query.field_validation()?)?;
+    let precondition = resource_version_of(&applied)?;
+    let now = super::now();
+    match read(state, rt, ns, name).await {
+        Err(e) if e.reason == "NotFound" && sub.is_none() => {
+            let object = apply::apply(kind_of(rt), None, &applied, &manager, force, &now)
+                .map_err(apply_error)?;
+            create_object(state, rt, ns, object, query, None, warnings).await
+        }
+        Err(e) => Err(e),
+        Ok(_) => {
+            let mut reply = write_update(
+                state,
+                rt,
+                ns,
+                name,
+                sub,
+                precondition,
+                dry_run,
+                None,
+                |current| {
+                    apply::apply(kind_of(rt), Some(current), &applied, &manager, force, &now)
+                        .map_err(apply_error)
+                },
+            )
+            .await?;
+            reply.warnings = warnings;
+            Ok(reply)
+        }
+    }
+}
+
+/// The field manager of a write: `?fieldManager=`, or upstream's default
+/// from the User-Agent.
+fn field_manager(headers: &HeaderMap, query: &Query) -> Result<String, ApiError> {
+    let manager = match query.get("fieldManager") {
+        Some(m) => m.to_owned(),
+        None => apply::default_manager(
+            headers
+                .get(http::header::USER_AGENT)
+                .and_then(|v| v.to_str().ok()),
+        ),
+    };
+    apply::validate_manager(&manager, false).map_err(apply_error)?;
+    Ok(manager)
+}
+
+fn kind_of(rt: &ResourceType) -> apply::KindRef<'static> {
+    apply::KindRef::new(rt.group, rt.kind)
+}
+
+fn apply_error(error: apply::ApplyError) -> ApiError {
+    let code = StatusCode::from_u16(error.status_code()).unwrap_or(StatusCode::BAD_REQUEST);
+    let mut api_error = ApiError::new(code, error.reason(), error.to_string());
+    if let apply::ApplyError::Conflict { conflicts } = &error {
+        api_error.details = Some(Box::new(super::status::Details {
+            causes: conflicts
+                .iter()
+                .map(|c| Cause {
+                    reason: apply::CONFLICT_CAUSE,
+                    message: c.message(),
+                    field: c.field.clone(),
+                })
+                .collect(),
+            ..Default::default()
+        }));
+    }
+    api_error
 }

@@ -23,6 +23,16 @@ pub async fn serve(
     body: Bytes,
 ) -> Result<Reply, ApiError> {
     let dry_run = query.dry_run()?;
+    let manager = query
+        .get("fieldManager")
+        .map(str::to_owned)
+        .unwrap_or_else(|| {
+            super::apply::default_manager(
+                headers
+                    .get(http::header::USER_AGENT)
+                    .and_then(|v| v.to_str().ok()),
+            )
+        });
     let written = match *method {
         Method::GET => {
             let kv = read(state, rt, ns, name).await?;
@@ -48,6 +58,7 @@ pub async fn serve(
                 None,
                 precondition,
                 dry_run,
+                Some(&manager),
                 |current| Ok(with_replicas(current, replicas)),
             )
             .await?
@@ -59,13 +70,23 @@ pub async fn serve(
                 .unwrap_or("");
             let patch_type = super::patch::PatchType::from_content_type(content_type)
                 .ok_or_else(|| ApiError::unsupported_media_type(content_type))?;
-            write_update(state, rt, ns, name, None, None, dry_run, |current| {
-                let scale = to_scale(current);
-                let patched =
-                    super::patch_value("autoscaling", "Scale", &scale, patch_type, &body)?;
-                let replicas = replicas_of(rt, name, &patched)?;
-                Ok(with_replicas(current, replicas))
-            })
+            write_update(
+                state,
+                rt,
+                ns,
+                name,
+                None,
+                None,
+                dry_run,
+                Some(&manager),
+                |current| {
+                    let scale = to_scale(current);
+                    let patched =
+                        super::patch_value("autoscaling", "Scale", &scale, patch_type, &body)?;
+                    let replicas = replicas_of(rt, name, &patched)?;
+                    Ok(with_replicas(current, replicas))
+                },
+            )
             .await?
         }
         _ => {
