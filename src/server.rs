@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use controlplane::apiserver::authn::{Authenticator, User};
 use controlplane::apiserver::pki::{Pki, ServerNames};
-use controlplane::apiserver::{self, ApiState, ServiceRanges, tls};
+use controlplane::apiserver::{self, ApiState, KubeletClient, ServiceRanges, tls};
 use controlplane::controllers;
 use controlplane::storage::Store;
 use controlplane::storage::embedded::EmbeddedStore;
@@ -60,7 +60,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     }
 
     let advertise = SocketAddr::new(node_ip, args.https_listen_port).to_string();
-    let state = Arc::new(ApiState::new(store, ranges, advertise));
+    let mut state = ApiState::new(store, ranges, advertise);
+    state.kubelet =
+        Some(KubeletClient::for_cluster(&pki).context("preparing the client for node agents")?);
+    let state = Arc::new(state);
     apiserver::bootstrap(&state)
         .await
         .context("creating the default namespaces and the kubernetes Service")?;

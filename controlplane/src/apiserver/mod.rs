@@ -20,6 +20,7 @@ pub mod openapi;
 pub mod patch;
 pub mod pki;
 pub mod protobuf;
+mod proxy;
 mod request;
 pub mod resources;
 mod scale;
@@ -50,6 +51,7 @@ use self::resources::{Registry, ResourceType};
 use self::status::ApiError;
 use crate::storage::Store;
 
+pub use self::proxy::{KubeletClient, KubeletClientError};
 pub use self::services::ServiceRanges;
 
 static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
@@ -67,6 +69,9 @@ pub struct ApiState {
     /// `host:port` clients are told to use (in `/api` discovery).
     pub advertise: String,
     pub metrics: metrics::Metrics,
+    /// Reaches node agents for pod logs, exec, attach and port-forward;
+    /// without one those answer 503.
+    pub kubelet: Option<KubeletClient>,
 }
 
 impl ApiState {
@@ -77,6 +82,7 @@ impl ApiState {
             ranges,
             advertise,
             metrics: metrics::Metrics::new(),
+            kubelet: None,
         }
     }
 }
@@ -180,6 +186,10 @@ async fn dispatch(state: Arc<ApiState>, request: Request<Body>) -> Result<Respon
             let list = discovery::api_resource_list(state.registry, &group, &version)
                 .ok_or_else(|| ApiError::no_route(&path))?;
             Ok(json_response(StatusCode::OK, &list))
+        }
+        // Streams: the body is the stream (or empty) and must stay unread.
+        Route::Resource(target) if proxy::serves(&target) => {
+            proxy::serve(state, target, parts).await
         }
         Route::Resource(target) => {
             let body = read_body(body).await?;
