@@ -119,34 +119,8 @@ async fn reflector_stays_in_sync_through_changes_and_compaction() -> anyhow::Res
     }
     let expected = api.list(&ListParams::default()).await?;
     for _ in 0..300 {
-        let mut cached: Vec<(String, String)> = reader
-            .state()
-            .iter()
-            .map(|cm| {
-                let n = cm
-                    .data
-                    .as_ref()
-                    .and_then(|d| d.get("n"))
-                    .cloned()
-                    .unwrap_or_default();
-                (cm.metadata.name.clone().unwrap_or_default(), n)
-            })
-            .collect();
-        cached.sort();
-        let mut live: Vec<(String, String)> = expected
-            .items
-            .iter()
-            .map(|cm| {
-                let n = cm
-                    .data
-                    .as_ref()
-                    .and_then(|d| d.get("n"))
-                    .cloned()
-                    .unwrap_or_default();
-                (cm.metadata.name.clone().unwrap_or_default(), n)
-            })
-            .collect();
-        live.sort();
+        let cached = summary(reader.state().iter().map(|cm| cm.as_ref()));
+        let live = summary(expected.items.iter());
         if cached == live {
             ensure!(
                 live.len() == N / 2 && live.iter().all(|(_, n)| n == "3"),
@@ -158,6 +132,23 @@ async fn reflector_stays_in_sync_through_changes_and_compaction() -> anyhow::Res
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     anyhow::bail!("reflector never matched the server's list")
+}
+
+/// (name, data.n) of each ConfigMap, sorted.
+fn summary<'a>(items: impl Iterator<Item = &'a ConfigMap>) -> Vec<(String, String)> {
+    let mut pairs: Vec<(String, String)> = items
+        .map(|cm| {
+            let n = cm
+                .data
+                .as_ref()
+                .and_then(|d| d.get("n"))
+                .cloned()
+                .unwrap_or_default();
+            (cm.metadata.name.clone().unwrap_or_default(), n)
+        })
+        .collect();
+    pairs.sort();
+    pairs
 }
 
 #[tokio::test]

@@ -808,8 +808,13 @@ fn grace_period(rt: &ResourceType, object: &Value, requested: Option<i64>) -> i6
 }
 
 fn finalizers_of(object: &Value) -> Vec<String> {
+    strings_at(object, "/metadata/finalizers")
+}
+
+/// The strings of the JSON array at `pointer`, if any.
+fn strings_at(object: &Value, pointer: &str) -> Vec<String> {
     object
-        .pointer("/metadata/finalizers")
+        .pointer(pointer)
         .and_then(Value::as_array)
         .map(|list| {
             list.iter()
@@ -832,16 +837,7 @@ fn spec_finalizers_of(object: &Value) -> Vec<String> {
     if object.get("kind").and_then(Value::as_str) != Some("Namespace") {
         return Vec::new();
     }
-    object
-        .pointer("/spec/finalizers")
-        .and_then(Value::as_array)
-        .map(|list| {
-            list.iter()
-                .filter_map(Value::as_str)
-                .map(str::to_owned)
-                .collect()
-        })
-        .unwrap_or_default()
+    strings_at(object, "/spec/finalizers")
 }
 
 /// An object being deleted whose finalizers are all gone is removed.
