@@ -39,6 +39,9 @@ pub fn encode(object: &Value) -> Result<Vec<u8>, ApiError> {
         write_json(&mut out, value)?;
     }
     out.push(b'}');
+    // The store keeps these bytes for as long as the version lives: do not
+    // keep the growth slack with them.
+    out.shrink_to_fit();
     Ok(out)
 }
 

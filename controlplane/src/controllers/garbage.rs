@@ -60,8 +60,15 @@ pub async fn run(client: kube::Client) {
         let writer = reflector::store::Writer::<Meta>::new(resource.clone());
         let store = writer.as_reader();
         let notify = changed.clone();
+        // Only ownership matters here: keep the cache to what the scan reads.
         let stream = watcher(api, watcher::Config::default())
             .default_backoff()
+            .modify(|object: &mut Meta| {
+                let meta = &mut object.metadata;
+                meta.managed_fields = None;
+                meta.annotations = None;
+                meta.labels = None;
+            })
             .reflect(writer);
         tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
