@@ -28,7 +28,7 @@ use crate::apiserver::resources::ResourceType;
 const FOREGROUND: &str = "foregroundDeletion";
 const ORPHAN: &str = "orphan";
 /// Changes arriving within this window are handled by one scan.
-const SETTLE: Duration = Duration::from_millis(200);
+const SETTLE: Duration = Duration::from_millis(500);
 /// A scan also runs this often, to retry what failed.
 const RESYNC: Duration = Duration::from_secs(30);
 
@@ -44,10 +44,19 @@ struct Watched {
 /// An object as the scan sees it.
 struct Node<'a> {
     kind: &'a Watched,
-    namespace: Option<String>,
-    name: String,
-    deleting: bool,
-    finalizers: Vec<String>,
+    meta: &'a kube::api::ObjectMeta,
+}
+
+impl Node<'_> {
+    /// Being deleted and waiting on `finalizer`.
+    fn deleting_with(&self, finalizer: &str) -> bool {
+        self.meta.deletion_timestamp.is_some()
+            && self
+                .meta
+                .finalizers
+                .as_ref()
+                .is_some_and(|f| f.iter().any(|x| x == finalizer))
+    }
 }
 
 pub async fn run(client: kube::Client) {
@@ -103,12 +112,18 @@ pub async fn run(client: kube::Client) {
 }
 
 async fn scan(client: &kube::Client, watched: &[Watched]) -> Result<(), kube::Error> {
-    let mut nodes: HashMap<String, Node<'_>> = HashMap::new();
-    let mut dependents: Vec<(String, Arc<Meta>, &Watched)> = Vec::new();
-    for kind in watched {
-        for object in kind.store.state() {
+    // Borrow from one snapshot of every cache: a scan allocates per object
+    // only an entry in the uid index.
+    let snapshot: Vec<(&Watched, Vec<Arc<Meta>>)> = watched
+        .iter()
+        .map(|kind| (kind, kind.store.state()))
+        .collect();
+    let mut nodes: HashMap<&str, Node<'_>> = HashMap::new();
+    let mut dependents: Vec<(&Watched, &Meta)> = Vec::new();
+    for (kind, objects) in &snapshot {
+        for object in objects {
             let meta = &object.metadata;
-            let Some(uid) = meta.uid.clone() else {
+            let Some(uid) = meta.uid.as_deref() else {
                 continue;
             };
             if meta
@@ -116,63 +131,54 @@ async fn scan(client: &kube::Client, watched: &[Watched]) -> Result<(), kube::Er
                 .as_ref()
                 .is_some_and(|r| !r.is_empty())
             {
-                dependents.push((uid.clone(), object.clone(), kind));
+                dependents.push((kind, object));
             }
-            nodes.insert(
-                uid,
-                Node {
-                    kind,
-                    namespace: meta.namespace.clone(),
-                    name: meta.name.clone().unwrap_or_default(),
-                    deleting: meta.deletion_timestamp.is_some(),
-                    finalizers: meta.finalizers.clone().unwrap_or_default(),
-                },
-            );
+            nodes.insert(uid, Node { kind, meta });
         }
     }
     // Owners (by uid) that still have dependents pointing at them.
-    let mut referenced: HashSet<String> = HashSet::new();
-    for (_, object, kind) in &dependents {
+    let mut referenced: HashSet<&str> = HashSet::new();
+    for (kind, object) in &dependents {
         let meta = &object.metadata;
-        let name = meta.name.clone().unwrap_or_default();
-        let namespace = meta.namespace.clone();
-        let refs = meta.owner_references.clone().unwrap_or_default();
-        let mut orphaned_by = Vec::new();
+        let name = meta.name.as_deref().unwrap_or_default();
+        let namespace = meta.namespace.as_deref();
+        let refs = meta.owner_references.as_deref().unwrap_or_default();
+        let mut orphaned_by: Vec<&str> = Vec::new();
         let mut any_live = false;
         let mut delete_foreground = false;
-        for owner in &refs {
-            match nodes.get(&owner.uid) {
-                Some(node) if node.deleting && node.finalizers.iter().any(|f| f == ORPHAN) => {
-                    orphaned_by.push(owner.uid.clone());
-                    referenced.insert(owner.uid.clone());
+        for owner in refs {
+            match nodes.get(owner.uid.as_str()) {
+                Some(node) if node.deleting_with(ORPHAN) => {
+                    orphaned_by.push(&owner.uid);
+                    referenced.insert(&owner.uid);
                 }
-                Some(node) if node.deleting && node.finalizers.iter().any(|f| f == FOREGROUND) => {
+                Some(node) if node.deleting_with(FOREGROUND) => {
                     delete_foreground = true;
-                    referenced.insert(owner.uid.clone());
+                    referenced.insert(&owner.uid);
                 }
                 Some(_) => {
                     any_live = true;
-                    referenced.insert(owner.uid.clone());
+                    referenced.insert(&owner.uid);
                 }
                 None => {
-                    if owner_exists(client, namespace.as_deref(), owner).await? {
+                    if owner_exists(client, namespace, owner).await? {
                         any_live = true;
                     }
                 }
             }
         }
-        let api = api_for(client, kind, namespace.as_deref());
+        let api = api_for(client, kind, namespace);
         if !orphaned_by.is_empty() {
             let kept: Vec<_> = refs
                 .iter()
-                .filter(|r| !orphaned_by.contains(&r.uid))
+                .filter(|r| !orphaned_by.contains(&r.uid.as_str()))
                 .collect();
             let patch = if kept.is_empty() {
                 json!({"metadata": {"ownerReferences": null}})
             } else {
                 json!({"metadata": {"ownerReferences": kept}})
             };
-            api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
                 .map(|_| ())
                 .or_else(ignore_not_found)?;
@@ -183,13 +189,13 @@ async fn scan(client: &kube::Client, watched: &[Watched]) -> Result<(), kube::Er
         }
         if delete_foreground {
             tracing::debug!(%name, kind = kind.rt.kind, "deleting dependent of a foreground deletion");
-            api.delete(&name, &DeleteParams::foreground())
+            api.delete(name, &DeleteParams::foreground())
                 .await
                 .map(|_| ())
                 .or_else(ignore_not_found)?;
         } else if !any_live {
             tracing::debug!(%name, kind = kind.rt.kind, "deleting object whose owners are gone");
-            api.delete(&name, &DeleteParams::background())
+            api.delete(name, &DeleteParams::background())
                 .await
                 .map(|_| ())
                 .or_else(ignore_not_found)?;
@@ -197,20 +203,21 @@ async fn scan(client: &kube::Client, watched: &[Watched]) -> Result<(), kube::Er
     }
     // Owners waiting on dependents that are now all gone finish deleting.
     for (uid, node) in &nodes {
-        if !node.deleting || referenced.contains(uid) {
+        if node.meta.deletion_timestamp.is_none() || referenced.contains(uid) {
             continue;
         }
-        let remaining: Vec<&String> = node
-            .finalizers
+        let finalizers = node.meta.finalizers.as_deref().unwrap_or_default();
+        let remaining: Vec<&String> = finalizers
             .iter()
             .filter(|f| *f != FOREGROUND && *f != ORPHAN)
             .collect();
-        if remaining.len() == node.finalizers.len() {
+        if remaining.len() == finalizers.len() {
             continue;
         }
-        let api = api_for(client, node.kind, node.namespace.as_deref());
+        let api = api_for(client, node.kind, node.meta.namespace.as_deref());
+        let name = node.meta.name.as_deref().unwrap_or_default();
         let patch = json!({"metadata": {"finalizers": remaining}});
-        api.patch(&node.name, &PatchParams::default(), &Patch::Merge(&patch))
+        api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .map(|_| ())
             .or_else(ignore_not_found)?;
