@@ -733,3 +733,26 @@ async fn server_side_apply_owns_fields_and_reports_conflicts() -> anyhow::Result
     ensure!(ports.as_array().map(Vec::len) == Some(1), "{ports}");
     Ok(())
 }
+
+#[tokio::test]
+async fn etcd_backed_server_serves_kubectl_and_survives_restart() -> anyhow::Result<()> {
+    let etcd = skiff_e2e::etcd::Etcd::start().await?;
+    let endpoint = etcd.endpoint();
+    let mut server = Server::start(SKIFF.as_ref(), &["--datastore-endpoint", &endpoint]).await?;
+    server.kubectl_stdin(&["apply", "-f", "-"], DEPLOYMENT)?;
+    server.kubectl_ok(&["create", "configmap", "on-etcd", "--from-literal=k=v"])?;
+    let watched = server.kubectl_ok(&["get", "configmaps", "-o", "name"])?;
+    ensure!(watched.contains("configmap/on-etcd"), "{watched}");
+    server.restart().await?;
+    let data = server.kubectl_ok(&["get", "configmap", "on-etcd", "-o", "jsonpath={.data.k}"])?;
+    ensure!(data == "v", "{data}");
+    let replicas = server.kubectl_ok(&[
+        "get",
+        "deployment",
+        "web",
+        "-o",
+        "jsonpath={.spec.replicas}",
+    ])?;
+    ensure!(replicas == "2", "{replicas}");
+    Ok(())
+}
