@@ -231,3 +231,43 @@ async fn concurrent_service_creates_get_distinct_addresses_and_ports() -> anyhow
     api.delete("svc-0", &DeleteParams::default()).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_list_watch_with_initial_events_and_bookmarks() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    let api: Api<ConfigMap> = Api::namespaced(cluster.client.clone(), "default");
+    for i in 0..5 {
+        let cm: ConfigMap =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": format!("s-{i}")}}))?;
+        api.create(&PostParams::default(), &cm).await?;
+    }
+    // kube-rs's streaming lists use sendInitialEvents and wait for the
+    // initial-events-end bookmark.
+    let config = watcher::Config::default().streaming_lists();
+    let mut stream = std::pin::pin!(watcher(api.clone(), config));
+    let mut initial = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.next()).await? {
+            Some(Ok(Event::InitApply(cm))) => initial.push(cm.metadata.name.unwrap_or_default()),
+            Some(Ok(Event::InitDone)) => break,
+            Some(Ok(_)) => {}
+            Some(Err(e)) => anyhow::bail!("watch failed: {e}"),
+            None => anyhow::bail!("watch ended"),
+        }
+    }
+    initial.sort();
+    ensure!(
+        initial == ["s-0", "s-1", "s-2", "s-3", "s-4"],
+        "{initial:?}"
+    );
+    let cm: ConfigMap = serde_json::from_value(serde_json::json!({"metadata": {"name": "later"}}))?;
+    api.create(&PostParams::default(), &cm).await?;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.next()).await? {
+            Some(Ok(Event::Apply(cm))) if cm.metadata.name.as_deref() == Some("later") => break,
+            Some(Ok(_)) => {}
+            other => anyhow::bail!("expected the later object, got {other:?}"),
+        }
+    }
+    Ok(())
+}
