@@ -143,13 +143,10 @@ async fn get(
             let table = super::table_for(rt, &[object], &Query::default())?;
             Ok(Reply::value(StatusCode::OK, &table))
         }
-        Answer::Metadata => {
-            let object = objects::decode(&kv.value, kv.mod_revision)?;
-            Ok(Reply::value(
-                StatusCode::OK,
-                &objects::partial_metadata(&object),
-            ))
-        }
+        Answer::Metadata => Ok(Reply::value(
+            StatusCode::OK,
+            &objects::partial_metadata(&kv.value, kv.mod_revision)?,
+        )),
     }
 }
 
@@ -179,9 +176,7 @@ async fn list(
             let items = page
                 .items
                 .iter()
-                .map(|(bytes, rev)| {
-                    objects::decode(bytes, *rev).map(|o| objects::partial_metadata(&o))
-                })
+                .map(|(bytes, rev)| objects::partial_metadata(bytes, *rev))
                 .collect::<Result<Vec<_>, _>>()?;
             let list = json!({
                 "kind": "PartialObjectMetadataList",

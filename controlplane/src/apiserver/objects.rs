@@ -107,13 +107,24 @@ pub fn metadata_mut(object: &mut Value) -> Option<&mut Map<String, Value>> {
     meta.as_object_mut()
 }
 
-/// The `PartialObjectMetadata` view of an object.
-pub fn partial_metadata(object: &Value) -> Value {
-    serde_json::json!({
+/// The `PartialObjectMetadata` view of a stored object. Only the metadata
+/// is built into a value; the rest of the object is skipped unparsed, which
+/// is what makes metadata-only watchers (the garbage collector) cheap.
+pub fn partial_metadata(stored: &[u8], revision: i64) -> Result<Value, ApiError> {
+    #[derive(serde::Deserialize)]
+    struct MetadataOnly {
+        #[serde(default)]
+        metadata: Value,
+    }
+    let only: MetadataOnly = serde_json::from_slice(stored)
+        .map_err(|e| ApiError::internal(format!("stored object is not valid JSON: {e}")))?;
+    let mut partial = serde_json::json!({
         "kind": "PartialObjectMetadata",
         "apiVersion": "meta.k8s.io/v1",
-        "metadata": object.get("metadata").cloned().unwrap_or_else(|| serde_json::json!({})),
-    })
+        "metadata": only.metadata,
+    });
+    set_resource_version(&mut partial, revision);
+    Ok(partial)
 }
 
 pub fn meta_str<'a>(object: &'a Value, field: &str) -> Option<&'a str> {

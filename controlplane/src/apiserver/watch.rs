@@ -227,8 +227,7 @@ fn encode_event(
     match plan.answer {
         Answer::Json => objects::write_with_version(&mut out, stored, revision),
         Answer::Metadata => {
-            let object = objects::decode(stored, revision)?;
-            serde_json::to_writer(&mut out, &objects::partial_metadata(&object))
+            serde_json::to_writer(&mut out, &objects::partial_metadata(stored, revision)?)
                 .map_err(|e| ApiError::internal(e.to_string()))?;
         }
         Answer::Table => {
