@@ -285,16 +285,7 @@ async fn update(
     let mut object = decode_body(BodyFormat::of(headers)?, &body)?;
     check_type_meta(rt, &mut object)?;
     place_in_namespace(rt, ns, &mut object)?;
-    let body_name = name_of(&object);
-    if body_name.is_empty() {
-        if let Some(meta) = metadata_mut(&mut object) {
-            meta.insert("name".into(), json!(name));
-        }
-    } else if body_name != name {
-        return Err(ApiError::bad_request(format!(
-            "the name of the object ({body_name}) does not match the name on the URL ({name})"
-        )));
-    }
+    name_from_url(&mut object, name)?;
     let warnings = check_fields(rt, &mut object, query.field_validation()?)?;
     let precondition = resource_version_of(&object)?;
     let dry_run = query.dry_run()?;
@@ -1056,19 +1047,7 @@ async fn server_side_apply(
     }
     check_type_meta(rt, &mut applied)?;
     place_in_namespace(rt, ns, &mut applied)?;
-    match name_of(&applied) {
-        "" => {
-            if let Some(meta) = metadata_mut(&mut applied) {
-                meta.insert("name".into(), json!(name));
-            }
-        }
-        body_name if body_name != name => {
-            return Err(ApiError::bad_request(format!(
-                "the name of the object ({body_name}) does not match the name on the URL ({name})"
-            )));
-        }
-        _ => {}
-    }
+    name_from_url(&mut applied, name)?;
     let warnings = check_fields(rt, &mut applied, query.field_validation()?)?;
     let precondition = resource_version_of(&applied)?;
     let now = super::now();
@@ -1098,6 +1077,23 @@ async fn server_side_apply(
             reply.warnings = warnings;
             Ok(reply)
         }
+    }
+}
+
+/// A body for `.../<name>` names that object, or takes the name from the
+/// URL when it names none.
+fn name_from_url(object: &mut Value, name: &str) -> Result<(), ApiError> {
+    match name_of(object) {
+        "" => {
+            if let Some(meta) = metadata_mut(object) {
+                meta.insert("name".into(), json!(name));
+            }
+            Ok(())
+        }
+        body_name if body_name != name => Err(ApiError::bad_request(format!(
+            "the name of the object ({body_name}) does not match the name on the URL ({name})"
+        ))),
+        _ => Ok(()),
     }
 }
 
