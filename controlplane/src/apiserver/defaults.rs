@@ -12,6 +12,7 @@ pub fn apply(rt: &ResourceType, object: &mut Value) {
         ("", "pods") => {
             if let Some(spec) = object.get_mut("spec") {
                 pod_spec(spec);
+                default_tolerations(spec);
             }
         }
         ("apps", "deployments") => {
@@ -109,8 +110,21 @@ fn pod_spec(spec: &mut Value) {
     map.entry("priority").or_insert(json!(0));
     // The ServiceAccount admission plugin's default.
     map.entry("serviceAccountName").or_insert(json!("default"));
-    // The DefaultTolerationSeconds admission plugin: pods stay five minutes
-    // on a node that went not-ready or unreachable.
+    for field in ["initContainers", "containers"] {
+        if let Some(Value::Array(containers)) = map.get_mut(field) {
+            for container in containers {
+                container_defaults(container);
+            }
+        }
+    }
+}
+
+/// The DefaultTolerationSeconds admission plugin: pods (not templates)
+/// stay five minutes on a node that went not-ready or unreachable.
+fn default_tolerations(spec: &mut Value) {
+    let Some(map) = spec.as_object_mut() else {
+        return;
+    };
     let tolerations = map.entry("tolerations").or_insert_with(|| json!([]));
     if let Value::Array(list) = tolerations {
         for key in [
@@ -128,13 +142,6 @@ fn pod_spec(spec: &mut Value) {
                     "key": key, "operator": "Exists", "effect": "NoExecute",
                     "tolerationSeconds": 300
                 }));
-            }
-        }
-    }
-    for field in ["initContainers", "containers"] {
-        if let Some(Value::Array(containers)) = map.get_mut(field) {
-            for container in containers {
-                container_defaults(container);
             }
         }
     }
