@@ -73,6 +73,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         apiserver::compaction::INTERVAL,
     ));
     let client = apiserver::client::in_process(router.clone());
+    tokio::spawn(controlplane::scheduler::run(client.clone()));
     tokio::spawn(controllers::run(client));
 
     let tls_config = tls::server_config(&pki).context("configuring TLS")?;
