@@ -3,4 +3,5 @@
 
 pub mod apiserver;
 pub mod controllers;
+pub mod leader;
 pub mod storage;
