@@ -9,6 +9,7 @@ use controlplane::apiserver::authn::{Authenticator, User};
 use controlplane::apiserver::pki::{Pki, ServerNames};
 use controlplane::apiserver::{self, ApiState, KubeletClient, ServiceRanges, tls};
 use controlplane::controllers;
+use controlplane::leader;
 use controlplane::storage::Store;
 use controlplane::storage::embedded::EmbeddedStore;
 use controlplane::storage::etcd::EtcdStore;
@@ -73,8 +74,29 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         apiserver::compaction::INTERVAL,
     ));
     let client = apiserver::client::in_process(router.clone());
-    tokio::spawn(controlplane::scheduler::run(client.clone()));
-    tokio::spawn(controllers::run(client));
+    let settings = controllers::Settings {
+        cluster_cidr: args.cluster_cidr,
+        api_endpoint: SocketAddr::new(node_ip, args.https_listen_port),
+        node_monitor_grace: args.node_monitor_grace_period,
+    };
+    tokio::spawn(leader::run_while_leader(
+        client.clone(),
+        "kube-scheduler",
+        leader::identity(&hostname),
+        {
+            let client = client.clone();
+            move || controlplane::scheduler::run(client.clone())
+        },
+    ));
+    tokio::spawn(leader::run_while_leader(
+        client.clone(),
+        "kube-controller-manager",
+        leader::identity(&hostname),
+        {
+            let client = client.clone();
+            move || controllers::run(client.clone(), settings.clone())
+        },
+    ));
 
     let tls_config = tls::server_config(&pki).context("configuring TLS")?;
     let bind = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), args.https_listen_port);

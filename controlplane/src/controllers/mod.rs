@@ -1,20 +1,40 @@
 //! Controllers: each turns one kind of desired state into actions through
 //! the Kubernetes API, using `kube` watchers like any external controller.
 
+use std::net::SocketAddr;
+use std::time::Duration;
+
 pub mod daemonset;
 pub mod deployment;
+pub mod endpoints;
 pub mod garbage;
 pub mod namespace;
+pub mod node_ipam;
+pub mod node_lifecycle;
 pub mod replicaset;
 mod revision;
 pub mod statefulset;
 mod workload;
 
+/// What the controllers need to know about the cluster around them.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Pod IP range; each node gets a /24 of it (`--cluster-cidr`).
+    pub cluster_cidr: ipnet::IpNet,
+    /// Where this API server listens: the `kubernetes` Service's endpoint.
+    pub api_endpoint: SocketAddr,
+    /// How long a node may stay silent before it is unreachable.
+    pub node_monitor_grace: Duration,
+}
+
 /// Runs every controller until one of them fails irrecoverably.
-pub async fn run(client: kube::Client) {
+pub async fn run(client: kube::Client, settings: Settings) {
     tokio::join!(
         namespace::run(client.clone()),
         garbage::run(client.clone()),
+        endpoints::run(client.clone(), settings.api_endpoint),
+        node_lifecycle::run(client.clone(), settings.node_monitor_grace),
+        node_ipam::run(client.clone(), settings.cluster_cidr),
         replicaset::run(client.clone()),
         deployment::run(client.clone()),
         statefulset::run(client.clone()),
