@@ -78,6 +78,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         cluster_cidr: args.cluster_cidr,
         api_endpoint: SocketAddr::new(node_ip, args.https_listen_port),
         node_monitor_grace: args.node_monitor_grace_period,
+        storage_dir: args.node.data_dir.join("storage"),
     };
     tokio::spawn(leader::run_while_leader(
         client.clone(),

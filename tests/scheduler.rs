@@ -38,6 +38,7 @@ struct FakeNode<'a> {
     memory: &'a str,
     labels: Value,
     spec: Value,
+    ready: bool,
 }
 
 impl<'a> FakeNode<'a> {
@@ -48,6 +49,7 @@ impl<'a> FakeNode<'a> {
             memory,
             labels: json!({}),
             spec: json!({}),
+            ready: true,
         }
     }
 
@@ -58,6 +60,12 @@ impl<'a> FakeNode<'a> {
 
     fn spec(mut self, spec: Value) -> Self {
         self.spec = spec;
+        self
+    }
+
+    /// Reports `Ready=False`: node lifecycle keeps the not-ready taint on.
+    fn not_ready(mut self) -> Self {
+        self.ready = false;
         self
     }
 }
@@ -95,7 +103,8 @@ impl Cluster {
             "status": {
                 "capacity": resources,
                 "allocatable": resources,
-                "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                "conditions": [{"type": "Ready", "status": if node.ready { "True" } else { "False" },
+                    "reason": "KubeletReady",
                     "message": "fake node", "lastHeartbeatTime": now, "lastTransitionTime": now}],
                 "addresses": [{"type": "InternalIP", "address": "10.0.0.1"},
                     {"type": "Hostname", "address": node.name}],
@@ -225,8 +234,10 @@ async fn pods_land_only_on_nodes_that_fit() -> anyhow::Result<()> {
         .await?;
     cluster
         .add_node(
-            FakeNode::new("not-ready", "8", "16Gi").spec(json!({"taints": [
-            {"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"}]})),
+            FakeNode::new("not-ready", "8", "16Gi")
+                .spec(json!({"taints": [
+                    {"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"}]}))
+                .not_ready(),
         )
         .await?;
 
@@ -539,4 +550,183 @@ async fn pods_with_a_node_or_another_scheduler_are_left_alone() -> anyhow::Resul
         .kubectl_ok(&["delete", "pod", "pinned", "--grace-period=0", "--force"])?;
     ensure!(cluster.bound("squeezed").await? == "n1");
     Ok(())
+}
+
+/// A pod that mounts the claim `claim`, asking for `cpu`.
+fn claim_pod(name: &str, claim: &str, cpu: &str) -> String {
+    let spec = format!(
+        "{}\n    volumeMounts: [{{name: data, mountPath: /data}}]\n  volumes:\n  - name: data\n    persistentVolumeClaim: {{claimName: {claim}}}",
+        container(&format!("cpu: {cpu}"))
+    );
+    pod(name, "", &spec)
+}
+
+fn claim_yaml(name: &str, class: Option<&str>, size: &str) -> String {
+    let class = class.map_or(String::new(), |c| format!("  storageClassName: {c}\n"));
+    format!(
+        "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: {name}\nspec:\n{class}  accessModes: [ReadWriteOnce]\n  resources:\n    requests: {{storage: {size}}}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_path_volumes_are_made_where_their_first_pod_lands() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start().await?;
+    for name in ["n1", "n2", "n3"] {
+        cluster.add_node(FakeNode::new(name, "4", "8Gi")).await?;
+    }
+    // A claim without a class gets the default one, and waits for its pod.
+    cluster.apply(&claim_yaml("data", None, "2Gi"))?;
+    let class = wait_for("the default class on the claim", || async {
+        let class = cluster.server.kubectl_ok(&[
+            "get",
+            "pvc",
+            "data",
+            "-o",
+            "jsonpath={.spec.storageClassName}",
+        ])?;
+        Ok((!class.is_empty()).then_some(class))
+    })
+    .await?;
+    ensure!(class == "local-path", "default class {class}");
+    let phase = |cluster: &Cluster| {
+        cluster
+            .server
+            .kubectl_ok(&["get", "pvc", "data", "-o", "jsonpath={.status.phase}"])
+    };
+    ensure!(phase(&cluster)? != "Bound", "bound before any pod used it");
+
+    cluster.apply(&claim_pod("first", "data", "100m"))?;
+    let node = cluster.bound("first").await?;
+    wait_for("the claim bound", || async {
+        Ok((phase(&cluster)? == "Bound").then_some(()))
+    })
+    .await?;
+    let volume =
+        cluster
+            .server
+            .kubectl_ok(&["get", "pvc", "data", "-o", "jsonpath={.spec.volumeName}"])?;
+    let pv: Value = serde_json::from_str(
+        &cluster
+            .server
+            .kubectl_ok(&["get", "pv", &volume, "-o", "json"])?,
+    )?;
+    ensure!(pv["status"]["phase"] == "Bound", "volume {pv}");
+    ensure!(pv["spec"]["capacity"]["storage"] == "2Gi", "volume {pv}");
+    let path = pv["spec"]["hostPath"]["path"].as_str().unwrap_or_default();
+    let storage = cluster.server.data_dir().join("storage");
+    ensure!(
+        path.starts_with(&*storage.to_string_lossy()) && path.ends_with("_default_data"),
+        "volume path {path}"
+    );
+    let pinned =
+        &pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0];
+    ensure!(
+        pinned["values"] == json!([node]),
+        "volume affinity {pinned}"
+    );
+
+    // Later pods of the claim follow its volume, though spreading would
+    // put them elsewhere.
+    for name in ["second", "third", "fourth"] {
+        cluster.apply(&claim_pod(name, "data", "500m"))?;
+        let landed = cluster.bound(name).await?;
+        ensure!(
+            landed == node,
+            "{name} went to {landed}, the volume is on {node}"
+        );
+    }
+
+    // The claim gone, the provisioned volume goes too (reclaim: Delete).
+    cluster.server.kubectl_ok(&[
+        "delete",
+        "pod",
+        "first",
+        "second",
+        "third",
+        "fourth",
+        "--grace-period=0",
+        "--force",
+    ])?;
+    cluster
+        .server
+        .kubectl_ok(&["delete", "pvc", "data", "--wait=false"])?;
+    wait_for("the released volume deleted", || async {
+        let left = cluster.server.kubectl_ok(&["get", "pv", "-o", "name"])?;
+        Ok(left.is_empty().then_some(()))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_bind_to_fitting_volumes_and_pods_wait_for_their_claims() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start().await?;
+    cluster.add_node(FakeNode::new("n1", "4", "8Gi")).await?;
+    let volume = |name: &str, size: &str| {
+        format!(
+            "apiVersion: v1\nkind: PersistentVolume\nmetadata:\n  name: {name}\nspec:\n  storageClassName: manual\n  capacity: {{storage: {size}}}\n  accessModes: [ReadWriteOnce]\n  persistentVolumeReclaimPolicy: Retain\n  hostPath: {{path: /tmp/{name}}}\n"
+        )
+    };
+    cluster.apply(&volume("small", "1Gi"))?;
+    cluster.apply(&volume("large", "10Gi"))?;
+    cluster.apply(&volume("medium", "5Gi"))?;
+    cluster.apply(&claim_yaml("logs", Some("manual"), "2Gi"))?;
+    let bound_to = |claim: &str| {
+        cluster.server.kubectl_ok(&[
+            "get",
+            "pvc",
+            claim,
+            "-o",
+            "jsonpath={.spec.volumeName}/{.status.phase}",
+        ])
+    };
+    wait_for("logs bound to the smallest volume that fits", || async {
+        Ok((bound_to("logs")? == "medium/Bound").then_some(()))
+    })
+    .await?;
+    let pv_phase =
+        cluster
+            .server
+            .kubectl_ok(&["get", "pv", "medium", "-o", "jsonpath={.status.phase}"])?;
+    ensure!(pv_phase == "Bound", "medium is {pv_phase}");
+
+    // A pod whose claim does not exist waits, and says why.
+    cluster.apply(&claim_pod("waiting", "cache", "100m"))?;
+    cluster
+        .failed_with(
+            "waiting",
+            "0/1 nodes are available: persistentvolumeclaim \"cache\" not found.",
+        )
+        .await?;
+    // Nothing fits a claim of 20Gi: it stays unbound, and so does the pod.
+    cluster.apply(&claim_yaml("cache", Some("manual"), "20Gi"))?;
+    cluster
+        .failed_with(
+            "waiting",
+            "0/1 nodes are available: pod has unbound immediate PersistentVolumeClaims.",
+        )
+        .await?;
+    ensure!(
+        cluster.node_of("waiting")?.is_empty(),
+        "scheduled without its volume"
+    );
+    cluster.apply(&volume("huge", "50Gi"))?;
+    wait_for("cache bound", || async {
+        Ok((bound_to("cache")? == "huge/Bound").then_some(()))
+    })
+    .await?;
+    cluster.bound("waiting").await?;
+
+    // With Retain, a volume outlives its claim as Released.
+    cluster.server.kubectl_ok(&["delete", "pvc", "logs"])?;
+    wait_for("medium released", || async {
+        let phase = cluster.server.kubectl_ok(&[
+            "get",
+            "pv",
+            "medium",
+            "-o",
+            "jsonpath={.status.phase}",
+        ])?;
+        Ok((phase == "Released").then_some(()))
+    })
+    .await
 }

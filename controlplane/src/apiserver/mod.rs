@@ -328,7 +328,25 @@ pub async fn bootstrap(state: &ApiState) -> Result<(), ApiError> {
             "sessionAffinity": "None",
         },
     });
-    create_if_missing(state, services, Some("default"), service).await
+    create_if_missing(state, services, Some("default"), service).await?;
+    let classes = resource(state, "storage.k8s.io", "storageclasses")?;
+    create_if_missing(state, classes, None, local_path_class()).await
+}
+
+/// The default StorageClass, served by the local-path provisioner in the
+/// controller manager, as k3s ships one.
+fn local_path_class() -> Value {
+    json!({
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "StorageClass",
+        "metadata": {
+            "name": crate::controllers::volume::LOCAL_PATH_CLASS,
+            "annotations": {"storageclass.kubernetes.io/is-default-class": "true"},
+        },
+        "provisioner": crate::controllers::volume::LOCAL_PATH_PROVISIONER,
+        "reclaimPolicy": "Delete",
+        "volumeBindingMode": "WaitForFirstConsumer",
+    })
 }
 
 fn resource(

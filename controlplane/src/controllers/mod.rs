@@ -2,6 +2,7 @@
 //! the Kubernetes API, using `kube` watchers like any external controller.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 pub mod daemonset;
@@ -14,6 +15,7 @@ pub mod node_lifecycle;
 pub mod replicaset;
 mod revision;
 pub mod statefulset;
+pub mod volume;
 mod workload;
 
 /// What the controllers need to know about the cluster around them.
@@ -25,6 +27,8 @@ pub struct Settings {
     pub api_endpoint: SocketAddr,
     /// How long a node may stay silent before it is unreachable.
     pub node_monitor_grace: Duration,
+    /// Where local-path volumes live on every node.
+    pub storage_dir: PathBuf,
 }
 
 /// Runs every controller until one of them fails irrecoverably.
@@ -38,6 +42,7 @@ pub async fn run(client: kube::Client, settings: Settings) {
         replicaset::run(client.clone()),
         deployment::run(client.clone()),
         statefulset::run(client.clone()),
-        daemonset::run(client),
+        daemonset::run(client.clone()),
+        volume::run(client, settings.storage_dir),
     );
 }

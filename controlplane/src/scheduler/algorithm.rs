@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::cache::{Cache, Slot};
 use super::pod::PodInfo;
-use super::selector::tolerated;
+use super::selector::{NodeSelector, tolerated};
 
 /// Below this many nodes, all are searched.
 const MIN_FEASIBLE_TO_FIND: usize = 100;
@@ -44,6 +44,7 @@ pub enum Unfit {
     PodAffinity,
     PodAntiAffinity,
     ExistingAntiAffinity,
+    VolumeNodeAffinity,
 }
 
 /// Topology domains (label key → values) worked out once per pod from the
@@ -102,7 +103,9 @@ impl Default for Algorithm {
 }
 
 impl Algorithm {
-    pub fn schedule(&mut self, cache: &Cache, pod: &PodInfo) -> Decision {
+    /// Places `pod` on a node that also matches every one of `volumes`
+    /// (the node affinities of its bound volumes).
+    pub fn schedule(&mut self, cache: &Cache, pod: &PodInfo, volumes: &[NodeSelector]) -> Decision {
         let total = cache.present.len();
         if total == 0 {
             return Decision::Unschedulable("no nodes available to schedule pods".into());
@@ -116,7 +119,12 @@ impl Algorithm {
         for k in 0..total {
             let index = cache.present[(start + k) % total];
             walked = k + 1;
-            match filter(&cache.slots[index as usize], pod, topology.as_ref()) {
+            match filter(
+                &cache.slots[index as usize],
+                pod,
+                topology.as_ref(),
+                volumes,
+            ) {
                 Ok(()) => {
                     self.feasible.push(index);
                     if self.feasible.len() >= want {
@@ -215,7 +223,12 @@ fn feasible_to_find(total: usize) -> usize {
 }
 
 /// Every filter, in upstream's order: the first that fails names why.
-fn filter(slot: &Slot, pod: &PodInfo, topology: Option<&Topology>) -> Result<(), Unfit> {
+fn filter(
+    slot: &Slot,
+    pod: &PodInfo,
+    topology: Option<&Topology>,
+    volumes: &[NodeSelector],
+) -> Result<(), Unfit> {
     let Some(node) = &slot.node else {
         return Err(Unfit::NodeAffinity);
     };
@@ -239,6 +252,9 @@ fn filter(slot: &Slot, pod: &PodInfo, topology: Option<&Topology>) -> Result<(),
             .is_some_and(|r| !r.matches(&slot.name, &node.labels))
     {
         return Err(Unfit::NodeAffinity);
+    }
+    if !volumes.iter().all(|v| v.matches(&slot.name, &node.labels)) {
+        return Err(Unfit::VolumeNodeAffinity);
     }
     if !pod.host_ports.is_empty()
         && pod
@@ -470,6 +486,7 @@ fn diagnose(cache: &Cache, pod: &PodInfo, total: usize, unfit: &[(u32, Unfit)]) 
             Unfit::ExistingAntiAffinity => {
                 count("node(s) didn't satisfy existing pods anti-affinity rules".into())
             }
+            Unfit::VolumeNodeAffinity => count("node(s) had volume node affinity conflict".into()),
         }
     }
     let mut reasons: Vec<String> = counts
@@ -527,7 +544,7 @@ mod tests {
     }
 
     fn place(cache: &mut Cache, algo: &mut Algorithm, pod: PodInfo) -> Result<String, String> {
-        match algo.schedule(cache, &pod) {
+        match algo.schedule(cache, &pod, &[]) {
             Decision::Node(i) => {
                 let name = cache.slot_name(i).to_owned();
                 cache.add_pod(Arc::new(pod), &name, true);

@@ -17,6 +17,7 @@ mod pod;
 pub mod quantity;
 mod queue;
 mod selector;
+mod volumes;
 mod writer;
 
 use std::collections::HashSet;
@@ -25,7 +26,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::WatchStreamExt;
@@ -36,6 +38,7 @@ use self::algorithm::{Algorithm, Decision};
 use self::cache::{Cache, NodeChange};
 use self::pod::{PodInfo, pod_uid};
 use self::queue::{Queue, Reported};
+use self::volumes::Volumes;
 use self::writer::{Failure, SCHEDULER_NAME, Writer, event_name};
 
 /// Binds in flight at most: enough for the store to commit many in one
@@ -57,6 +60,7 @@ struct BindDone {
 struct Scheduler {
     writer: Writer,
     cache: Cache,
+    volumes: Volumes,
     queue: Queue,
     algorithm: Algorithm,
     done_tx: mpsc::UnboundedSender<BindDone>,
@@ -75,6 +79,7 @@ pub async fn run(client: kube::Client) {
     let mut scheduler = Scheduler {
         writer: Writer::new(client.clone()),
         cache: Cache::default(),
+        volumes: Volumes::default(),
         queue: Queue::default(),
         algorithm: Algorithm::default(),
         done_tx,
@@ -91,7 +96,28 @@ pub async fn run(client: kube::Client) {
             .fuse()
     );
     let mut pods = pin!(
-        watcher(Api::<Pod>::all(client), watcher::Config::default())
+        watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
+            .default_backoff()
+            .fuse()
+    );
+    let mut claims = pin!(
+        watcher(
+            Api::<PersistentVolumeClaim>::all(client.clone()),
+            watcher::Config::default()
+        )
+        .default_backoff()
+        .fuse()
+    );
+    let mut volumes = pin!(
+        watcher(
+            Api::<PersistentVolume>::all(client.clone()),
+            watcher::Config::default()
+        )
+        .default_backoff()
+        .fuse()
+    );
+    let mut classes = pin!(
+        watcher(Api::<StorageClass>::all(client), watcher::Config::default())
             .default_backoff()
             .fuse()
     );
@@ -108,6 +134,9 @@ pub async fn run(client: kube::Client) {
         tokio::select! {
             Some(event) = nodes.next() => scheduler.on_node(event),
             Some(event) = pods.next() => scheduler.on_pod(event),
+            Some(event) = claims.next() => scheduler.on_volume_event(event, Volumes::apply_claim, Volumes::delete_claim),
+            Some(event) = volumes.next() => scheduler.on_volume_event(event, Volumes::apply_volume, Volumes::delete_volume),
+            Some(event) = classes.next() => scheduler.on_volume_event(event, Volumes::apply_class, Volumes::delete_class),
             Some(done) = done_rx.recv() => scheduler.on_bound(done),
             _ = backoff_tick.tick() => scheduler.queue.flush_backoff(Instant::now()),
             _ = parked_tick.tick() => scheduler.queue.flush_parked(Instant::now()),
@@ -155,6 +184,29 @@ impl Scheduler {
             // Pods that fit nowhere may fit on this node now.
             self.queue.unpark_all(now);
         }
+    }
+
+    /// A claim, volume or class changed: pods waiting on one may fit now.
+    /// (A relist leaves objects deleted meanwhile in place; they only
+    /// matter until the pods that name them go.)
+    fn on_volume_event<K>(
+        &mut self,
+        event: Result<watcher::Event<K>, watcher::Error>,
+        apply: fn(&mut Volumes, &K),
+        delete: fn(&mut Volumes, &K),
+    ) {
+        match event {
+            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                apply(&mut self.volumes, &o)
+            }
+            Ok(watcher::Event::Delete(o)) => delete(&mut self.volumes, &o),
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "scheduler: volume watch failed; retrying");
+                return;
+            }
+        }
+        self.queue.unpark_all(Instant::now());
     }
 
     fn on_pod(&mut self, event: Result<watcher::Event<Pod>, watcher::Error>) {
@@ -259,7 +311,30 @@ impl Scheduler {
     }
 
     fn schedule_one(&mut self, info: Arc<PodInfo>, now: Instant) {
-        match self.algorithm.schedule(&self.cache, &info) {
+        let plan = match self.volumes.plan(&info) {
+            Ok(plan) => plan,
+            Err(message) => {
+                let decision = Decision::Unschedulable(format!(
+                    "0/{} nodes are available: {message}.",
+                    self.cache.present.len()
+                ));
+                return self.decided(info, decision, Vec::new(), now);
+            }
+        };
+        let decision = self
+            .algorithm
+            .schedule(&self.cache, &info, &plan.node_selectors);
+        self.decided(info, decision, plan.select_node_for, now);
+    }
+
+    fn decided(
+        &mut self,
+        info: Arc<PodInfo>,
+        decision: Decision,
+        select_node_for: Vec<String>,
+        now: Instant,
+    ) {
+        match decision {
             Decision::Node(slot) => {
                 let node = self.cache.slot_name(slot).to_owned();
                 // Assume it bound, so the next pods see the room it takes.
@@ -268,7 +343,10 @@ impl Scheduler {
                 let writer = self.writer.clone();
                 let done = self.done_tx.clone();
                 tokio::spawn(async move {
-                    let result = writer.bind(&info, &node).await;
+                    let result = match writer.select_node(&info, &select_node_for, &node).await {
+                        Ok(()) => writer.bind(&info, &node).await,
+                        Err(e) => Err(e),
+                    };
                     let bound = result.is_ok();
                     let _ = done.send(BindDone {
                         info: info.clone(),

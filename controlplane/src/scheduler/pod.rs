@@ -118,6 +118,8 @@ pub struct PodInfo {
     pub labels: Labels,
     pub affinity: Vec<AffinityTerm>,
     pub anti_affinity: Vec<AffinityTerm>,
+    /// The PersistentVolumeClaims its volumes name.
+    pub claims: Vec<String>,
 }
 
 impl PodInfo {
@@ -150,11 +152,18 @@ impl PodInfo {
             labels,
             affinity: Vec::new(),
             anti_affinity: Vec::new(),
+            claims: Vec::new(),
         };
         let Some(spec) = &pod.spec else {
             return info;
         };
         info.priority = spec.priority.unwrap_or(0);
+        info.claims = spec
+            .volumes
+            .iter()
+            .flatten()
+            .filter_map(|v| Some(v.persistent_volume_claim.as_ref()?.claim_name.clone()))
+            .collect();
         info.requests_from(spec);
         info.node_selector = spec
             .node_selector

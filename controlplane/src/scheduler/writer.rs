@@ -116,6 +116,26 @@ impl Writer {
     }
 
     /// Binds the pod to `node`.
+    /// Tells each unbound `WaitForFirstConsumer` claim the node its first
+    /// pod goes to, so the provisioner makes the volume there.
+    pub async fn select_node(
+        &self,
+        pod: &PodInfo,
+        claims: &[String],
+        node: &str,
+    ) -> Result<(), kube::Error> {
+        let api: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
+            Api::namespaced(self.client.clone(), &pod.namespace);
+        let patch = serde_json::json!({"metadata": {"annotations": {
+            crate::controllers::volume::SELECTED_NODE: node,
+        }}});
+        for claim in claims {
+            api.patch(claim, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+        }
+        Ok(())
+    }
+
     pub async fn bind(&self, pod: &PodInfo, node: &str) -> Result<(), kube::Error> {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
         let binding = Binding {
