@@ -82,6 +82,14 @@ pub struct ServerArgs {
     /// unreachable (kube-controller-manager's `--node-monitor-grace-period`).
     #[arg(long, hide = true, default_value = "40s", value_parser = seconds, env = "SKIFF_NODE_MONITOR_GRACE")]
     pub node_monitor_grace_period: Duration,
+    /// How often node agents' resource usage is scraped for
+    /// `metrics.k8s.io` (metrics-server's `--metric-resolution`).
+    #[arg(long, hide = true, default_value = "15s", value_parser = seconds)]
+    pub metric_resolution: Duration,
+    /// How often each HorizontalPodAutoscaler is evaluated
+    /// (kube-controller-manager's `--horizontal-pod-autoscaler-sync-period`).
+    #[arg(long, hide = true, default_value = "15s", value_parser = seconds)]
+    pub horizontal_pod_autoscaler_sync_period: Duration,
 }
 
 /// `40`, `40s`, `1.5s` or `500ms`.

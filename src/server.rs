@@ -62,8 +62,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
 
     let advertise = SocketAddr::new(node_ip, args.https_listen_port).to_string();
     let mut state = ApiState::new(store, ranges, advertise);
-    state.kubelet =
-        Some(KubeletClient::for_cluster(&pki).context("preparing the client for node agents")?);
+    let kubelet =
+        KubeletClient::for_cluster(&pki).context("preparing the client for node agents")?;
+    state.kubelet = Some(kubelet.clone());
     let state = Arc::new(state);
     apiserver::bootstrap(&state)
         .await
@@ -74,11 +75,18 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         apiserver::compaction::INTERVAL,
     ));
     let client = apiserver::client::in_process(router.clone());
+    tokio::spawn(apiserver::resource_metrics::collect::run(
+        client.clone(),
+        kubelet,
+        state.resource_metrics.clone(),
+        args.metric_resolution,
+    ));
     let settings = controllers::Settings {
         cluster_cidr: args.cluster_cidr,
         api_endpoint: SocketAddr::new(node_ip, args.https_listen_port),
         node_monitor_grace: args.node_monitor_grace_period,
         storage_dir: args.node.data_dir.join("storage"),
+        autoscaler_sync: args.horizontal_pod_autoscaler_sync_period,
     };
     tokio::spawn(leader::run_while_leader(
         client.clone(),

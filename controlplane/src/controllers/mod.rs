@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub mod autoscaler;
 pub mod daemonset;
 pub mod deployment;
 pub mod endpoints;
@@ -29,6 +30,8 @@ pub struct Settings {
     pub node_monitor_grace: Duration,
     /// Where local-path volumes live on every node.
     pub storage_dir: PathBuf,
+    /// How often each HorizontalPodAutoscaler is evaluated.
+    pub autoscaler_sync: Duration,
 }
 
 /// Runs every controller until one of them fails irrecoverably.
@@ -43,6 +46,7 @@ pub async fn run(client: kube::Client, settings: Settings) {
         deployment::run(client.clone()),
         statefulset::run(client.clone()),
         daemonset::run(client.clone()),
-        volume::run(client, settings.storage_dir),
+        volume::run(client.clone(), settings.storage_dir),
+        autoscaler::run(client, settings.autoscaler_sync),
     );
 }
