@@ -123,6 +123,8 @@ pub enum Component {
     Network,
     Dns,
     Ingress,
+    /// The resource metrics API (`metrics.k8s.io`) and its scraping.
+    MetricsServer,
 }
 
 #[cfg(test)]

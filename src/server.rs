@@ -15,7 +15,7 @@ use controlplane::storage::embedded::EmbeddedStore;
 use controlplane::storage::etcd::EtcdStore;
 use ipnet::IpNet;
 
-use crate::cli::ServerArgs;
+use crate::cli::{Component, ServerArgs};
 
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let data_dir = &args.node.data_dir;
@@ -75,12 +75,14 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         apiserver::compaction::INTERVAL,
     ));
     let client = apiserver::client::in_process(router.clone());
-    tokio::spawn(apiserver::resource_metrics::collect::run(
-        client.clone(),
-        kubelet,
-        state.resource_metrics.clone(),
-        args.metric_resolution,
-    ));
+    if !args.disable.contains(&Component::MetricsServer) {
+        tokio::spawn(apiserver::resource_metrics::collect::run(
+            client.clone(),
+            kubelet,
+            state.resource_metrics.clone(),
+            args.metric_resolution,
+        ));
+    }
     let settings = controllers::Settings {
         cluster_cidr: args.cluster_cidr,
         api_endpoint: SocketAddr::new(node_ip, args.https_listen_port),

@@ -60,7 +60,7 @@ async fn cluster() -> anyhow::Result<Cluster> {
                                 "lastHeartbeatTime": now(), "lastTransitionTime": now()}],
                 "capacity": {"cpu": "8", "memory": "16Gi", "pods": "110"},
                 "allocatable": {"cpu": "8", "memory": "16Gi", "pods": "110"},
-                "addresses": [{"type": "InternalIP", "address": format!("10.0.0.{}", i + 1)}],
+                "addresses": [{"type": "InternalIP", "address": format!("127.0.0.{}", i + 1)}],
             },
         }))?;
         nodes.create(&PostParams::default(), &node).await?;

@@ -106,7 +106,7 @@ impl Cluster {
                 "conditions": [{"type": "Ready", "status": if node.ready { "True" } else { "False" },
                     "reason": "KubeletReady",
                     "message": "fake node", "lastHeartbeatTime": now, "lastTransitionTime": now}],
-                "addresses": [{"type": "InternalIP", "address": "10.0.0.1"},
+                "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
                     {"type": "Hostname", "address": node.name}],
                 "nodeInfo": {"machineID": "", "systemUUID": "", "bootID": "", "kernelVersion": "6.1",
                     "osImage": "fake", "containerRuntimeVersion": "fake://1", "kubeletVersion": "v1.33.0",

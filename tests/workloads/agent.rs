@@ -87,7 +87,7 @@ impl Cluster {
             "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
                 "message": "fake agent is ready", "lastHeartbeatTime": now, "lastTransitionTime": now}],
             "capacity": resources, "allocatable": resources,
-            "addresses": [{"type": "InternalIP", "address": "10.0.0.1"}, {"type": "Hostname", "address": name}],
+            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": name}],
         }});
         api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
             .await?;

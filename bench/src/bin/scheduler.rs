@@ -47,7 +47,8 @@ async fn main() -> anyhow::Result<()> {
     );
     let mut last_server = None;
     for &nodes in &node_counts {
-        let server = Server::start(&bin, &[]).await?;
+        // Fake nodes have no agents to scrape.
+        let server = Server::start(&bin, &["--disable", "metrics-server"]).await?;
         let clients = clients(&server).await?;
         let started = Instant::now();
         create_nodes(&clients, nodes).await?;
@@ -271,7 +272,7 @@ fn fake_node(name: &str) -> anyhow::Result<Node> {
             "allocatable": resources,
             "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
                 "lastHeartbeatTime": now, "lastTransitionTime": now}],
-            "addresses": [{"type": "InternalIP", "address": "10.0.0.1"}]
+            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}]
         }
     }))?)
 }
