@@ -191,7 +191,7 @@ pub fn clean_path(raw: &[u8]) -> Result<Option<PathBuf>, String> {
         match component {
             Component::Normal(part) => out.push(part),
             Component::RootDir | Component::CurDir => {}
-            Component::ParentDir => return Err("path goes outside the layer (..)".to_owned()),
+            Component::ParentDir => return Err("path climbs out with '..'".to_owned()),
             Component::Prefix(_) => return Err("not a Unix path".to_owned()),
         }
     }

@@ -28,6 +28,8 @@ mod layer;
 mod layout;
 mod reference;
 mod store;
+#[cfg(test)]
+mod tests;
 
 use std::path::PathBuf;
 
