@@ -36,11 +36,28 @@ pub struct IndexLayer {
 }
 
 impl Index {
-    /// The image a normalised reference names.
+    /// The image a normalised reference names: by one of its references,
+    /// or for `repo[:tag]@sha256:<manifest>` by its manifest digest and
+    /// repository (as containerd keeps repo digests).
     pub fn by_reference(&self, reference: &str) -> Option<&str> {
+        let found = self
+            .images
+            .iter()
+            .find(|(_, image)| image.references.iter().any(|r| r == reference));
+        if let Some((id, _)) = found {
+            return Some(id);
+        }
+        let (name, digest) = reference.split_once('@')?;
+        let repository = repository_of(name);
         self.images
             .iter()
-            .find(|(_, image)| image.references.iter().any(|r| r == reference))
+            .find(|(_, image)| {
+                image.manifest == digest
+                    && image
+                        .references
+                        .iter()
+                        .any(|r| repository_of(r) == repository)
+            })
             .map(|(id, _)| id.as_str())
     }
 
@@ -57,6 +74,15 @@ impl Index {
         });
         let first = matches.next()?;
         matches.next().is_none().then_some(first.as_str())
+    }
+}
+
+/// `reg:5000/a/b:tag@digest` → `reg:5000/a/b`.
+fn repository_of(reference: &str) -> &str {
+    let name = reference.split('@').next().unwrap_or(reference);
+    match name.rfind(':') {
+        Some(i) if !name[i + 1..].contains('/') => &name[..i],
+        _ => name,
     }
 }
 

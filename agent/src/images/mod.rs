@@ -66,7 +66,10 @@ pub struct Image {
     pub config: ImageConfig,
     /// Unpacked layer directories, bottom first: overlayfs lower dirs
     /// (pass them top first in `lowerdir=`). Read-only and shared between
-    /// containers.
+    /// containers; never write into them. Deletions are in overlayfs form:
+    /// a 0/0 character device hides that name in the layers below, and a
+    /// directory with `trusted.overlay.opaque=y` hides everything below it
+    /// (a copying fallback must apply both).
     pub layers: Vec<PathBuf>,
     /// `sha256:<manifest digest>` (for a `docker save` archive, of the OCI
     /// manifest the store wrote for it).

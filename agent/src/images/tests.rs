@@ -785,6 +785,11 @@ fn docker_save_layers_are_stored_with_an_oci_manifest() {
         serde_json::from_slice(&fs::read(dir.path().join("store/blobs/sha256").join(hex)).unwrap())
             .unwrap();
     assert_eq!(manifest["layers"].as_array().unwrap().len(), 2);
+    // By repository and manifest digest, as pods may name images.
+    let pinned = format!("me/app@{}", image.manifest_digest);
+    assert_eq!(store.resolve(&pinned).unwrap().unwrap().id, image.id);
+    let elsewhere = format!("other/app@{}", image.manifest_digest);
+    assert!(store.resolve(&elsewhere).unwrap().is_none());
     assert_eq!(
         manifest["layers"][0]["digest"],
         format!("sha256:{}", sha256_hex(&base_layer()))
