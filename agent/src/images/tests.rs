@@ -795,3 +795,117 @@ fn docker_save_layers_are_stored_with_an_oci_manifest() {
         format!("sha256:{}", sha256_hex(&base_layer()))
     );
 }
+
+#[test]
+fn a_multi_platform_index_yields_this_platforms_image() {
+    let dir = tmp();
+    let layout = dir.path().join("layout");
+    let built = oci_layout(&layout, "unused", &[base_layer()], true);
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let mut ours = index["manifests"][0].clone();
+    ours.as_object_mut().unwrap().remove("annotations");
+    ours["platform"] = json!({"architecture": host_arch(), "os": "linux"});
+    let missing = format!("sha256:{}", sha256_hex(b"never read"));
+    let theirs = json!({
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": missing, "size": 10,
+        "platform": {"architecture": "s390x", "os": "linux"},
+    });
+    let nested = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [theirs, ours],
+    }))
+    .unwrap();
+    let nested_hex = sha256_hex(&nested);
+    fs::write(layout.join("blobs/sha256").join(&nested_hex), &nested).unwrap();
+    let top = json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": format!("sha256:{nested_hex}"),
+            "size": nested.len(),
+            "annotations": {"io.containerd.image.name": "docker.io/library/multi:1"},
+        }],
+    });
+    fs::write(layout.join("index.json"), serde_json::to_vec(&top).unwrap()).unwrap();
+
+    let store = ImageStore::open(&dir.path().join("store")).unwrap();
+    let summaries = store.import_archive(&layout).unwrap();
+    assert_eq!(summaries.len(), 1);
+    assert_eq!(summaries[0].references, ["docker.io/library/multi:1"]);
+    assert_eq!(summaries[0].id, format!("sha256:{}", built.config_digest));
+}
+
+#[test]
+fn docker_25_archives_take_names_from_repo_tags() {
+    // Docker 25+ writes an OCI layout whose index may carry only a tag,
+    // plus manifest.json with RepoTags pointing into blobs/.
+    let dir = tmp();
+    let layout = dir.path().join("layout");
+    let built = oci_layout(&layout, "1.0", &[base_layer()], false);
+    let manifest = json!([{
+        "Config": format!("blobs/sha256/{}", built.config_digest),
+        "RepoTags": ["team/tool:1.0"],
+        "Layers": [format!("blobs/sha256/{}", built.layer_blobs[0])],
+    }]);
+    fs::write(
+        layout.join("manifest.json"),
+        serde_json::to_vec(&manifest).unwrap(),
+    )
+    .unwrap();
+    let store = ImageStore::open(&dir.path().join("store")).unwrap();
+    let summaries = store.import_archive(&layout).unwrap();
+    assert_eq!(summaries[0].references, ["docker.io/team/tool:1.0"]);
+
+    // A tag alone names nothing: the image is kept, unnamed, by id.
+    let bare = dir.path().join("bare");
+    let built = oci_layout(&bare, "latest", &[upper_layer()], true);
+    let summaries = store.import_archive(&bare).unwrap();
+    assert!(summaries[0].references.is_empty());
+    let id = format!("sha256:{}", built.config_digest);
+    assert_eq!(store.resolve(&id).unwrap().unwrap().id, id);
+}
+
+#[test]
+fn concurrent_imports_from_two_handles_both_land() {
+    let dir = tmp();
+    let root = dir.path().join("store");
+    let a = oci_layout(&dir.path().join("a"), "a:1", &[base_layer()], true);
+    let b = oci_layout(
+        &dir.path().join("b"),
+        "b:1",
+        &[base_layer(), upper_layer()],
+        true,
+    );
+    let threads: Vec<_> = [a.dir, b.dir]
+        .into_iter()
+        .map(|layout| {
+            let root = root.clone();
+            std::thread::spawn(move || {
+                let store = ImageStore::open(&root).unwrap();
+                for _ in 0..3 {
+                    store.import_archive(&layout).unwrap();
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    let store = ImageStore::open(&root).unwrap();
+    assert_eq!(store.list().len(), 2);
+    assert!(store.resolve("a:1").unwrap().is_some());
+    assert_eq!(store.resolve("b:1").unwrap().unwrap().layers.len(), 2);
+    assert_eq!(fs::read_dir(root.join("layers")).unwrap().count(), 2);
+    assert_eq!(fs::read_dir(root.join("tmp")).unwrap().count(), 0);
+}
+
+fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
