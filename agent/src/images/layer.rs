@@ -247,6 +247,23 @@ impl<'a> Unpacker<'a> {
 
     fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, raw: &[u8]) -> Result<(), String> {
         let kind = entry.header().entry_type();
+        use tar::EntryType as T;
+        let is_file_system_entry = matches!(
+            kind,
+            T::Directory
+                | T::Regular
+                | T::Continuous
+                | T::GNUSparse
+                | T::Symlink
+                | T::Link
+                | T::Char
+                | T::Block
+                | T::Fifo
+        );
+        if !is_file_system_entry {
+            // PAX global headers and the like: metadata, not files.
+            return Ok(());
+        }
         let Some(rel) = clean_path(raw)? else {
             // The layer root: only its metadata can change.
             if kind.is_dir() {
@@ -336,9 +353,7 @@ impl<'a> Unpacker<'a> {
                 self.remove(&path)?;
                 self.device(entry, &path)?;
             }
-            // PAX and GNU long-name headers are folded into the entries they
-            // describe by the tar reader; anything else has no place in a
-            // root filesystem.
+            // Filtered out above.
             _ => {}
         }
         Ok(())

@@ -253,6 +253,27 @@ fn hard_links_stay_inside_the_layer() {
 }
 
 #[test]
+fn metadata_entries_are_not_files() {
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_ustar();
+    header.as_ustar_mut().unwrap().name[..20].copy_from_slice(b"../pax_global_header");
+    header.set_entry_type(tar::EntryType::XGlobalHeader);
+    let record = b"21 comment=a comment\n";
+    header.set_size(record.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    tar.append(&header, &record[..]).unwrap();
+    let mut tar = tar.into_inner().unwrap();
+    tar.truncate(tar.len() - 1024);
+    tar.extend(layer(&[E::File("kept", b"x", 0o644)]));
+    let dir = tmp();
+    let (result, root) = unpack(dir.path(), &tar);
+    result.unwrap();
+    assert_eq!(fs::read_dir(&root).unwrap().count(), 1);
+    assert_eq!(fs::read(root.join("kept")).unwrap(), b"x");
+}
+
+#[test]
 fn device_nodes_are_created() {
     let dir = tmp();
     let (result, root) = unpack(dir.path(), &layer(&[E::Char("dev/null", 1, 3)]));
