@@ -25,6 +25,8 @@ pub enum Command {
     Server(ServerArgs),
     /// Run a node agent that joins an existing server.
     Agent(AgentArgs),
+    /// Manage this node's image store.
+    Images(ImagesArgs),
 }
 
 /// Flags that every node has, server or agent.
@@ -115,6 +117,40 @@ pub struct AgentArgs {
     /// The server's node join token.
     #[arg(long, env = "SKIFF_TOKEN")]
     pub token: String,
+}
+
+#[derive(Args, Debug)]
+pub struct ImagesArgs {
+    /// Folder for all state of this node.
+    #[arg(
+        long,
+        short = 'd',
+        global = true,
+        default_value = "/var/lib/skiff",
+        env = "SKIFF_DATA_DIR"
+    )]
+    pub data_dir: PathBuf,
+    #[command(subcommand)]
+    pub command: ImagesCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImagesCommand {
+    /// Import `docker save` archives, OCI image archives (.tar, .tar.gz) or
+    /// OCI layout folders.
+    Import {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+    /// List images.
+    #[command(alias = "list")]
+    Ls,
+    /// Remove images by reference or id.
+    #[command(alias = "remove")]
+    Rm {
+        #[arg(required = true, value_name = "REF")]
+        references: Vec<String>,
+    },
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
