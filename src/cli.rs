@@ -24,6 +24,9 @@ pub enum Command {
     Server(ServerArgs),
     /// Run a node agent that joins an existing server.
     Agent(AgentArgs),
+    /// Act as a CNI 1.x plugin (CNI_* environment, configuration on stdin).
+    #[command(hide = true)]
+    Cni,
 }
 
 /// Flags that every node has, server or agent.

@@ -158,6 +158,12 @@ impl Ipam {
         Ok(allocations)
     }
 
+    /// Checks the state folder is usable: readable and lockable.
+    pub fn probe(&self) -> Result<(), CniError> {
+        let _lock = self.lock()?;
+        self.list().map(|_| ())
+    }
+
     /// Creates the file for `ip`; fails with `AlreadyExists` if it is taken.
     fn claim(&self, ip: Ipv4Addr, sandbox_id: &str, ifname: &str) -> io::Result<()> {
         let path = self.dir.join(ip.to_string());

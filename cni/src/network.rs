@@ -48,6 +48,14 @@ impl BridgeNetwork {
     /// Ensures the bridge (up, MTU, gateway address) and IP forwarding, and
     /// opens the IPAM state.
     pub async fn new(config: BridgeConfig) -> Result<Self, CniError> {
+        let network = Self::open(config).await?;
+        network.ensure_bridge().await?;
+        Ok(network)
+    }
+
+    /// Like `new` but leaves the host's links alone: for teardown, checks
+    /// and garbage collection, which must not create a bridge.
+    pub async fn open(config: BridgeConfig) -> Result<Self, CniError> {
         veth::validate_ifname(&config.bridge)?;
         if !(68..=65535).contains(&config.mtu) {
             return Err(CniError::invalid("MTU", config.mtu.to_string()));
@@ -57,12 +65,10 @@ impl BridgeNetwork {
         let ipam = tokio::task::spawn_blocking(move || Ipam::open(&state_dir, cidr))
             .await
             .map_err(|e| CniError::Thread(e.to_string()))??;
-        let network = Self {
+        Ok(Self {
             config: Arc::new(config),
             ipam,
-        };
-        network.ensure_bridge().await?;
-        Ok(network)
+        })
     }
 
     pub fn config(&self) -> &BridgeConfig {
