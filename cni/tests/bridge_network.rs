@@ -409,3 +409,70 @@ fn namespaces_are_created_listed_run_in_and_removed() {
         vec!["node".to_string()]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_attaches_from_two_agents_never_share_an_address() {
+    let lab = Lab::new();
+    // Two agents on one state folder, racing to create the bridge as well.
+    let (one, two) = tokio::join!(
+        BridgeNetwork::new(lab.config("10.77.6.0/24")),
+        BridgeNetwork::new(lab.config("10.77.6.0/24"))
+    );
+    let (one, two) = (one.unwrap(), two.unwrap());
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let net = if i % 2 == 0 { one.clone() } else { two.clone() };
+        let pod = lab.pod(&format!("pod-{i}"));
+        tasks.push(tokio::spawn(async move {
+            net.attach(&format!("sb-{i}"), &pod.path, "eth0").await
+        }));
+    }
+    let mut ips = std::collections::HashSet::new();
+    for task in tasks {
+        let attachment = task.await.unwrap().unwrap();
+        assert!(
+            ips.insert(attachment.ip.addr()),
+            "{} handed out twice",
+            attachment.ip
+        );
+    }
+    assert_eq!(one.allocations().len(), 12);
+    let first = lab.netns_dir.join("pod-0");
+    let last = Ipv4Net::new(*ips.iter().max().unwrap(), 24).unwrap();
+    assert!(lab.ping(&first, last.addr()));
+}
+
+#[test]
+fn works_from_a_thread_inside_the_node_namespace() {
+    // An agent that runs inside its node's namespace passes no host_netns:
+    // the bridge must land in the caller's namespace, not the machine's.
+    let lab = Lab::new();
+    let mut config = lab.config("10.77.7.0/24");
+    config.host_netns = None;
+    let pod = lab.pod("pod-a");
+    let pod_path = pod.path.clone();
+    let attachment = cni::run_in(&lab.node.path, move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let net = BridgeNetwork::new(config).await?;
+            net.attach("sandbox-a", &pod_path, "eth0").await
+        })
+    })
+    .unwrap()
+    .unwrap();
+    assert!(lab.links(&lab.node.path).contains(&"skiff0".to_string()));
+    assert!(lab.links(&lab.node.path).contains(&attachment.host_veth));
+    assert!(lab.ping(&pod.path, attachment.gateway));
+    let machine = std::process::Command::new("ip")
+        .args(["-o", "link", "show", "dev", &attachment.host_veth])
+        .output()
+        .unwrap();
+    assert!(
+        !machine.status.success(),
+        "host veth leaked into the machine's namespace"
+    );
+}
