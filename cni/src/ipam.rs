@@ -122,6 +122,17 @@ impl Ipam {
         Ok(released)
     }
 
+    /// Frees `ip` whoever holds it (for unreadable leftovers of a crash).
+    pub fn release_address(&self, ip: Ipv4Addr) -> Result<(), CniError> {
+        let _lock = self.lock()?;
+        let path = self.dir.join(ip.to_string());
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(CniError::io(format!("removing {}", path.display()), e)),
+        }
+    }
+
     pub fn lookup(&self, sandbox_id: &str) -> Result<Option<Allocation>, CniError> {
         Ok(self
             .list()?

@@ -211,6 +211,27 @@ impl BridgeNetwork {
         }
     }
 
+    /// Detaches every sandbox `keep` rejects (garbage collection after an
+    /// agent restart, or CNI's GC); returns the ids it detached. Their
+    /// namespaces are presumed gone, so only host-side state is removed.
+    pub async fn retain(&self, keep: impl Fn(&str) -> bool) -> Result<Vec<String>, CniError> {
+        let (ipam, mut removed) = (self.ipam.clone(), Vec::new());
+        for allocation in blocking(move || ipam.list()).await? {
+            let id = allocation.sandbox_id;
+            if keep(&id) {
+                continue;
+            }
+            if ipam::validate_id(&id).is_ok() {
+                self.detach(&id, None).await?;
+            } else {
+                // A file left half-written by a crash: just free the address.
+                self.release_address(allocation.ip).await?;
+            }
+            removed.push(id);
+        }
+        Ok(removed)
+    }
+
     /// MAC of a link in the host namespace (the bridge, a host veth).
     pub async fn host_link_mac(&self, name: &str) -> Result<Option<[u8; 6]>, CniError> {
         let name = name.to_string();
@@ -329,6 +350,11 @@ impl BridgeNetwork {
     async fn release(&self, sandbox_id: &str) -> Result<Option<Ipv4Addr>, CniError> {
         let (ipam, id) = (self.ipam.clone(), sandbox_id.to_string());
         blocking(move || ipam.release(&id)).await
+    }
+
+    async fn release_address(&self, ip: Ipv4Addr) -> Result<(), CniError> {
+        let ipam = self.ipam.clone();
+        blocking(move || ipam.release_address(ip)).await
     }
 
     async fn lookup(&self, sandbox_id: &str) -> Result<Option<ipam::Allocation>, CniError> {

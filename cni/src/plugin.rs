@@ -279,11 +279,7 @@ async fn execute(
                 .map(|a| a.container_id.clone())
                 .collect();
             let network = BridgeNetwork::open(config).await?;
-            for (id, _) in network.allocations() {
-                if !keep.contains(&id) && ipam::validate_id(&id).is_ok() {
-                    network.detach(&id, None).await?;
-                }
-            }
+            network.retain(|id| keep.contains(id)).await?;
             Ok(None)
         }
     }

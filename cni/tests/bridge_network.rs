@@ -476,3 +476,29 @@ fn works_from_a_thread_inside_the_node_namespace() {
         "host veth leaked into the machine's namespace"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retain_collects_sandboxes_that_are_gone() {
+    let lab = Lab::new();
+    let net = BridgeNetwork::new(lab.config("10.77.8.0/24"))
+        .await
+        .unwrap();
+    let live = lab.pod("live");
+    let dead = lab.pod("dead");
+    let kept = net.attach("live", &live.path, "eth0").await.unwrap();
+    let lost = net.attach("dead", &dead.path, "eth0").await.unwrap();
+    // A crash left an unreadable reservation behind.
+    std::fs::write(lab.state_dir().join("10.77.8.200"), "").unwrap();
+    netns::remove(&lab.netns_dir, "dead").unwrap();
+
+    let mut removed = net.retain(|id| id == "live").await.unwrap();
+    removed.sort();
+    assert_eq!(removed, vec![String::new(), "dead".to_string()]);
+    assert_eq!(
+        net.allocations(),
+        vec![("live".to_string(), kept.ip.addr())]
+    );
+    let links = lab.links(&lab.node.path);
+    assert!(links.contains(&kept.host_veth) && !links.contains(&lost.host_veth));
+    assert!(lab.ping(&live.path, kept.gateway));
+}
