@@ -3,6 +3,7 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
@@ -80,6 +81,31 @@ pub struct ServerArgs {
     /// Shared secret nodes use to join (generated when absent).
     #[arg(long, env = "SKIFF_TOKEN")]
     pub token: Option<String>,
+    /// How long a node may go without renewing its Lease before it is
+    /// unreachable (kube-controller-manager's `--node-monitor-grace-period`).
+    #[arg(long, hide = true, default_value = "40s", value_parser = seconds, env = "SKIFF_NODE_MONITOR_GRACE")]
+    pub node_monitor_grace_period: Duration,
+    /// How often node agents' resource usage is scraped for
+    /// `metrics.k8s.io` (metrics-server's `--metric-resolution`).
+    #[arg(long, hide = true, default_value = "15s", value_parser = seconds)]
+    pub metric_resolution: Duration,
+    /// How often each HorizontalPodAutoscaler is evaluated
+    /// (kube-controller-manager's `--horizontal-pod-autoscaler-sync-period`).
+    #[arg(long, hide = true, default_value = "15s", value_parser = seconds)]
+    pub horizontal_pod_autoscaler_sync_period: Duration,
+}
+
+/// `40`, `40s`, `1.5s` or `500ms`.
+fn seconds(value: &str) -> Result<Duration, String> {
+    let (number, scale) = match value.strip_suffix("ms") {
+        Some(ms) => (ms, 1e-3),
+        None => (value.strip_suffix('s').unwrap_or(value), 1.0),
+    };
+    number
+        .parse::<f64>()
+        .ok()
+        .and_then(|n| Duration::try_from_secs_f64(n * scale).ok())
+        .ok_or_else(|| format!("{value:?} is not a duration such as 40s"))
 }
 
 #[derive(Args, Debug)]
@@ -118,6 +144,22 @@ mod tests {
         assert_eq!(args.service_cidr.to_string(), "10.43.0.0/16");
         assert_eq!(args.cluster_dns.to_string(), "10.43.0.10");
         assert_eq!(args.cluster_domain, "cluster.local");
+        assert_eq!(args.node_monitor_grace_period, Duration::from_secs(40));
+    }
+
+    #[test]
+    fn grace_period_takes_durations() {
+        for (flag, want) in [("3", 3000), ("3s", 3000), ("1.5s", 1500), ("500ms", 500)] {
+            let cli = Cli::try_parse_from(["skiff", "server", "--node-monitor-grace-period", flag])
+                .unwrap();
+            let Command::Server(args) = cli.command else {
+                panic!("not a server command");
+            };
+            assert_eq!(args.node_monitor_grace_period, Duration::from_millis(want));
+        }
+        assert!(
+            Cli::try_parse_from(["skiff", "server", "--node-monitor-grace-period", "-1s"]).is_err()
+        );
     }
 
     #[test]

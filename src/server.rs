@@ -9,6 +9,7 @@ use controlplane::apiserver::authn::{Authenticator, User};
 use controlplane::apiserver::pki::{Pki, ServerNames};
 use controlplane::apiserver::{self, ApiState, KubeletClient, ServiceRanges, tls};
 use controlplane::controllers;
+use controlplane::leader;
 use controlplane::storage::Store;
 use controlplane::storage::embedded::EmbeddedStore;
 use controlplane::storage::etcd::EtcdStore;
@@ -61,8 +62,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
 
     let advertise = SocketAddr::new(node_ip, args.https_listen_port).to_string();
     let mut state = ApiState::new(store, ranges, advertise);
-    state.kubelet =
-        Some(KubeletClient::for_cluster(&pki).context("preparing the client for node agents")?);
+    let kubelet =
+        KubeletClient::for_cluster(&pki).context("preparing the client for node agents")?;
+    state.kubelet = Some(kubelet.clone());
     let state = Arc::new(state);
     apiserver::bootstrap(&state)
         .await
@@ -73,7 +75,37 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         apiserver::compaction::INTERVAL,
     ));
     let client = apiserver::client::in_process(router.clone());
-    tokio::spawn(controllers::run(client));
+    tokio::spawn(apiserver::resource_metrics::collect::run(
+        client.clone(),
+        kubelet,
+        state.resource_metrics.clone(),
+        args.metric_resolution,
+    ));
+    let settings = controllers::Settings {
+        cluster_cidr: args.cluster_cidr,
+        api_endpoint: SocketAddr::new(node_ip, args.https_listen_port),
+        node_monitor_grace: args.node_monitor_grace_period,
+        storage_dir: args.node.data_dir.join("storage"),
+        autoscaler_sync: args.horizontal_pod_autoscaler_sync_period,
+    };
+    tokio::spawn(leader::run_while_leader(
+        client.clone(),
+        "kube-scheduler",
+        leader::identity(&hostname),
+        {
+            let client = client.clone();
+            move || controlplane::scheduler::run(client.clone())
+        },
+    ));
+    tokio::spawn(leader::run_while_leader(
+        client.clone(),
+        "kube-controller-manager",
+        leader::identity(&hostname),
+        {
+            let client = client.clone();
+            move || controllers::run(client.clone(), settings.clone())
+        },
+    ));
 
     let tls_config = tls::server_config(&pki).context("configuring TLS")?;
     let bind = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), args.https_listen_port);

@@ -5,6 +5,8 @@
 //! end, on each protocol it speaks (WebSocket, SPDY, SPDY in WebSocket).
 
 mod exec_proxy {
+    // The fake's resource metrics are for the autoscaler test.
+    #![allow(dead_code)]
     pub mod kubelet;
     pub mod spdy;
     pub mod websocket;

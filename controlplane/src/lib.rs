@@ -3,4 +3,6 @@
 
 pub mod apiserver;
 pub mod controllers;
+pub mod leader;
+pub mod scheduler;
 pub mod storage;

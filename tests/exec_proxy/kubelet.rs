@@ -56,6 +56,16 @@ struct Shared {
     /// Signalled when a followed log stream sees its reader go away.
     follow_ended: Notify,
     echo: SocketAddr,
+    usage: Mutex<Usage>,
+}
+
+/// The CPU the fake's pods burn, as `/metrics/resource` reports it: one
+/// rate for every pod listed, integrated into cumulative counters.
+#[derive(Default)]
+struct Usage {
+    cores: f64,
+    pods: Vec<(String, String)>,
+    counters: std::collections::HashMap<(String, String), (f64, std::time::Instant)>,
 }
 
 /// What an exec or attach "runs": output it prints, whether it copies
@@ -88,6 +98,7 @@ impl FakeKubelet {
             seen: Mutex::new(Vec::new()),
             follow_ended: Notify::new(),
             echo,
+            usage: Mutex::default(),
         });
         let serving = shared.clone();
         let task = tokio::spawn(async move {
@@ -119,6 +130,16 @@ impl FakeKubelet {
             .lock()
             .map(|seen| seen.clone())
             .unwrap_or_default()
+    }
+
+    /// From now on each of `pods` (namespace, name) uses `cores` of CPU.
+    pub fn set_usage(&self, pods: &[(String, String)], cores: f64) {
+        if let Ok(mut usage) = self.shared.usage.lock() {
+            let now = std::time::Instant::now();
+            advance(&mut usage, now);
+            usage.cores = cores;
+            usage.pods = pods.to_vec();
+        }
     }
 
     /// Waits until a followed log stream has been abandoned by its reader.
@@ -164,6 +185,42 @@ fn tls_config(tls_dir: &Path, identity: Identity) -> anyhow::Result<Arc<ServerCo
     Ok(Arc::new(config))
 }
 
+/// Brings every listed pod's counter up to `now` at the current rate.
+fn advance(usage: &mut Usage, now: std::time::Instant) {
+    let cores = usage.cores;
+    for pod in usage.pods.clone() {
+        let entry = usage.counters.entry(pod).or_insert((0.0, now));
+        entry.0 += cores * now.duration_since(entry.1).as_secs_f64();
+        entry.1 = now;
+    }
+}
+
+/// `/metrics/resource` in the kubelet's format, for the listed pods.
+fn resource_metrics(shared: &Shared) -> Response<Body> {
+    let mut body = String::from("# TYPE container_cpu_usage_seconds_total counter\n");
+    if let Ok(mut usage) = shared.usage.lock() {
+        advance(&mut usage, std::time::Instant::now());
+        let total: f64 = usage.counters.values().map(|(seconds, _)| seconds).sum();
+        for (ns, pod) in &usage.pods {
+            let seconds = usage
+                .counters
+                .get(&(ns.clone(), pod.clone()))
+                .map_or(0.0, |c| c.0);
+            let labels = format!("container=\"app\",namespace=\"{ns}\",pod=\"{pod}\"");
+            body.push_str(&format!(
+                "container_cpu_usage_seconds_total{{{labels}}} {seconds}\n"
+            ));
+            body.push_str(&format!(
+                "container_memory_working_set_bytes{{{labels}}} 1048576\n"
+            ));
+        }
+        body.push_str(&format!(
+            "node_cpu_usage_seconds_total {total}\nnode_memory_working_set_bytes 1073741824\n"
+        ));
+    }
+    text(StatusCode::OK, &body)
+}
+
 fn handle(shared: &Arc<Shared>, mut request: Request<Incoming>) -> Response<Body> {
     let path = request.uri().path().to_owned();
     let query = request.uri().query().unwrap_or("").to_owned();
@@ -204,6 +261,7 @@ fn route(
         tty: flag("tty"),
     };
     match segments.as_slice() {
+        ["metrics", "resource"] => (resource_metrics(shared), None),
         ["containerLogs", _, pod, container] => (logs(shared, pod, container, params), None),
         ["exec", _, _, _] => {
             let command: Vec<&str> = params

@@ -1,8 +1,9 @@
 //! A fake cluster around a real `skiff server` for the workload controller
 //! tests: Node objects with Ready status and renewed Leases, and one task
-//! that plays both scheduler and node agent — it binds each new pod (to
-//! the node its required affinity `matchFields metadata.name` names, as a
-//! DaemonSet pod's, else to the first node), marks it Running and Ready a
+//! that plays node agent and races the real scheduler — it binds each new
+//! pod (to the node its required affinity `matchFields metadata.name`
+//! names, as a DaemonSet pod's, else to the first node) unless the
+//! scheduler did so first, marks it Running and Ready a
 //! moment later, and finishes graceful deletions a moment after they start.
 //! A watcher records every pod change so tests can check orderings.
 
@@ -278,7 +279,9 @@ async fn agent(client: kube::Client, nodes: Arc<Mutex<Vec<String>>>) {
                     "metadata": {"name": name},
                     "target": {"apiVersion": "v1", "kind": "Node", "name": node},
                 });
-                if api
+                // The real scheduler races this binding; whoever wins, the
+                // pod is bound and this agent runs it.
+                let bound = api
                     .create_subresource::<Value, Value>(
                         "binding",
                         &name,
@@ -286,8 +289,15 @@ async fn agent(client: kube::Client, nodes: Arc<Mutex<Vec<String>>>) {
                         &binding,
                     )
                     .await
-                    .is_err()
-                {
+                    .is_ok();
+                let scheduled = || async {
+                    api.get(&name)
+                        .await
+                        .ok()
+                        .and_then(|p| p.spec?.node_name)
+                        .is_some()
+                };
+                if !bound && !scheduled().await {
                     return;
                 }
             }

@@ -6,6 +6,7 @@
 use http::HeaderMap;
 use serde_json::{Value, json};
 
+use super::resource_metrics;
 use super::resources::{Registry, ResourceType, VERBS};
 
 /// Media type of aggregated discovery documents; clients check the
@@ -71,6 +72,10 @@ pub fn api_group_list(registry: &Registry) -> Value {
         .into_iter()
         .filter(|(g, _)| !g.is_empty())
         .map(|(group, version)| api_group(group, version))
+        .chain([api_group(
+            resource_metrics::GROUP,
+            resource_metrics::VERSION,
+        )])
         .collect();
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
@@ -148,7 +153,7 @@ pub fn aggregated(registry: &Registry, legacy: bool, media: &str) -> Value {
     } else {
         "apidiscovery.k8s.io/v2"
     };
-    let items: Vec<Value> = registry
+    let mut items: Vec<Value> = registry
         .group_versions()
         .into_iter()
         .filter(|(g, _)| g.is_empty() == legacy)
@@ -165,6 +170,9 @@ pub fn aggregated(registry: &Registry, legacy: bool, media: &str) -> Value {
             })
         })
         .collect();
+    if !legacy {
+        items.push(resource_metrics::aggregated_group());
+    }
     json!({
         "kind": "APIGroupDiscoveryList",
         "apiVersion": api_version,

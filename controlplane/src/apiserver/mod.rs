@@ -22,6 +22,7 @@ pub mod pki;
 pub mod protobuf;
 mod proxy;
 mod request;
+pub mod resource_metrics;
 pub mod resources;
 mod scale;
 pub mod selectors;
@@ -72,6 +73,9 @@ pub struct ApiState {
     /// Reaches node agents for pod logs, exec, attach and port-forward;
     /// without one those answer 503.
     pub kubelet: Option<KubeletClient>,
+    /// What `metrics.k8s.io` serves, kept current by
+    /// [`resource_metrics::collect::run`].
+    pub resource_metrics: Arc<resource_metrics::ResourceMetrics>,
 }
 
 impl ApiState {
@@ -83,6 +87,7 @@ impl ApiState {
             advertise,
             metrics: metrics::Metrics::new(),
             kubelet: None,
+            resource_metrics: Arc::default(),
         }
     }
 }
@@ -103,6 +108,11 @@ pub fn router(state: Arc<ApiState>, auth: Arc<authn::Authenticator>) -> Router {
         .route("/openapi/v3", get(openapi_index))
         .route("/openapi/v3/", get(openapi_index))
         .route("/openapi/v3/{*path}", get(openapi_document))
+        .route("/apis/metrics.k8s.io", get(resource_metrics_request))
+        .route(
+            "/apis/metrics.k8s.io/{*path}",
+            get(resource_metrics_request),
+        )
         .fallback(resource_request)
         .with_state(state.clone())
         .layer(axum::middleware::from_fn_with_state(
@@ -148,6 +158,17 @@ async fn apis_root(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Re
         }
         None => json_response(StatusCode::OK, &discovery::api_group_list(state.registry)),
     }
+}
+
+async fn resource_metrics_request(State(state): State<Arc<ApiState>>, uri: http::Uri) -> Response {
+    let query = uri.query().map(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "labelSelector")
+            .map(|(_, v)| v.into_owned())
+    });
+    let selector = query.flatten();
+    resource_metrics::serve(&state.resource_metrics, uri.path(), selector.as_deref())
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn openapi_index() -> Response {
@@ -313,6 +334,11 @@ pub async fn bootstrap(state: &ApiState) -> Result<(), ApiError> {
         create_if_missing(state, namespaces, None, object).await?;
     }
     let services = resource(state, "", "services")?;
+    let api_port = state
+        .advertise
+        .rsplit_once(':')
+        .and_then(|(_, port)| port.parse::<u16>().ok())
+        .unwrap_or(6443);
     let service = json!({
         "apiVersion": "v1",
         "kind": "Service",
@@ -324,11 +350,29 @@ pub async fn bootstrap(state: &ApiState) -> Result<(), ApiError> {
         "spec": {
             "type": "ClusterIP",
             "clusterIP": state.ranges.first_ip().to_string(),
-            "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 6443}],
+            "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": api_port}],
             "sessionAffinity": "None",
         },
     });
-    create_if_missing(state, services, Some("default"), service).await
+    create_if_missing(state, services, Some("default"), service).await?;
+    let classes = resource(state, "storage.k8s.io", "storageclasses")?;
+    create_if_missing(state, classes, None, local_path_class()).await
+}
+
+/// The default StorageClass, served by the local-path provisioner in the
+/// controller manager, as k3s ships one.
+fn local_path_class() -> Value {
+    json!({
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "StorageClass",
+        "metadata": {
+            "name": crate::controllers::volume::LOCAL_PATH_CLASS,
+            "annotations": {"storageclass.kubernetes.io/is-default-class": "true"},
+        },
+        "provisioner": crate::controllers::volume::LOCAL_PATH_PROVISIONER,
+        "reclaimPolicy": "Delete",
+        "volumeBindingMode": "WaitForFirstConsumer",
+    })
 }
 
 fn resource(

@@ -3,6 +3,7 @@
 
 use k8s_openapi::api::{
     apps, autoscaling, batch, coordination, core, discovery, events, networking, policy, rbac,
+    storage,
 };
 use k8s_openapi::{ListableResource, NamespaceResourceScope, Resource};
 use serde::Serialize;
@@ -150,6 +151,7 @@ impl Registry {
             of::<rbac::v1::RoleBinding>(&[], &[], &[]),
             of::<rbac::v1::ClusterRole>(&[], &[], &[]),
             of::<rbac::v1::ClusterRoleBinding>(&[], &[], &[]),
+            of::<storage::v1::StorageClass>(&["sc"], &[], &[]),
         ];
         Registry { types }
     }

@@ -286,6 +286,11 @@ fn container_of(pod: &Pod, name: &str, requested: Option<&str>) -> Result<String
 async fn agent_endpoint(state: &ApiState, node_name: &str) -> Result<Endpoint, ApiError> {
     let nodes = super::super::resource(state, "", "nodes")?;
     let node: Node = read_typed(state, nodes, None, node_name).await?;
+    endpoint_of(node_name, node)
+}
+
+/// Where the agent of `node` listens.
+pub(super) fn endpoint_of(node_name: &str, node: Node) -> Result<Endpoint, ApiError> {
     let status = node.status.unwrap_or_default();
     let addresses = status.addresses.unwrap_or_default();
     let host = PREFERRED_ADDRESSES

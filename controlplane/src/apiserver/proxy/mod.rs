@@ -34,6 +34,33 @@ use super::request::Target;
 use super::resources::Subresource;
 use super::status::ApiError;
 
+/// GETs `path` from the agent of `node`, for a body of at most `limit`
+/// bytes (the resource metrics collector's scrape).
+pub async fn agent_get(
+    client: &KubeletClient,
+    node: k8s_openapi::api::core::v1::Node,
+    path: &str,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
+    let name = node.metadata.name.clone().unwrap_or_default();
+    let endpoint = locate::endpoint_of(&name, node)?;
+    let request = Request::get(path)
+        .body(Empty::new())
+        .map_err(|e| ApiError::internal(format!("building a request: {e}")))?;
+    let response = client.send(&endpoint, request).await?;
+    if !response.status().is_success() {
+        return Err(ApiError::unavailable(format!(
+            "the node agent on {endpoint} answered {} for {path}",
+            response.status()
+        )));
+    }
+    http_body_util::Limited::new(response.into_body(), limit)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .map_err(|e| ApiError::unavailable(format!("reading {path} from {endpoint}: {e}")))
+}
+
 /// How much of an agent's error answer is read to report it; the rest is
 /// dropped.
 const ERROR_BODY_LIMIT: usize = 64 * 1024;
