@@ -27,6 +27,9 @@ pub enum Command {
     Agent(AgentArgs),
     /// Manage this node's image store.
     Images(ImagesArgs),
+    /// Act as a CNI 1.x plugin (CNI_* environment, configuration on stdin).
+    #[command(hide = true)]
+    Cni,
 }
 
 /// Flags that every node has, server or agent.

@@ -12,7 +12,16 @@ use tracing_subscriber::EnvFilter;
 use crate::cli::{Cli, Command};
 
 fn main() -> anyhow::Result<()> {
+    // A CNI runtime runs the plugin binary with no arguments; `skiff cni` is
+    // the same by name. Either way stdout carries only the CNI result, so
+    // this runs before logging is set up.
+    if cni::plugin::invoked_by_runtime() {
+        std::process::exit(cni::plugin::main());
+    }
     let cli = Cli::parse();
+    if let Command::Cni = cli.command {
+        std::process::exit(cni::plugin::main());
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -27,6 +36,8 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Server(args) => server::run(args).await,
             Command::Images(args) => images::run(args),
+            // Ran above, before logging was set up.
+            Command::Cni => Ok(()),
             Command::Agent(args) => anyhow::bail!(
                 "`skiff agent` cannot join {} yet: the node agent is not built in this version",
                 args.server
