@@ -6,8 +6,6 @@
 
 mod exec_proxy {
     pub mod kubelet;
-    pub mod spdy;
-    pub mod websocket;
 }
 
 use std::net::SocketAddr;
