@@ -30,6 +30,9 @@ pub enum Command {
     /// Act as a CNI 1.x plugin (CNI_* environment, configuration on stdin).
     #[command(hide = true)]
     Cni,
+    /// The container monitor the agent starts for each container.
+    #[command(hide = true)]
+    Shim(ShimArgs),
 }
 
 /// Flags that every node has, server or agent.
@@ -154,6 +157,10 @@ pub enum ImagesCommand {
         #[arg(required = true, value_name = "REF")]
         references: Vec<String>,
     },
+pub struct ShimArgs {
+    /// The container's state directory, holding the shim's spec.
+    #[arg(long)]
+    pub state_dir: PathBuf,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -27,6 +27,10 @@ fn main() -> anyhow::Result<()> {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .init();
+    // The shim forks, so it must run before any thread exists.
+    if let Command::Shim(args) = &cli.command {
+        return agent::shim::main(&args.state_dir).context("container monitor");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("skiff")
@@ -38,6 +42,7 @@ fn main() -> anyhow::Result<()> {
             Command::Images(args) => images::run(args),
             // Ran above, before logging was set up.
             Command::Cni => Ok(()),
+            Command::Shim(_) => Ok(()),
             Command::Agent(args) => anyhow::bail!(
                 "`skiff agent` cannot join {} yet: the node agent is not built in this version",
                 args.server

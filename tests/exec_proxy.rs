@@ -8,8 +8,6 @@ mod exec_proxy {
     // The fake's resource metrics are for the autoscaler test.
     #![allow(dead_code)]
     pub mod kubelet;
-    pub mod spdy;
-    pub mod websocket;
 }
 
 use std::net::SocketAddr;

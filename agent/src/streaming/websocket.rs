@@ -1,6 +1,6 @@
-//! Just enough RFC 6455 for the fake agent: the server's accept key,
-//! reading masked client frames (fragmented messages included) and writing
-//! unmasked server frames.
+//! The server's side of RFC 6455, as much as the kubelet API needs: the
+//! accept key, reading masked client frames (fragmented messages
+//! included) and writing unmasked server frames.
 
 use std::io;
 
@@ -17,7 +17,7 @@ const CONTINUATION: u8 = 0x0;
 /// a failed stream.
 pub const NORMAL_CLOSURE: [u8; 2] = 1000u16.to_be_bytes();
 
-/// The largest frame the fake accepts; kubectl's are a few KiB.
+/// The largest frame accepted; kubectl's are a few KiB.
 const MAX_FRAME: u64 = 1 << 20;
 
 pub enum Message {
@@ -205,10 +205,15 @@ fn base64(bytes: &[u8]) -> String {
     out
 }
 
-#[test]
-fn accept_key_matches_rfc_6455_example() {
-    assert_eq!(
-        accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
-        "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
-    );
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_key_matches_rfc_6455_example() {
+        assert_eq!(
+            accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
 }
