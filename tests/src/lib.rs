@@ -4,5 +4,6 @@
 //! a contract to the same checks.
 
 pub mod etcd;
+pub mod node;
 pub mod server;
 pub mod store_conformance;
