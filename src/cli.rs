@@ -25,6 +25,9 @@ pub enum Command {
     Server(ServerArgs),
     /// Run a node agent that joins an existing server.
     Agent(AgentArgs),
+    /// The container monitor the agent starts for each container.
+    #[command(hide = true)]
+    Shim(ShimArgs),
 }
 
 /// Flags that every node has, server or agent.
@@ -111,6 +114,13 @@ pub struct AgentArgs {
     /// The server's node join token.
     #[arg(long, env = "SKIFF_TOKEN")]
     pub token: String,
+}
+
+#[derive(Args, Debug)]
+pub struct ShimArgs {
+    /// The container's state directory, holding the shim's spec.
+    #[arg(long)]
+    pub state_dir: PathBuf,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -99,7 +99,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     ));
 
     if !args.disable.contains(&crate::cli::Component::Agent) {
-        crate::agent::spawn_local(
+        crate::node_agent::spawn_local(
             client.clone(),
             &args.node,
             node_ip,

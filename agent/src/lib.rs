@@ -5,6 +5,7 @@
 
 pub mod bundle;
 pub mod cgroups;
+pub mod crilog;
 pub mod dns;
 pub mod image_source;
 pub mod network;
@@ -14,6 +15,8 @@ pub mod resources;
 pub mod runtime;
 pub mod sandbox;
 pub mod shim;
+pub mod streaming;
+pub mod tty;
 
 use std::net::IpAddr;
 use std::path::PathBuf;

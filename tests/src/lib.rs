@@ -5,5 +5,6 @@
 
 pub mod etcd;
 pub mod node;
+pub mod runc;
 pub mod server;
 pub mod store_conformance;
