@@ -28,6 +28,8 @@ pub enum Command {
     /// The container monitor the agent starts for each container.
     #[command(hide = true)]
     Shim(ShimArgs),
+    /// Manage this node's image store.
+    Images(ImagesArgs),
 }
 
 /// Flags that every node has, server or agent.
@@ -121,6 +123,40 @@ pub struct ShimArgs {
     /// The container's state directory, holding the shim's spec.
     #[arg(long)]
     pub state_dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct ImagesArgs {
+    /// Folder for all state of this node.
+    #[arg(
+        long,
+        short = 'd',
+        global = true,
+        default_value = "/var/lib/skiff",
+        env = "SKIFF_DATA_DIR"
+    )]
+    pub data_dir: PathBuf,
+    #[command(subcommand)]
+    pub command: ImagesCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImagesCommand {
+    /// Import `docker save` archives, OCI image archives (.tar, .tar.gz) or
+    /// OCI layout folders.
+    Import {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+    /// List images.
+    #[command(alias = "list")]
+    Ls,
+    /// Remove images by reference or id.
+    #[command(alias = "remove")]
+    Rm {
+        #[arg(required = true, value_name = "REF")]
+        references: Vec<String>,
+    },
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -3,6 +3,7 @@
 
 mod node_agent;
 mod cli;
+mod images;
 mod server;
 
 use anyhow::Context;
@@ -31,6 +32,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Server(args) => server::run(args).await,
             Command::Shim(_) => Ok(()),
+            Command::Images(args) => images::run(args),
             Command::Agent(args) => anyhow::bail!(
                 "`skiff agent` cannot join {} yet: the node agent is not built in this version",
                 args.server

@@ -8,6 +8,7 @@ pub mod cgroups;
 pub mod crilog;
 pub mod dns;
 pub mod image_source;
+pub mod images;
 pub mod network;
 pub mod node;
 pub mod pod;
@@ -83,6 +84,8 @@ pub enum AgentError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("opening the image store: {0}")]
+    Images(String),
 }
 
 /// Runs the agent until the process stops.
@@ -111,10 +114,15 @@ pub async fn run(client: kube::Client, config: AgentConfig) -> Result<(), AgentE
         config.runtime.clone(),
         config.skiff_exe.clone(),
     ));
+    let store_dir = config.data_dir.clone();
+    let images = tokio::task::spawn_blocking(move || image_source::open_store(&store_dir))
+        .await
+        .map_err(|e| AgentError::Images(e.to_string()))?
+        .map_err(|e| AgentError::Images(e.to_string()))?;
     let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     let ctx = Arc::new(pod::Context {
         client,
-        images: network::images(&config),
+        images: Arc::new(images),
         runtime,
         network: network_rx,
         config_maps,

@@ -17,7 +17,6 @@ use kube::runtime::watcher::{self, watcher};
 use tokio::sync::watch;
 
 use crate::AgentConfig;
-use crate::image_source::{ImageSource, ResolvedImage};
 use crate::sandbox::PodNetwork;
 
 pub const BRIDGE: &str = "skiff0";
@@ -119,17 +118,4 @@ impl PodNetwork for Bridge {
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())
     }
-}
-
-struct NoImages;
-
-impl ImageSource for NoImages {
-    fn resolve(&self, _reference: &str) -> Option<ResolvedImage> {
-        None
-    }
-}
-
-/// STAND-IN until the image store lands.
-pub fn images(_config: &AgentConfig) -> Arc<dyn ImageSource> {
-    Arc::new(NoImages)
 }

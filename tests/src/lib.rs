@@ -4,6 +4,7 @@
 //! a contract to the same checks.
 
 pub mod etcd;
+pub mod images;
 pub mod node;
 pub mod runc;
 pub mod server;
