@@ -52,6 +52,10 @@ pub struct NodeArgs {
     /// IP address to advertise for the node.
     #[arg(long, env = "SKIFF_NODE_IP")]
     pub node_ip: Option<IpAddr>,
+    /// First delay before restarting a crashed container (doubles up to
+    /// 5 min); shorter for tests.
+    #[arg(long, hide = true, default_value = "10s", value_parser = seconds, env = "SKIFF_CRASH_LOOP_BACKOFF")]
+    pub crash_loop_backoff: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -123,6 +127,13 @@ pub struct AgentArgs {
     /// The server's node join token.
     #[arg(long, env = "SKIFF_TOKEN")]
     pub token: String,
+}
+
+#[derive(Args, Debug)]
+pub struct ShimArgs {
+    /// The container's state directory, holding the shim's spec.
+    #[arg(long)]
+    pub state_dir: PathBuf,
 }
 
 #[derive(Args, Debug)]

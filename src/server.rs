@@ -109,6 +109,16 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         },
     ));
 
+    if !args.disable.contains(&crate::cli::Component::Agent) {
+        crate::node_agent::spawn_local(
+            client.clone(),
+            &args.node,
+            node_ip,
+            args.cluster_dns,
+            &args.cluster_domain,
+        );
+    }
+
     let tls_config = tls::server_config(&pki).context("configuring TLS")?;
     let bind = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), args.https_listen_port);
     let listener = tokio::net::TcpListener::bind(bind)

@@ -5,6 +5,7 @@
 
 pub mod etcd;
 pub mod images;
+pub mod node;
 pub mod runc;
 pub mod server;
 pub mod store_conformance;

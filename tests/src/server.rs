@@ -17,12 +17,31 @@ pub struct Server {
     dir: TempDir,
     pub port: u16,
     extra_args: Vec<String>,
+    /// The network namespace the server (and its agent) runs in, if any.
+    netns: Option<String>,
 }
 
 impl Server {
-    /// Starts `bin server` with the embedded store; `extra_args` are added
-    /// to its command line (e.g. `--datastore-endpoint`).
+    /// Starts `bin server` with the embedded store and without a node
+    /// agent; `extra_args` are added to its command line (e.g.
+    /// `--datastore-endpoint`).
     pub async fn start(bin: &Path, extra_args: &[&str]) -> anyhow::Result<Self> {
+        let mut args = vec!["--disable", "agent"];
+        args.extend_from_slice(extra_args);
+        Self::start_with(bin, &args, None).await
+    }
+
+    /// Starts `bin server` with its agent inside the network namespace
+    /// `netns` (see [`crate::node::NodeNetns`]).
+    pub async fn start_in(bin: &Path, netns: &str, extra_args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with(bin, extra_args, Some(netns.to_owned())).await
+    }
+
+    async fn start_with(
+        bin: &Path,
+        extra_args: &[&str],
+        netns: Option<String>,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("skiff-test-server-")
             .tempdir()
@@ -33,6 +52,7 @@ impl Server {
             dir,
             port: free_port()?,
             extra_args: extra_args.iter().map(|s| (*s).to_owned()).collect(),
+            netns,
         };
         server.spawn().await?;
         Ok(server)
@@ -55,9 +75,24 @@ impl Server {
         format!("https://127.0.0.1:{}", self.port)
     }
 
+    /// A command run in the server's network namespace (or here, when it
+    /// has none).
+    pub fn command(&self, program: &str) -> Command {
+        match &self.netns {
+            Some(netns) => {
+                let mut command = Command::new("nsenter");
+                command
+                    .arg(format!("--net=/run/netns/{netns}"))
+                    .arg(program);
+                command
+            }
+            None => Command::new(program),
+        }
+    }
+
     /// `kubectl` with this server's admin kubeconfig.
     pub fn kubectl(&self) -> Command {
-        let mut command = Command::new("kubectl");
+        let mut command = self.command("kubectl");
         command
             .arg("--kubeconfig")
             .arg(self.kubeconfig())
@@ -132,7 +167,12 @@ impl Server {
     async fn spawn(&mut self) -> anyhow::Result<()> {
         let log = std::fs::File::create(self.dir.path().join("server.log"))
             .context("creating the server log")?;
-        let child = Command::new(&self.bin)
+        // nsenter enters only the network namespace: the agent's mounts
+        // (rootfs, namespaces) stay in the machine's mount namespace, so a
+        // restarted server sees them, as on a real node.
+        let bin = self.bin.display().to_string();
+        let child = self
+            .command(&bin)
             .arg("server")
             .arg("--data-dir")
             .arg(self.dir.path())

@@ -1,0 +1,268 @@
+//! A node for end-to-end tests: a network namespace (so the pod bridge,
+//! veths and routes stay out of the machine's own), and the clean-up of
+//! everything a node agent leaves behind — containers and their shims,
+//! mounts, cgroups — which also serves to check that nothing is left.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, bail};
+
+/// A network namespace `skiff-e2e-<random>` with its loopback up,
+/// deleted on drop.
+pub struct NodeNetns {
+    pub name: String,
+}
+
+impl NodeNetns {
+    pub fn create() -> anyhow::Result<NodeNetns> {
+        let name = format!("skiff-e2e-{}", random_suffix());
+        run("ip", &["netns", "add", &name])?;
+        let netns = NodeNetns { name };
+        run("ip", &["-n", &netns.name, "link", "set", "lo", "up"])?;
+        Ok(netns)
+    }
+
+    /// A unique node name to go with it.
+    pub fn node_name(&self) -> String {
+        self.name.clone()
+    }
+
+    /// Runs `program args` inside the namespace.
+    pub fn exec(&self, program: &str, args: &[&str]) -> anyhow::Result<String> {
+        let output = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.name))
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {program}"))?;
+        if !output.status.success() {
+            bail!(
+                "{program} {} failed: {}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr),
+                String::from_utf8_lossy(&output.stdout)
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+}
+
+impl Drop for NodeNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// What a node agent with data in `data_dir` and name `node` left on the
+/// machine: runc containers, mounts, pod cgroups, pod network namespaces.
+pub fn leftovers(data_dir: &Path, node: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for id in runc_containers(data_dir) {
+        found.push(format!("runc container {id}"));
+    }
+    for mount in mounts_under(data_dir) {
+        found.push(format!("mount {}", mount.display()));
+    }
+    for controller in ["memory", "cpu", "pids"] {
+        let base = Path::new("/sys/fs/cgroup")
+            .join(controller)
+            .join("skiff")
+            .join(node);
+        for dir in pod_cgroups(&base) {
+            found.push(format!("cgroup {}", dir.display()));
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(data_dir.join("agent").join("netns")) {
+        for e in entries.flatten() {
+            found.push(format!("netns {}", e.path().display()));
+        }
+    }
+    found
+}
+
+/// Removes everything a node agent made: kills its containers and shims,
+/// unmounts what it mounted under `data_dir` and removes its cgroups.
+pub fn clean_up(data_dir: &Path, node: &str) {
+    let root = data_dir.join("agent").join("runc");
+    for id in runc_containers(data_dir) {
+        let _ = Command::new("runc")
+            .arg("--root")
+            .arg(&root)
+            .args(["delete", "--force", &id])
+            .stderr(Stdio::null())
+            .status();
+    }
+    // Shims whose state lives in this data dir, by pid.
+    let marker = data_dir.display().to_string();
+    if let Ok(procs) = std::fs::read_dir("/proc") {
+        for p in procs.flatten() {
+            let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.contains("shim") && cmdline.contains(&marker) {
+                unsafe_kill(pid);
+            }
+        }
+    }
+    let mut mounts = mounts_under(data_dir);
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.as_os_str().len()));
+    for m in mounts {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&m)
+            .stderr(Stdio::null())
+            .status();
+    }
+    for controller in [
+        "memory", "cpu", "cpuacct", "pids", "cpuset", "blkio", "devices", "freezer", "systemd",
+    ] {
+        let base = Path::new("/sys/fs/cgroup")
+            .join(controller)
+            .join("skiff")
+            .join(node);
+        remove_cgroup_tree(&base);
+    }
+}
+
+fn unsafe_kill(pid: i32) {
+    let _ = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn runc_containers(data_dir: &Path) -> Vec<String> {
+    let root = data_dir.join("agent").join("runc");
+    if !root.exists() {
+        return Vec::new();
+    }
+    let output = Command::new("runc")
+        .arg("--root")
+        .arg(&root)
+        .args(["list", "-q"])
+        .output();
+    match output {
+        Ok(o) => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let prefix = dir.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .filter(|m| m.starts_with(&prefix))
+        .map(PathBuf::from)
+        .collect()
+}
+
+fn pod_cgroups(base: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for sub in [
+        base.to_owned(),
+        base.join("burstable"),
+        base.join("besteffort"),
+    ] {
+        if let Ok(entries) = std::fs::read_dir(&sub) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with("pod") {
+                    found.push(e.path());
+                }
+            }
+        }
+    }
+    found
+}
+
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+    // The shared `skiff` parent goes too once empty.
+    if let Some(parent) = dir.parent()
+        && parent.file_name().is_some_and(|n| n == "skiff")
+    {
+        let _ = std::fs::remove_dir(parent);
+    }
+}
+
+fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new(program)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {program}"))?;
+    if !status.success() {
+        bail!("{program} {} failed: {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+fn random_suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{:x}{:x}", std::process::id(), nanos)
+}
+
+/// A `skiff server` with its node agent, inside its own network
+/// namespace; on drop the server is killed and everything its agent made
+/// is removed.
+pub struct AgentNode {
+    pub server: crate::server::Server,
+    pub netns: NodeNetns,
+}
+
+impl AgentNode {
+    /// Starts the server in a new namespace, named after it, with short
+    /// crash back-offs for tests.
+    pub async fn start(bin: &Path, extra_args: &[&str]) -> anyhow::Result<AgentNode> {
+        let netns = NodeNetns::create()?;
+        let node = netns.node_name();
+        let mut args = vec!["--node-name", node.as_str(), "--crash-loop-backoff", "2s"];
+        args.extend_from_slice(extra_args);
+        let server = crate::server::Server::start_in(bin, &netns.name, &args).await?;
+        Ok(AgentNode { server, netns })
+    }
+
+    pub fn node_name(&self) -> String {
+        self.netns.node_name()
+    }
+
+    /// What the agent left behind (see [`leftovers`]).
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut found = leftovers(self.server.data_dir(), &self.node_name());
+        if let Ok(links) = self
+            .netns
+            .exec("ip", &["-o", "link", "show", "type", "veth"])
+        {
+            found.extend(links.lines().map(|l| format!("veth {l}")));
+        }
+        found
+    }
+}
+
+impl Drop for AgentNode {
+    fn drop(&mut self) {
+        self.server.kill();
+        clean_up(self.server.data_dir(), &self.netns.name);
+    }
+}
