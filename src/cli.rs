@@ -25,6 +25,9 @@ pub enum Command {
     Server(ServerArgs),
     /// Run a node agent that joins an existing server.
     Agent(AgentArgs),
+    /// Run only this node's pod network data plane (tests, debugging).
+    #[command(hide = true)]
+    Dataplane(crate::dataplane::DataplaneArgs),
 }
 
 /// Flags that every node has, server or agent.

@@ -15,7 +15,7 @@ use controlplane::storage::embedded::EmbeddedStore;
 use controlplane::storage::etcd::EtcdStore;
 use ipnet::IpNet;
 
-use crate::cli::ServerArgs;
+use crate::cli::{Component, ServerArgs};
 
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let data_dir = &args.node.data_dir;
@@ -97,6 +97,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             move || controllers::run(client.clone(), settings.clone())
         },
     ));
+
+    if !args.disable.contains(&Component::Network) {
+        tokio::spawn(crate::dataplane::run_for_server(client.clone(), &args, &hostname));
+    }
 
     let tls_config = tls::server_config(&pki).context("configuring TLS")?;
     let bind = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), args.https_listen_port);

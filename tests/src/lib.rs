@@ -3,6 +3,8 @@
 //! test and removed after it, plus suites that hold every implementation of
 //! a contract to the same checks.
 
+pub mod cluster;
 pub mod etcd;
+pub mod netns;
 pub mod server;
 pub mod store_conformance;

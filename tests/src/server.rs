@@ -17,12 +17,33 @@ pub struct Server {
     dir: TempDir,
     pub port: u16,
     extra_args: Vec<String>,
+    /// The network namespace the server (and kubectl) run in; `None` is
+    /// the machine's own, where the server never sets up pod networking.
+    netns: Option<String>,
 }
 
 impl Server {
     /// Starts `bin server` with the embedded store; `extra_args` are added
     /// to its command line (e.g. `--datastore-endpoint`).
     pub async fn start(bin: &Path, extra_args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_in(bin, None, extra_args).await
+    }
+
+    /// Starts `bin server` inside the network namespace `netns` (through
+    /// `ip netns exec`); kubectl then runs there too.
+    pub async fn start_in_netns(
+        bin: &Path,
+        netns: &str,
+        extra_args: &[&str],
+    ) -> anyhow::Result<Self> {
+        Self::start_in(bin, Some(netns.to_owned()), extra_args).await
+    }
+
+    async fn start_in(
+        bin: &Path,
+        netns: Option<String>,
+        extra_args: &[&str],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("skiff-test-server-")
             .tempdir()
@@ -33,6 +54,7 @@ impl Server {
             dir,
             port: free_port()?,
             extra_args: extra_args.iter().map(|s| (*s).to_owned()).collect(),
+            netns,
         };
         server.spawn().await?;
         Ok(server)
@@ -57,7 +79,7 @@ impl Server {
 
     /// `kubectl` with this server's admin kubeconfig.
     pub fn kubectl(&self) -> Command {
-        let mut command = Command::new("kubectl");
+        let mut command = self.command("kubectl");
         command
             .arg("--kubeconfig")
             .arg(self.kubeconfig())
@@ -132,8 +154,13 @@ impl Server {
     async fn spawn(&mut self) -> anyhow::Result<()> {
         let log = std::fs::File::create(self.dir.path().join("server.log"))
             .context("creating the server log")?;
-        let child = Command::new(&self.bin)
-            .arg("server")
+        let mut command = self.command(&self.bin);
+        command.arg("server");
+        if self.netns.is_none() {
+            // Tests never change the machine's own network.
+            command.args(["--disable", "network"]);
+        }
+        let child = command
             .arg("--data-dir")
             .arg(self.dir.path())
             .arg("--https-listen-port")
@@ -147,6 +174,18 @@ impl Server {
             .with_context(|| format!("starting {}", self.bin.display()))?;
         self.child = Some(child);
         self.wait_ready().await
+    }
+
+    /// `program` run in the server's network namespace.
+    fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        match &self.netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns]).arg(program);
+                command
+            }
+            None => Command::new(program),
+        }
     }
 
     async fn wait_ready(&mut self) -> anyhow::Result<()> {
