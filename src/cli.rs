@@ -33,6 +33,9 @@ pub enum Command {
     /// The container monitor the agent starts for each container.
     #[command(hide = true)]
     Shim(ShimArgs),
+    /// Run only this node's pod network data plane (tests, debugging).
+    #[command(hide = true)]
+    Dataplane(crate::dataplane::DataplaneArgs),
 }
 
 /// Flags that every node has, server or agent.

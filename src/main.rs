@@ -4,6 +4,7 @@
 mod node_agent;
 mod cli;
 mod images;
+mod dataplane;
 mod server;
 
 use anyhow::Context;
@@ -44,6 +45,7 @@ fn main() -> anyhow::Result<()> {
             // Ran above, before logging was set up.
             Command::Cni => Ok(()),
             Command::Shim(_) => Ok(()),
+            Command::Dataplane(args) => dataplane::run(args).await,
             Command::Agent(args) => anyhow::bail!(
                 "`skiff agent` cannot join {} yet: the node agent is not built in this version",
                 args.server

@@ -117,6 +117,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             args.cluster_dns,
             &args.cluster_domain,
         );
+    if !args.disable.contains(&Component::Network) {
+        tokio::spawn(crate::dataplane::run_for_server(client.clone(), &args, &hostname));
     }
 
     let tls_config = tls::server_config(&pki).context("configuring TLS")?;

@@ -1,2 +1,11 @@
 //! The packet engine: the TUN overlay between nodes and Service load
-//! balancing (ClusterIP, NodePort) with connection tracking. Not built yet.
+//! balancing (ClusterIP, NodePort) with connection tracking.
+//!
+//! Layout as in smoltcp: `wire` (packet formats as zero-copy views),
+//! `device` (TUN and UDP I/O), `overlay` (peer table, routes, the packet
+//! loop), `metrics`.
+
+pub mod device;
+pub mod metrics;
+pub mod overlay;
+pub mod wire;

@@ -3,9 +3,11 @@
 //! test and removed after it, plus suites that hold every implementation of
 //! a contract to the same checks.
 
+pub mod cluster;
 pub mod etcd;
 pub mod images;
 pub mod node;
 pub mod runc;
+pub mod netns;
 pub mod server;
 pub mod store_conformance;

@@ -17,7 +17,9 @@ pub struct Server {
     dir: TempDir,
     pub port: u16,
     extra_args: Vec<String>,
-    /// The network namespace the server (and its agent) runs in, if any.
+    /// The network namespace the server (its agent, and kubectl) run in;
+    /// `None` is the machine's own, where the server never sets up pod
+    /// networking.
     netns: Option<String>,
 }
 
@@ -35,6 +37,18 @@ impl Server {
     /// `netns` (see [`crate::node::NodeNetns`]).
     pub async fn start_in(bin: &Path, netns: &str, extra_args: &[&str]) -> anyhow::Result<Self> {
         Self::start_with(bin, extra_args, Some(netns.to_owned())).await
+    }
+
+    /// Starts `bin server` without an agent inside the network namespace
+    /// `netns`; kubectl then runs there too.
+    pub async fn start_in_netns(
+        bin: &Path,
+        netns: &str,
+        extra_args: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut args = vec!["--disable", "agent"];
+        args.extend_from_slice(extra_args);
+        Self::start_with(bin, &args, Some(netns.to_owned())).await
     }
 
     async fn start_with(
@@ -77,7 +91,7 @@ impl Server {
 
     /// A command run in the server's network namespace (or here, when it
     /// has none).
-    pub fn command(&self, program: &str) -> Command {
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         match &self.netns {
             Some(netns) => {
                 let mut command = Command::new("nsenter");
@@ -170,10 +184,13 @@ impl Server {
         // nsenter enters only the network namespace: the agent's mounts
         // (rootfs, namespaces) stay in the machine's mount namespace, so a
         // restarted server sees them, as on a real node.
-        let bin = self.bin.display().to_string();
-        let child = self
-            .command(&bin)
-            .arg("server")
+        let mut command = self.command(&self.bin);
+        command.arg("server");
+        if self.netns.is_none() {
+            // Tests never change the machine's own network.
+            command.args(["--disable", "network"]);
+        }
+        let child = command
             .arg("--data-dir")
             .arg(self.dir.path())
             .arg("--https-listen-port")

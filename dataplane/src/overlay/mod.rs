@@ -1,0 +1,346 @@
+//! The TUN overlay between nodes.
+//!
+//! [`run`] creates the TUN device (one queue per worker), the underlay
+//! sockets and one worker thread per queue (see [`worker`]), then watches
+//! Node objects: every change rebuilds the peer table (podCIDR → underlay
+//! address), hands it to the workers, and brings the device's routes in
+//! line — a joining node is reachable and a leaving one forgotten as soon
+//! as its watch event arrives. Stopping (dropping the future) stops the
+//! workers, which closes the device and with it its routes; the next start
+//! creates both again.
+
+pub mod nodes;
+pub mod peers;
+pub mod reassembly;
+pub mod routes;
+pub mod worker;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::Api;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, watcher};
+
+use crate::device::{tun, udp};
+use crate::metrics::Metrics;
+use crate::wire::overlay::HEADER_LEN;
+
+use nodes::{NodeInfo, Plan};
+use peers::{Reader, Shared};
+use routes::Routes;
+
+/// The overlay's UDP port (flannel's VXLAN port, so firewalls that let a
+/// flannel cluster through let this one through).
+pub const DEFAULT_PORT: u16 = 8472;
+/// Routes are re-checked this often, to repair what someone else removed.
+const RESYNC: Duration = Duration::from_secs(10);
+/// A failed route update is retried this soon.
+const RETRY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone)]
+pub struct OverlayConfig {
+    /// This node's Node object.
+    pub node_name: String,
+    /// The address other nodes reach this one at; unspecified binds all.
+    pub underlay_ip: IpAddr,
+    pub port: u16,
+    pub tun_name: String,
+    /// MTU of the TUN device and the pods: underlay MTU minus 44 bytes of
+    /// IPv4, UDP and overlay headers (1450 under a 1500-byte underlay,
+    /// as VXLAN).
+    pub mtu: u16,
+    /// Also routed into the device, for the service load balancer.
+    pub service_cidr: Option<IpNet>,
+    /// Worker threads and TUN queues; 0 means one per CPU.
+    pub workers: usize,
+    /// Largest super-packet the kernel hands the device. Bigger costs fewer
+    /// system calls per byte; smaller costs a TCP flow less when one
+    /// datagram of it is lost (the whole super-packet is). The default,
+    /// 32 KiB, loses at most 23 segments to one lost datagram — one
+    /// recovery round for TCP with SACK — at a few percent of throughput.
+    pub max_super_packet: u32,
+    /// Send and receive buffer of each underlay socket.
+    pub socket_buffer: usize,
+    /// Serve `/metrics` here.
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+impl OverlayConfig {
+    pub fn new(node_name: impl Into<String>, underlay_ip: IpAddr) -> Self {
+        OverlayConfig {
+            node_name: node_name.into(),
+            underlay_ip,
+            port: DEFAULT_PORT,
+            tun_name: "skiff0".into(),
+            mtu: 1450,
+            service_cidr: None,
+            workers: 0,
+            max_super_packet: 32 * 1024,
+            socket_buffer: 8 << 20,
+            metrics_addr: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("creating TUN device {name}: {source}")]
+    Tun { name: String, source: io::Error },
+    #[error("opening the overlay socket on {addr}: {source}")]
+    Socket { addr: SocketAddr, source: io::Error },
+    #[error("setting up the TUN device's routes: {0}")]
+    Routes(#[from] routes::Error),
+    #[error("starting a worker thread: {0}")]
+    Thread(io::Error),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("the Node watch ended")]
+    WatchEnded,
+}
+
+/// Runs the overlay for `config.node_name` until the future is dropped,
+/// with its own metrics (served at `config.metrics_addr`).
+pub async fn run(client: kube::Client, config: OverlayConfig) -> Result<(), Error> {
+    run_with_metrics(client, config, Arc::new(Metrics::new())).await
+}
+
+/// [`run`], counting into `metrics`.
+pub async fn run_with_metrics(
+    client: kube::Client,
+    config: OverlayConfig,
+    metrics: Arc<Metrics>,
+) -> Result<(), Error> {
+    let _serving = config.metrics_addr.map(|addr| {
+        let metrics = metrics.clone();
+        AbortOnDrop(tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(addr, metrics).await {
+                tracing::error!(%addr, error = %e, "cannot serve data plane metrics");
+            }
+        }))
+    });
+    let result = async {
+        let running = start(&config, metrics.clone()).await?;
+        watch(client, &config, &running, &metrics).await
+    }
+    .await;
+    if result.is_err() {
+        metrics.start_failures.inc();
+    }
+    result
+}
+
+/// [`run`] for a component that must not fail because of the network
+/// (`skiff server`): errors are logged and counted, and the overlay is
+/// started again after a pause.
+pub async fn run_supervised(client: kube::Client, config: OverlayConfig) {
+    let metrics = Arc::new(Metrics::new());
+    loop {
+        if let Err(e) = run_with_metrics(client.clone(), config.clone(), metrics.clone()).await {
+            tracing::error!(error = %e, "pod network overlay is not running; retrying in 30s");
+        }
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    }
+}
+
+/// The device, its routes and the worker threads; dropping it stops the
+/// workers, which closes the device.
+struct Running {
+    shared: Arc<Shared>,
+    routes: Routes,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+async fn start(config: &OverlayConfig, metrics: Arc<Metrics>) -> Result<Running, Error> {
+    if usize::from(config.mtu) < 576 {
+        return Err(Error::Config(format!("MTU {} is below 576", config.mtu)));
+    }
+    let workers = match config.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let queues =
+        tun::create(&config.tun_name, config.mtu, workers).map_err(|source| Error::Tun {
+            name: config.tun_name.clone(),
+            source,
+        })?;
+    let routes = Routes::open(&config.tun_name).await?;
+    routes.configure(config.max_super_packet).await?;
+    enable_forwarding();
+
+    let listen = SocketAddr::new(config.underlay_ip, config.port);
+    let send_from = SocketAddr::new(config.underlay_ip, 0);
+    let socket_error = |addr| move |source| Error::Socket { addr, source };
+    let shared = Arc::new(Shared::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = Running {
+        shared: shared.clone(),
+        routes,
+        stop: stop.clone(),
+    };
+    for (i, queue) in queues.into_iter().enumerate() {
+        let rx = udp::UdpSocket::bind(
+            listen,
+            &udp::Options {
+                reuse_port: true,
+                gro: true,
+                segment: None,
+                buffer: config.socket_buffer,
+            },
+        )
+        .map_err(socket_error(listen))?;
+        let tx = udp::UdpSocket::bind(
+            send_from,
+            &udp::Options {
+                reuse_port: false,
+                gro: false,
+                segment: Some(HEADER_LEN as u16 + config.mtu),
+                buffer: config.socket_buffer,
+            },
+        )
+        .map_err(socket_error(send_from))?;
+        let worker = worker::Worker::new(worker::Setup {
+            queue,
+            rx,
+            tx,
+            peers: Reader::new(shared.clone()),
+            metrics: metrics.clone(),
+            stop: stop.clone(),
+            chunk: usize::from(config.mtu),
+            mtu: usize::from(config.mtu),
+        });
+        std::thread::Builder::new()
+            .name(format!("overlay-{i}"))
+            .spawn(move || worker.run())
+            .map_err(Error::Thread)?;
+    }
+    tracing::info!(
+        device = %config.tun_name,
+        %listen,
+        workers,
+        mtu = config.mtu,
+        "pod network overlay started"
+    );
+    Ok(running)
+}
+
+/// Follows Node objects, publishing peer tables and syncing routes.
+async fn watch(
+    client: kube::Client,
+    config: &OverlayConfig,
+    running: &Running,
+    metrics: &Metrics,
+) -> Result<(), Error> {
+    let api: Api<Node> = Api::all(client);
+    let mut events = std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
+    let want_v4 = match config.underlay_ip {
+        IpAddr::V4(_) => true,
+        IpAddr::V6(v6) => v6.is_unspecified(),
+    };
+    let mut nodes: BTreeMap<String, NodeInfo> = BTreeMap::new();
+    let mut relist: Option<BTreeMap<String, NodeInfo>> = None;
+    let mut synced = false;
+    let mut applied: Option<Plan> = None;
+    let mut routes_ok = true;
+    let mut resync = tokio::time::interval(RESYNC);
+    let mut retry = tokio::time::interval(RETRY);
+    loop {
+        let changed = tokio::select! {
+            event = events.next() => match event {
+                None => return Err(Error::WatchEnded),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "watching Nodes");
+                    false
+                }
+                Some(Ok(watcher::Event::Init)) => {
+                    relist = Some(BTreeMap::new());
+                    false
+                }
+                Some(Ok(watcher::Event::InitApply(node))) => {
+                    if let (Some(list), Some(name)) = (relist.as_mut(), node.metadata.name.clone()) {
+                        list.insert(name, NodeInfo::from_node(&node, want_v4));
+                    }
+                    false
+                }
+                Some(Ok(watcher::Event::InitDone)) => {
+                    nodes = relist.take().unwrap_or_default();
+                    synced = true;
+                    true
+                }
+                Some(Ok(watcher::Event::Apply(node))) => {
+                    if let Some(name) = node.metadata.name.clone() {
+                        nodes.insert(name, NodeInfo::from_node(&node, want_v4));
+                    }
+                    true
+                }
+                Some(Ok(watcher::Event::Delete(node))) => {
+                    if let Some(name) = &node.metadata.name {
+                        nodes.remove(name);
+                    }
+                    true
+                }
+            },
+            _ = resync.tick() => synced,
+            _ = retry.tick() => synced && !routes_ok,
+        };
+        if !changed {
+            continue;
+        }
+        let plan = Plan::new(&config.node_name, &nodes, config.port, config.service_cidr);
+        if applied.as_ref() != Some(&plan) {
+            running.shared.publish(plan.table());
+            metrics
+                .peers
+                .set(running.shared.current().peer_count() as i64);
+            tracing::info!(
+                local = ?plan.local,
+                remote = ?plan.remote,
+                "overlay peers updated"
+            );
+        }
+        match running.routes.sync(&plan.routes).await {
+            Ok((added, removed)) => {
+                routes_ok = true;
+                metrics.routes.set(plan.routes.len() as i64);
+                if added + removed > 0 {
+                    tracing::info!(added, removed, "overlay routes updated");
+                }
+            }
+            Err(e) => {
+                routes_ok = false;
+                metrics.route_errors.inc();
+                tracing::warn!(error = %e, "updating overlay routes; retrying");
+            }
+        }
+        applied = Some(plan);
+    }
+}
+
+/// Decapsulated packets are forwarded from the TUN device to the pods'
+/// bridge, and pods' packets into the device: both need IP forwarding.
+fn enable_forwarding() {
+    if let Err(e) = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1") {
+        tracing::warn!(error = %e, "cannot enable IPv4 forwarding; pods on this node may be unreachable");
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,480 @@
+//! The packet loop of one worker thread. Each worker owns one TUN queue,
+//! one receiving socket (sharing the overlay port with the other workers'
+//! through `SO_REUSEPORT`) and one sending socket, and moves packets both
+//! ways:
+//!
+//! - out: read a packet or super-packet from the TUN queue, find the node
+//!   that owns its destination, cut it into fragments behind overlay
+//!   headers and queue it as one GSO message; after a batch of reads, send
+//!   every queued message with one `sendmmsg`. The fragments are iovecs
+//!   pointing into the read buffer: nothing is copied.
+//! - in: receive a batch of GRO messages with one `recvmmsg`, drop what
+//!   comes from unknown nodes, check every datagram's header, and write
+//!   each whole packet to the TUN queue with one `writev` over its
+//!   fragments (or, when its fragments were split across messages, through
+//!   the reassembly slots).
+//!
+//! All buffers are allocated when the worker starts; the loop allocates,
+//! locks and spawns nothing. The peer table is re-read only when the node
+//! watcher published a new generation.
+
+use std::io::IoSlice;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::device::tun::Queue;
+use crate::device::udp::{MAX_PARTS, RecvBatch, SendBatch, UdpSocket};
+use crate::metrics::{Drop, Local, Metrics};
+use crate::wire::overlay::{self, FLAG_VNET, HEADER_LEN, Header, MAX_FRAGMENTS, MAX_PAYLOAD};
+use crate::wire::{self, checksum, ip, vnet};
+
+use super::peers::{PeerTable, Reader};
+use super::reassembly::Reassembly;
+
+/// TUN reads, and received messages, handled between two polls.
+const BATCH: usize = 16;
+/// The largest UDP payload one GSO send may carry over IPv4.
+const MAX_GSO_BYTES: usize = 65_507;
+/// The kernel's limit on datagrams in one GSO send (`UDP_MAX_SEGMENTS`).
+const MAX_GSO_SEGMENTS: usize = 64;
+/// How long a poll waits before the worker checks whether to stop.
+const POLL_MS: libc::c_int = 100;
+
+/// What `Worker::new` needs.
+pub struct Setup {
+    pub queue: Queue,
+    pub rx: UdpSocket,
+    pub tx: UdpSocket,
+    pub peers: Reader,
+    pub metrics: Arc<Metrics>,
+    pub stop: Arc<AtomicBool>,
+    /// Fragment size: the TUN MTU, so that a lone packet is one datagram.
+    pub chunk: usize,
+    pub mtu: usize,
+}
+
+pub struct Worker {
+    queue: Queue,
+    rx: UdpSocket,
+    tx: UdpSocket,
+    peers: Reader,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+    local: Local,
+    out: Outbound,
+    inbound: Inbound,
+}
+
+struct Outbound {
+    bufs: Vec<Box<[u8]>>,
+    /// `MAX_FRAGMENTS` overlay headers per read buffer.
+    headers: Vec<[u8; HEADER_LEN]>,
+    batch: SendBatch,
+    next_id: u32,
+    chunk: usize,
+    /// Fragments that fit in one GSO send.
+    per_message: usize,
+}
+
+struct Inbound {
+    batch: RecvBatch,
+    reassembly: Reassembly,
+    mtu: usize,
+}
+
+/// The virtio-net header for a packet that needs nothing from the kernel.
+const PLAIN_VNET: [u8; vnet::HEADER_LEN] = [0; vnet::HEADER_LEN];
+
+impl Worker {
+    pub fn new(setup: Setup) -> Self {
+        let chunk = setup.chunk.max(1);
+        let per_message = (MAX_GSO_BYTES / (HEADER_LEN + chunk)).clamp(1, MAX_GSO_SEGMENTS);
+        Worker {
+            queue: setup.queue,
+            rx: setup.rx,
+            tx: setup.tx,
+            peers: setup.peers,
+            metrics: setup.metrics,
+            stop: setup.stop,
+            local: Local::default(),
+            out: Outbound {
+                bufs: (0..BATCH)
+                    .map(|_| vec![0; MAX_PAYLOAD].into_boxed_slice())
+                    .collect(),
+                headers: vec![[0; HEADER_LEN]; BATCH * usize::from(MAX_FRAGMENTS)],
+                batch: SendBatch::new(BATCH * 2),
+                next_id: 0,
+                chunk,
+                per_message,
+            },
+            inbound: Inbound {
+                batch: RecvBatch::new(BATCH),
+                reassembly: Reassembly::new(),
+                mtu: setup.mtu,
+            },
+        }
+    }
+
+    /// Runs until the stop flag is set.
+    pub fn run(mut self) {
+        let mut fds = [
+            libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&self.queue),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&self.rx),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        while !self.stop.load(Ordering::Relaxed) {
+            for fd in &mut fds {
+                fd.revents = 0;
+            }
+            // SAFETY: two valid pollfds.
+            let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, POLL_MS) };
+            if ready <= 0 {
+                continue;
+            }
+            self.peers.refresh();
+            if fds[0].revents != 0 {
+                self.pump_tun();
+            }
+            if fds[1].revents != 0 {
+                self.pump_udp();
+            }
+            self.local.flush(&self.metrics);
+        }
+    }
+
+    /// Out: TUN → underlay.
+    fn pump_tun(&mut self) {
+        let table = self.peers.table();
+        let out = &mut self.out;
+        let mut slot = 0;
+        while slot < BATCH {
+            let len = match self.queue.read(&mut out.bufs[slot]) {
+                Ok(Some(len)) => len,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "TUN read failed");
+                    self.local.drop(Drop::Io, 1);
+                    break;
+                }
+            };
+            let headers = &mut out.headers
+                [slot * usize::from(MAX_FRAGMENTS)..(slot + 1) * usize::from(MAX_FRAGMENTS)];
+            let queued = encapsulate(
+                &mut out.bufs[slot][..len],
+                headers,
+                Encap {
+                    batch: &mut out.batch,
+                    tx: &self.tx,
+                    table,
+                    local: &mut self.local,
+                    next_id: &mut out.next_id,
+                    chunk: out.chunk,
+                    per_message: out.per_message,
+                },
+            );
+            if queued {
+                slot += 1;
+            }
+        }
+        let skipped = out.batch.flush(&self.tx);
+        self.local.drop(Drop::Io, skipped as u64);
+    }
+
+    /// In: underlay → TUN.
+    fn pump_udp(&mut self) {
+        let inbound = &mut self.inbound;
+        let received = match inbound.batch.recv(&self.rx) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(error = %e, "underlay receive failed");
+                self.local.drop(Drop::Io, 1);
+                return;
+            }
+        };
+        let table = self.peers.table();
+        for i in 0..received {
+            let Some(message) = inbound.batch.get(i) else {
+                break;
+            };
+            let datagrams = message.data.len().div_ceil(message.segment).max(1) as u64;
+            let from = match message.from {
+                Some(from) if table.is_known_source(from.ip()) => from,
+                _ => {
+                    self.local.drop(Drop::UnknownSource, datagrams);
+                    continue;
+                }
+            };
+            if message.truncated {
+                self.local.drop(Drop::Oversized, datagrams);
+                continue;
+            }
+            let mut decap = Decap {
+                queue: &self.queue,
+                table,
+                local: &mut self.local,
+                mtu: inbound.mtu,
+            };
+            decapsulate(
+                message.data,
+                message.segment,
+                from,
+                &mut inbound.reassembly,
+                &mut decap,
+            );
+        }
+    }
+}
+
+struct Encap<'a> {
+    batch: &'a mut SendBatch,
+    tx: &'a UdpSocket,
+    table: &'a PeerTable,
+    local: &'a mut Local,
+    next_id: &'a mut u32,
+    chunk: usize,
+    per_message: usize,
+}
+
+/// Queues the packet in `buf` (virtio-net header first) for its node.
+/// Returns whether the batch now refers to `buf` and `headers`, which must
+/// then stay untouched until the batch is flushed.
+fn encapsulate(buf: &mut [u8], headers: &mut [[u8; HEADER_LEN]], e: Encap<'_>) -> bool {
+    let len = buf.len();
+    let header = vnet::Packet::new_unchecked(&*buf);
+    if let Err(err) = header.check(len) {
+        e.local.drop(reason(err), 1);
+        return false;
+    }
+    let (gso, needs_csum) = (header.is_gso(), header.needs_csum());
+    let (csum_start, csum_offset) = (
+        usize::from(header.csum_start()),
+        usize::from(header.csum_offset()),
+    );
+    let dst = match ip::destination(&buf[vnet::HEADER_LEN..], len - vnet::HEADER_LEN) {
+        Ok(dst) => dst,
+        Err(err) => {
+            e.local.drop(reason(err), 1);
+            return false;
+        }
+    };
+    let Some(to) = e.table.lookup(dst) else {
+        e.local.drop(Drop::UnknownDestination, 1);
+        return false;
+    };
+    // A super-packet travels with its virtio-net header so the receiving
+    // kernel can segment it; a lone packet travels bare, its checksum
+    // finished here as a NIC would.
+    let (payload, flags) = if gso {
+        (&buf[..], FLAG_VNET)
+    } else {
+        let inner = &mut buf[vnet::HEADER_LEN..];
+        if needs_csum && !checksum::complete(inner, csum_start, csum_offset) {
+            e.local.drop(Drop::Malformed, 1);
+            return false;
+        }
+        (&buf[vnet::HEADER_LEN..], 0)
+    };
+    let count = payload.len().div_ceil(e.chunk).max(1);
+    if count > usize::from(MAX_FRAGMENTS) {
+        e.local.drop(Drop::Oversized, 1);
+        return false;
+    }
+    let packet_id = *e.next_id;
+    *e.next_id = e.next_id.wrapping_add(1);
+    for (index, head) in headers[..count].iter_mut().enumerate() {
+        Header {
+            flags,
+            frag_index: index as u8,
+            frag_count: count as u8,
+            packet_id,
+            payload_len: payload.len() as u32,
+        }
+        .emit(head);
+    }
+    let mut parts = [IoSlice::new(&[]); MAX_PARTS];
+    let mut first = 0;
+    while first < count {
+        let n = (count - first).min(e.per_message);
+        for k in 0..n {
+            let index = first + k;
+            let start = index * e.chunk;
+            let end = (start + e.chunk).min(payload.len());
+            parts[2 * k] = IoSlice::new(&headers[index]);
+            parts[2 * k + 1] = IoSlice::new(&payload[start..end]);
+        }
+        // SAFETY: `parts` point into `buf` and `headers`, which the caller
+        // leaves alone until the batch is flushed.
+        let mut queued = unsafe { e.batch.push(to, &parts[..2 * n]) };
+        if !queued {
+            let skipped = e.batch.flush(e.tx);
+            e.local.drop(Drop::Io, skipped as u64);
+            // SAFETY: as above.
+            queued = unsafe { e.batch.push(to, &parts[..2 * n]) };
+        }
+        if !queued {
+            e.local.drop(Drop::Io, 1);
+            return false;
+        }
+        first += n;
+    }
+    e.local.packets_out += 1;
+    e.local.bytes_out += (len - vnet::HEADER_LEN) as u64;
+    true
+}
+
+struct Decap<'a> {
+    queue: &'a Queue,
+    table: &'a PeerTable,
+    local: &'a mut Local,
+    mtu: usize,
+}
+
+/// Delivers every packet in one received message: `data` holds datagrams
+/// of `segment` bytes (the last may be shorter).
+fn decapsulate(
+    data: &[u8],
+    segment: usize,
+    from: SocketAddr,
+    reassembly: &mut Reassembly,
+    d: &mut Decap<'_>,
+) {
+    let mut fragments: [&[u8]; MAX_FRAGMENTS as usize] = [&[]; MAX_FRAGMENTS as usize];
+    let mut at = 0;
+    while at < data.len() {
+        let end = (at + segment).min(data.len());
+        let datagram = &data[at..end];
+        at = end;
+        let packet = match overlay::Packet::new_checked(datagram) {
+            Ok(packet) => packet,
+            Err(err) => {
+                d.local.drop(reason(err), 1);
+                continue;
+            }
+        };
+        if packet.frag_count() == 1 {
+            deliver(&[packet.fragment()], packet.has_vnet(), d);
+            continue;
+        }
+        if packet.frag_index() == 0
+            && let Some(next) = whole_train(data, at, segment, &packet, &mut fragments)
+        {
+            deliver(
+                &fragments[..usize::from(packet.frag_count())],
+                packet.has_vnet(),
+                d,
+            );
+            at = next;
+            continue;
+        }
+        if let Some(whole) = reassembly.push(from, &packet, d.local) {
+            let vnet = whole.vnet;
+            deliver(&[whole.payload], vnet, d);
+        }
+    }
+}
+
+/// When all fragments of the packet whose first is `first` follow it in
+/// `data` from `at` on, collects them into `fragments` and returns where
+/// the next datagram starts.
+fn whole_train<'a>(
+    data: &'a [u8],
+    mut at: usize,
+    segment: usize,
+    first: &overlay::Packet<&'a [u8]>,
+    fragments: &mut [&'a [u8]; MAX_FRAGMENTS as usize],
+) -> Option<usize> {
+    let count = first.frag_count();
+    fragments[0] = first.fragment_slice();
+    let mut total = fragments[0].len();
+    for index in 1..count {
+        if at >= data.len() {
+            return None;
+        }
+        let end = (at + segment).min(data.len());
+        let next = overlay::Packet::new_checked(&data[at..end]).ok()?;
+        if next.packet_id() != first.packet_id()
+            || next.frag_index() != index
+            || next.frag_count() != count
+            || next.flags() != first.flags()
+        {
+            return None;
+        }
+        fragments[usize::from(index)] = next.fragment_slice();
+        total += fragments[usize::from(index)].len();
+        at = end;
+    }
+    (total == first.payload_len() as usize).then_some(at)
+}
+
+/// Checks one whole payload (its parts in order) and writes it to the TUN
+/// queue.
+fn deliver(parts: &[&[u8]], has_vnet: bool, d: &mut Decap<'_>) {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let first = parts.first().copied().unwrap_or_default();
+    let (head, ip_len, gso) = if has_vnet {
+        let header = vnet::Packet::new_unchecked(first);
+        if let Err(err) = header.check(total) {
+            d.local.drop(reason(err), 1);
+            return;
+        }
+        (
+            first.get(vnet::HEADER_LEN..).unwrap_or_default(),
+            total - vnet::HEADER_LEN,
+            header.is_gso(),
+        )
+    } else {
+        (first, total, false)
+    };
+    let dst = match ip::destination(head, ip_len) {
+        Ok(dst) => dst,
+        Err(err) => {
+            d.local.drop(reason(err), 1);
+            return;
+        }
+    };
+    if !d.table.is_local(dst) {
+        d.local.drop(Drop::UnknownDestination, 1);
+        return;
+    }
+    if !gso && ip_len > d.mtu {
+        d.local.drop(Drop::Oversized, 1);
+        return;
+    }
+    let mut iov = [IoSlice::new(&[]); MAX_FRAGMENTS as usize + 1];
+    let mut n = 0;
+    if !has_vnet {
+        iov[0] = IoSlice::new(&PLAIN_VNET);
+        n = 1;
+    }
+    for part in parts {
+        iov[n] = IoSlice::new(part);
+        n += 1;
+    }
+    match d.queue.write(&iov[..n]) {
+        Ok(_) => {
+            d.local.packets_in += 1;
+            d.local.bytes_in += ip_len as u64;
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "TUN write failed");
+            d.local.drop(Drop::Io, 1);
+        }
+    }
+}
+
+fn reason(err: wire::Error) -> Drop {
+    match err {
+        wire::Error::Truncated => Drop::Truncated,
+        wire::Error::BadVersion(_) => Drop::BadVersion,
+        wire::Error::Malformed => Drop::Malformed,
+        wire::Error::Oversized => Drop::Oversized,
+    }
+}

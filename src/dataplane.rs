@@ -1,0 +1,81 @@
+//! The pod network data plane as `skiff server` runs it for its own node,
+//! and as the hidden `skiff dataplane` runs it alone with a kubeconfig
+//! (multi-node tests, debugging) until the node agent runs it.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use dataplane::overlay::{self, OverlayConfig};
+use ipnet::IpNet;
+
+use crate::cli::ServerArgs;
+
+#[derive(Args, Debug)]
+pub struct DataplaneArgs {
+    /// Kubeconfig of the cluster whose Node objects to follow.
+    #[arg(long)]
+    pub kubeconfig: PathBuf,
+    /// This node's Node object.
+    #[arg(long)]
+    pub node_name: String,
+    /// This node's underlay address (its InternalIP).
+    #[arg(long)]
+    pub node_ip: IpAddr,
+    #[arg(long, default_value_t = overlay::DEFAULT_PORT)]
+    pub port: u16,
+    #[arg(long, default_value = "skiff0")]
+    pub tun_name: String,
+    #[arg(long, default_value_t = 1450)]
+    pub mtu: u16,
+    /// Also route this range into the overlay (Service ClusterIPs).
+    #[arg(long)]
+    pub service_cidr: Option<IpNet>,
+    /// Worker threads and TUN queues (0: one per CPU).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    /// Largest TCP super-packet the kernel hands the TUN device, in bytes.
+    #[arg(long)]
+    pub max_super_packet: Option<u32>,
+    /// Serve Prometheus metrics at this address.
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
+    let kubeconfig = kube::config::Kubeconfig::read_from(&args.kubeconfig)
+        .with_context(|| format!("reading {}", args.kubeconfig.display()))?;
+    let client_config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+    let client = kube::Client::try_from(client_config).context("building the API client")?;
+    let mut config = OverlayConfig::new(args.node_name, args.node_ip);
+    config.port = args.port;
+    config.tun_name = args.tun_name;
+    config.mtu = args.mtu;
+    config.service_cidr = args.service_cidr;
+    config.workers = args.workers;
+    if let Some(size) = args.max_super_packet {
+        config.max_super_packet = size;
+    }
+    config.metrics_addr = args.metrics_addr;
+    let run = overlay::run(client, config);
+    tokio::select! {
+        result = run => result.context("pod network data plane"),
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    }
+}
+
+/// The server's own node's data plane: never fails the server; a missing
+/// TUN device is logged, counted and retried.
+pub fn run_for_server(
+    client: kube::Client,
+    args: &ServerArgs,
+    hostname: &str,
+) -> impl Future<Output = ()> + 'static {
+    let node_name = args.node.node_name.clone().unwrap_or_else(|| hostname.to_owned());
+    let underlay = args.node.node_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let mut config = OverlayConfig::new(node_name, underlay);
+    config.service_cidr = Some(args.service_cidr);
+    overlay::run_supervised(client, config)
+}

@@ -1,0 +1,119 @@
+//! Network namespaces for tests: created with `ip netns add`, deleted on
+//! drop, and a way to run code inside one (sockets opened there stay
+//! there, whichever thread uses them afterwards).
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, bail};
+
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates the namespace `name` with its loopback up.
+    pub fn create(name: &str) -> anyhow::Result<Self> {
+        run("ip", &["netns", "add", name])?;
+        let netns = Netns {
+            name: name.to_owned(),
+        };
+        netns.ip(&["link", "set", "lo", "up"])?;
+        Ok(netns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n NAME args…`
+    pub fn ip(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// `program args…` inside the namespace, not yet started.
+    pub fn command(&self, program: &str) -> Command {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &self.name, program])
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Runs `program args…` inside the namespace; fails with its output
+    /// if it fails.
+    pub fn run(&self, program: &str, args: &[&str]) -> anyhow::Result<String> {
+        let output = self
+            .command(program)
+            .args(args)
+            .output()
+            .with_context(|| format!("running {program}"))?;
+        if !output.status.success() {
+            bail!(
+                "{program} {} in {} failed ({}): {}{}",
+                args.join(" "),
+                self.name,
+                output.status,
+                String::from_utf8_lossy(&output.stderr),
+                String::from_utf8_lossy(&output.stdout)
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Runs `f` on a fresh thread that has entered the namespace.
+    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
+        let path = format!("/var/run/netns/{}", self.name);
+        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // SAFETY: setns on this thread only; the fd is open.
+                    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(anyhow::Error::from(std::io::Error::last_os_error())
+                            .context(format!("entering {}", self.name)));
+                    }
+                    Ok(f())
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Names of all network namespaces.
+pub fn list() -> anyhow::Result<Vec<String>> {
+    Ok(run("ip", &["netns", "list"])?
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect())
+}
+
+fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let output = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !output.status.success() {
+        bail!(
+            "{program} {} failed ({}): {}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
