@@ -1,2 +1,4 @@
 //! The packet engine: the TUN overlay between nodes and Service load
-//! balancing (ClusterIP, NodePort) with connection tracking. Not built yet.
+//! balancing (ClusterIP, NodePort) with connection tracking.
+
+pub mod service;
