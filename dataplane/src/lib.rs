@@ -9,3 +9,5 @@ pub mod device;
 pub mod metrics;
 pub mod overlay;
 pub mod wire;
+
+pub mod service;
