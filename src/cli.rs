@@ -1,7 +1,7 @@
 //! The command line. Flag names and defaults follow k3s so that its users
 //! feel at home.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -24,6 +24,9 @@ pub enum Command {
     Server(ServerArgs),
     /// Run a node agent that joins an existing server.
     Agent(AgentArgs),
+    /// Run only the cluster DNS server against a cluster (benchmarks, debugging).
+    #[command(hide = true)]
+    Dns(DnsArgs),
 }
 
 /// Flags that every node has, server or agent.
@@ -77,6 +80,41 @@ pub struct ServerArgs {
     /// Shared secret nodes use to join (generated when absent).
     #[arg(long, env = "SKIFF_TOKEN")]
     pub token: Option<String>,
+    /// Extra addresses for cluster DNS (repeatable), besides the cluster DNS
+    /// address when it is local.
+    #[arg(long = "dns-listen", value_name = "ADDR:PORT", hide = true)]
+    pub dns_listen: Vec<SocketAddr>,
+    /// resolv.conf listing the upstream resolvers for names outside the cluster.
+    #[arg(long, default_value = "/etc/resolv.conf", hide = true)]
+    pub dns_upstream_resolv_conf: PathBuf,
+    /// Where cluster DNS serves Prometheus metrics.
+    #[arg(long, value_name = "ADDR:PORT", hide = true)]
+    pub dns_metrics_listen: Option<SocketAddr>,
+}
+
+#[derive(Args, Debug)]
+pub struct DnsArgs {
+    /// Kubeconfig of the cluster to serve.
+    #[arg(long)]
+    pub kubeconfig: PathBuf,
+    /// Address to serve on (repeatable).
+    #[arg(long, required = true, value_name = "ADDR:PORT")]
+    pub listen: Vec<SocketAddr>,
+    /// Cluster domain.
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// Record TTL in seconds.
+    #[arg(long, default_value_t = 5)]
+    pub ttl: u32,
+    /// UDP worker threads per address (0: one per CPU).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    /// resolv.conf listing the upstream resolvers ("none": do not forward).
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    pub upstream_resolv_conf: PathBuf,
+    /// Where to serve Prometheus metrics.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Args, Debug)]

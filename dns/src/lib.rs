@@ -103,6 +103,8 @@ pub async fn run(client: kube::Client, config: DnsConfig) -> Result<(), DnsError
 pub struct Server {
     pub published: Arc<Published>,
     pub metrics: Arc<Metrics>,
+    /// The addresses bound (port 0 resolved), in `listen` order.
+    pub local_addrs: Vec<SocketAddr>,
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
@@ -150,6 +152,7 @@ impl Server {
         let mut server = Server {
             published: published.clone(),
             metrics: metrics.clone(),
+            local_addrs: Vec::new(),
             stop: stop.clone(),
             threads: Vec::new(),
             tasks: Vec::new(),
@@ -168,6 +171,7 @@ impl Server {
             let threads = udp::spawn(bound, workers, &published, slow_tx.clone(), &metrics, &stop)
                 .map_err(listen_err)?;
             server.threads.extend(threads);
+            server.local_addrs.push(bound);
             server.tasks.push(tokio::spawn(tcp::serve(
                 tcp,
                 published.clone(),
