@@ -1,7 +1,7 @@
 //! The command line. Flag names and defaults follow k3s so that its users
 //! feel at home.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -36,6 +36,9 @@ pub enum Command {
     /// Run only this node's pod network data plane (tests, debugging).
     #[command(hide = true)]
     Dataplane(crate::dataplane::DataplaneArgs),
+    /// Run only the cluster DNS server against a cluster (benchmarks, debugging).
+    #[command(hide = true)]
+    Dns(DnsArgs),
 }
 
 /// Flags that every node has, server or agent.
@@ -118,6 +121,41 @@ fn seconds(value: &str) -> Result<Duration, String> {
         .ok()
         .and_then(|n| Duration::try_from_secs_f64(n * scale).ok())
         .ok_or_else(|| format!("{value:?} is not a duration such as 40s"))
+    /// Extra addresses for cluster DNS (repeatable), besides the cluster DNS
+    /// address when it is local.
+    #[arg(long = "dns-listen", value_name = "ADDR:PORT", hide = true)]
+    pub dns_listen: Vec<SocketAddr>,
+    /// resolv.conf listing the upstream resolvers for names outside the cluster.
+    #[arg(long, default_value = "/etc/resolv.conf", hide = true)]
+    pub dns_upstream_resolv_conf: PathBuf,
+    /// Where cluster DNS serves Prometheus metrics.
+    #[arg(long, value_name = "ADDR:PORT", hide = true)]
+    pub dns_metrics_listen: Option<SocketAddr>,
+}
+
+#[derive(Args, Debug)]
+pub struct DnsArgs {
+    /// Kubeconfig of the cluster to serve.
+    #[arg(long)]
+    pub kubeconfig: PathBuf,
+    /// Address to serve on (repeatable).
+    #[arg(long, required = true, value_name = "ADDR:PORT")]
+    pub listen: Vec<SocketAddr>,
+    /// Cluster domain.
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// Record TTL in seconds.
+    #[arg(long, default_value_t = 5)]
+    pub ttl: u32,
+    /// UDP worker threads per address (0: one per CPU).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    /// resolv.conf listing the upstream resolvers ("none": do not forward).
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    pub upstream_resolv_conf: PathBuf,
+    /// Where to serve Prometheus metrics.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Args, Debug)]

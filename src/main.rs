@@ -5,6 +5,7 @@ mod node_agent;
 mod cli;
 mod images;
 mod dataplane;
+mod dns;
 mod server;
 
 use anyhow::Context;
@@ -46,6 +47,7 @@ fn main() -> anyhow::Result<()> {
             Command::Cni => Ok(()),
             Command::Shim(_) => Ok(()),
             Command::Dataplane(args) => dataplane::run(args).await,
+            Command::Dns(args) => dns::run(args).await,
             Command::Agent(args) => anyhow::bail!(
                 "`skiff agent` cannot join {} yet: the node agent is not built in this version",
                 args.server

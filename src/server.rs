@@ -119,6 +119,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         );
     if !args.disable.contains(&Component::Network) {
         tokio::spawn(crate::dataplane::run_for_server(client.clone(), &args, &hostname));
+    tokio::spawn(controllers::run(client.clone()));
+    if !args.disable.contains(&Component::Dns) {
+        tokio::spawn(crate::dns::serve_for_server(client, &args));
     }
 
     let tls_config = tls::server_config(&pki).context("configuring TLS")?;

@@ -1,0 +1,807 @@
+//! The specification's records through the hot path, decoded by an
+//! independent decoder (hickory's), plus the protocol's corner cases.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, RData, RecordType};
+
+use crate::answer::{self, Outcome};
+use crate::index::Index;
+use crate::records::{
+    EndpointInfo, PodInfo, PortInfo, ServiceInfo, ServiceKind, SliceInfo, service_records,
+};
+use crate::wire::{self, Reject};
+use crate::zone::{Owner, ZoneBuilder};
+
+pub(crate) fn builder() -> ZoneBuilder {
+    let mut b = ZoneBuilder::new(
+        "cluster.local",
+        5,
+        Some("10.43.0.10".parse().unwrap()),
+        true,
+    )
+    .unwrap();
+    b.set_ready();
+    b
+}
+
+fn port(name: &str, proto: &str, port: u16) -> PortInfo {
+    PortInfo {
+        name: name.into(),
+        protocol: proto.into(),
+        port,
+    }
+}
+
+fn cluster_ip(ips: &[&str]) -> ServiceInfo {
+    ServiceInfo {
+        kind: ServiceKind::ClusterIp(ips.iter().map(|i| i.parse().unwrap()).collect()),
+        ports: vec![port("http", "tcp", 80)],
+        publish_not_ready: false,
+    }
+}
+
+fn endpoint(ip: &str, hostname: Option<&str>, ready: bool) -> EndpointInfo {
+    EndpointInfo {
+        addresses: vec![ip.parse().unwrap()],
+        hostname: hostname.map(Into::into),
+        ready,
+    }
+}
+
+pub(crate) fn add_service(
+    b: &mut ZoneBuilder,
+    ns: &str,
+    name: &str,
+    svc: &ServiceInfo,
+    slices: &[SliceInfo],
+    pods: &[PodInfo],
+) {
+    let records = service_records(b.apex(), ns, name, svc, slices.iter(), pods.iter());
+    b.set_owner(Owner::Service(ns.into(), name.into()), records);
+}
+
+pub(crate) fn query(name: &str, rtype: RecordType, edns: Option<u16>) -> Vec<u8> {
+    let mut m = Message::new(0xbeef, MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), rtype));
+    if let Some(size) = edns {
+        let mut e = Edns::new();
+        e.set_max_payload(size);
+        m.set_edns(e);
+    }
+    m.to_vec().unwrap()
+}
+
+fn ask_raw(index: &Index, packet: &[u8], udp: bool) -> Option<Vec<u8>> {
+    let mut out = vec![0u8; 65535];
+    match answer::answer(packet, &mut out, index, udp) {
+        Outcome::Reply { len, .. } => Some(out[..len].to_vec()),
+        _ => None,
+    }
+}
+
+fn ask(index: &Index, name: &str, rtype: RecordType) -> Message {
+    ask_with(index, name, rtype, None, true)
+}
+
+fn ask_with(index: &Index, name: &str, rtype: RecordType, edns: Option<u16>, udp: bool) -> Message {
+    let bytes =
+        ask_raw(index, &query(name, rtype, edns), udp).expect("an answer from the fast path");
+    let m = Message::from_vec(&bytes).expect("a well-formed answer");
+    assert_eq!(m.metadata.id, 0xbeef);
+    assert_eq!(m.metadata.message_type, MessageType::Response);
+    assert!(m.metadata.recursion_desired, "RD is copied from the query");
+    m
+}
+
+fn addrs(m: &Message) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = m
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+            _ => None,
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn assert_negative(m: &Message, rcode: ResponseCode) {
+    assert_eq!(m.metadata.response_code, rcode);
+    assert!(m.answers.is_empty());
+    assert!(m.metadata.authoritative);
+    let soa = m
+        .authorities
+        .first()
+        .expect("an SOA in the authority section");
+    assert!(matches!(soa.data, RData::SOA(_)));
+    assert_eq!(soa.name, Name::from_ascii("cluster.local.").unwrap());
+    assert_eq!(soa.ttl, 5);
+}
+
+#[test]
+fn schema_version_txt() {
+    let index = builder().build();
+    let m = ask(&index, "dns-version.cluster.local.", RecordType::TXT);
+    let RData::TXT(txt) = &m.answers[0].data else {
+        panic!("not TXT: {m:?}");
+    };
+    assert_eq!(&*txt.txt_data[0], b"1.1.0");
+}
+
+#[test]
+fn cluster_ip_service_a_aaaa_srv_ptr() {
+    let mut b = builder();
+    add_service(
+        &mut b,
+        "default",
+        "web",
+        &cluster_ip(&["10.43.0.20", "fd00::20"]),
+        &[],
+        &[],
+    );
+    add_service(
+        &mut b,
+        "default",
+        "v4only",
+        &cluster_ip(&["10.43.0.21"]),
+        &[],
+        &[],
+    );
+    let index = b.build();
+
+    let m = ask(&index, "web.default.svc.cluster.local.", RecordType::A);
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert!(m.metadata.authoritative);
+    assert_eq!(addrs(&m), vec![ip("10.43.0.20")]);
+    assert_eq!(m.answers[0].ttl, 5);
+    let m = ask(&index, "web.default.svc.cluster.local.", RecordType::AAAA);
+    assert_eq!(addrs(&m), vec![ip("fd00::20")]);
+
+    let m = ask(
+        &index,
+        "_http._tcp.web.default.svc.cluster.local.",
+        RecordType::SRV,
+    );
+    let RData::SRV(srv) = &m.answers[0].data else {
+        panic!("not SRV: {m:?}");
+    };
+    assert_eq!(srv.port, 80);
+    assert_eq!(
+        srv.target,
+        Name::from_ascii("web.default.svc.cluster.local.").unwrap()
+    );
+    assert_eq!(m.additionals.len(), 2, "the target's A and AAAA ride along");
+
+    let m = ask(&index, "20.0.43.10.in-addr.arpa.", RecordType::PTR);
+    let RData::PTR(ptr) = &m.answers[0].data else {
+        panic!("not PTR: {m:?}");
+    };
+    assert_eq!(
+        ptr.0,
+        Name::from_ascii("web.default.svc.cluster.local.").unwrap()
+    );
+    let v6 = Name::from(ip("fd00::20"));
+    let m = ask(&index, &v6.to_string(), RecordType::PTR);
+    assert_eq!(m.answers.len(), 1);
+
+    // NODATA: the name exists, the type does not.
+    let m = ask(
+        &index,
+        "v4only.default.svc.cluster.local.",
+        RecordType::AAAA,
+    );
+    assert_negative(&m, ResponseCode::NoError);
+    // Unnamed or wrong-protocol ports have no SRV.
+    let m = ask(
+        &index,
+        "_http._udp.web.default.svc.cluster.local.",
+        RecordType::SRV,
+    );
+    assert_negative(&m, ResponseCode::NXDomain);
+}
+
+#[test]
+fn headless_service_follows_ready_endpoints() {
+    let mut b = builder();
+    let headless = ServiceInfo {
+        kind: ServiceKind::Headless,
+        ports: vec![],
+        publish_not_ready: false,
+    };
+    let slice = SliceInfo {
+        service: "db".into(),
+        ports: vec![port("pg", "tcp", 5432)],
+        endpoints: vec![
+            endpoint("10.42.0.5", Some("db-0"), true),
+            endpoint("10.42.0.6", Some("db-1"), true),
+            endpoint("10.42.0.7", None, true),
+            endpoint("10.42.0.8", Some("db-3"), false),
+        ],
+    };
+    add_service(
+        &mut b,
+        "prod",
+        "db",
+        &headless,
+        std::slice::from_ref(&slice),
+        &[],
+    );
+    let index = b.build();
+
+    let m = ask(&index, "db.prod.svc.cluster.local.", RecordType::A);
+    assert_eq!(
+        addrs(&m),
+        vec![ip("10.42.0.5"), ip("10.42.0.6"), ip("10.42.0.7")]
+    );
+    let m = ask(&index, "db-1.db.prod.svc.cluster.local.", RecordType::A);
+    assert_eq!(addrs(&m), vec![ip("10.42.0.6")]);
+    // No hostname: a system-assigned one, the dashed address.
+    let m = ask(
+        &index,
+        "10-42-0-7.db.prod.svc.cluster.local.",
+        RecordType::A,
+    );
+    assert_eq!(addrs(&m), vec![ip("10.42.0.7")]);
+    // Not ready: absent.
+    let m = ask(&index, "db-3.db.prod.svc.cluster.local.", RecordType::A);
+    assert_negative(&m, ResponseCode::NXDomain);
+
+    let m = ask(
+        &index,
+        "_pg._tcp.db.prod.svc.cluster.local.",
+        RecordType::SRV,
+    );
+    let mut targets: Vec<String> = m
+        .answers
+        .iter()
+        .map(|r| match &r.data {
+            RData::SRV(s) => format!("{} {}", s.port, s.target),
+            other => panic!("not SRV: {other:?}"),
+        })
+        .collect();
+    targets.sort();
+    assert_eq!(
+        targets,
+        vec![
+            "5432 10-42-0-7.db.prod.svc.cluster.local.",
+            "5432 db-0.db.prod.svc.cluster.local.",
+            "5432 db-1.db.prod.svc.cluster.local.",
+        ]
+    );
+    assert_eq!(m.additionals.len(), 3);
+
+    let m = ask(&index, "5.0.42.10.in-addr.arpa.", RecordType::PTR);
+    let RData::PTR(ptr) = &m.answers[0].data else {
+        panic!("not PTR");
+    };
+    assert_eq!(ptr.0.to_string(), "db-0.db.prod.svc.cluster.local.");
+
+    // No ready endpoint: NXDOMAIN, unless not-ready ones are published.
+    let none_ready = SliceInfo {
+        endpoints: vec![endpoint("10.42.0.8", Some("db-3"), false)],
+        ..slice
+    };
+    add_service(
+        &mut b,
+        "prod",
+        "db",
+        &headless,
+        std::slice::from_ref(&none_ready),
+        &[],
+    );
+    let index = b.build();
+    assert_negative(
+        &ask(&index, "db.prod.svc.cluster.local.", RecordType::A),
+        ResponseCode::NXDomain,
+    );
+    let publish = ServiceInfo {
+        publish_not_ready: true,
+        ..headless
+    };
+    add_service(&mut b, "prod", "db", &publish, &[none_ready], &[]);
+    let index = b.build();
+    assert_eq!(
+        addrs(&ask(&index, "db.prod.svc.cluster.local.", RecordType::A)),
+        vec![ip("10.42.0.8")]
+    );
+}
+
+#[test]
+fn pods_with_hostname_and_subdomain() {
+    let mut b = builder();
+    let headless = ServiceInfo {
+        kind: ServiceKind::Headless,
+        ports: vec![],
+        publish_not_ready: false,
+    };
+    let pods = [
+        PodInfo {
+            hostname: "busybox-1".into(),
+            subdomain: "sub".into(),
+            ips: vec![ip("10.42.1.9")],
+            ready: true,
+        },
+        PodInfo {
+            hostname: "busybox-2".into(),
+            subdomain: "sub".into(),
+            ips: vec![ip("10.42.1.10")],
+            ready: false,
+        },
+    ];
+    add_service(&mut b, "default", "sub", &headless, &[], &pods);
+    let index = b.build();
+    let m = ask(
+        &index,
+        "busybox-1.sub.default.svc.cluster.local.",
+        RecordType::A,
+    );
+    assert_eq!(addrs(&m), vec![ip("10.42.1.9")]);
+    let m = ask(
+        &index,
+        "busybox-2.sub.default.svc.cluster.local.",
+        RecordType::A,
+    );
+    assert_negative(&m, ResponseCode::NXDomain);
+}
+
+#[test]
+fn external_name_is_a_cname_for_every_type() {
+    let mut b = builder();
+    let ext = ServiceInfo {
+        kind: ServiceKind::ExternalName("www.Example.com".into()),
+        ports: vec![],
+        publish_not_ready: false,
+    };
+    add_service(&mut b, "default", "ext", &ext, &[], &[]);
+    let index = b.build();
+    for rtype in [
+        RecordType::A,
+        RecordType::AAAA,
+        RecordType::CNAME,
+        RecordType::MX,
+    ] {
+        let m = ask(&index, "ext.default.svc.cluster.local.", rtype);
+        assert_eq!(m.answers.len(), 1, "{rtype}");
+        let RData::CNAME(target) = &m.answers[0].data else {
+            panic!("not CNAME: {m:?}");
+        };
+        assert_eq!(target.0.to_string(), "www.example.com.");
+    }
+}
+
+#[test]
+fn pod_a_records_from_the_name() {
+    let index = builder().build();
+    let m = ask(
+        &index,
+        "10-42-0-9.default.pod.cluster.local.",
+        RecordType::A,
+    );
+    assert_eq!(addrs(&m), vec![ip("10.42.0.9")]);
+    assert!(m.metadata.authoritative);
+    let m = ask(
+        &index,
+        "fd00--9.default.pod.cluster.local.",
+        RecordType::AAAA,
+    );
+    assert_eq!(
+        addrs(&m),
+        vec![IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 9))]
+    );
+    let m = ask(
+        &index,
+        "10-42-0-9.default.pod.cluster.local.",
+        RecordType::AAAA,
+    );
+    assert_negative(&m, ResponseCode::NoError);
+    for bad in [
+        "10-42-0-999.default.pod.cluster.local.",
+        "not-an-ip.default.pod.cluster.local.",
+        "10-42-0-9.pod.cluster.local.",
+        "10-42-0-9.x.default.pod.cluster.local.",
+    ] {
+        assert_negative(&ask(&index, bad, RecordType::A), ResponseCode::NXDomain);
+    }
+    // With EDNS, the OPT record follows the answer.
+    let m = ask_with(
+        &index,
+        "10-42-0-9.default.pod.cluster.local.",
+        RecordType::A,
+        Some(1232),
+        true,
+    );
+    assert_eq!(addrs(&m), vec![ip("10.42.0.9")]);
+    assert!(m.edns.is_some());
+}
+
+#[test]
+fn nxdomain_versus_nodata() {
+    let mut b = builder();
+    add_service(
+        &mut b,
+        "default",
+        "web",
+        &cluster_ip(&["10.43.0.20"]),
+        &[],
+        &[],
+    );
+    let index = b.build();
+    // Empty non-terminals exist: NODATA.
+    for ent in [
+        "default.svc.cluster.local.",
+        "svc.cluster.local.",
+        "_tcp.web.default.svc.cluster.local.",
+    ] {
+        assert_negative(&ask(&index, ent, RecordType::A), ResponseCode::NoError);
+    }
+    // Search-path guesses under the zone: cheap NXDOMAIN.
+    for name in [
+        "nope.default.svc.cluster.local.",
+        "example.com.default.svc.cluster.local.",
+        "web.default.svc.cluster.local.cluster.local.",
+        "other.svc.cluster.local.",
+    ] {
+        assert_negative(&ask(&index, name, RecordType::A), ResponseCode::NXDomain);
+    }
+    let m = ask(&index, "cluster.local.", RecordType::SOA);
+    assert!(matches!(m.answers[0].data, RData::SOA(_)));
+    let m = ask(&index, "cluster.local.", RecordType::NS);
+    assert_eq!(m.answers.len(), 1);
+    let m = ask(&index, "ns.dns.cluster.local.", RecordType::A);
+    assert_eq!(addrs(&m), vec![ip("10.43.0.10")]);
+}
+
+#[test]
+fn deletion_removes_names_and_empty_parents() {
+    let mut b = builder();
+    add_service(
+        &mut b,
+        "team",
+        "web",
+        &cluster_ip(&["10.43.0.20"]),
+        &[],
+        &[],
+    );
+    let before = b.build();
+    assert_eq!(
+        addrs(&ask(&before, "web.team.svc.cluster.local.", RecordType::A)),
+        vec![ip("10.43.0.20")]
+    );
+    b.set_owner(Owner::Service("team".into(), "web".into()), Vec::new());
+    let after = b.build();
+    for name in [
+        "web.team.svc.cluster.local.",
+        "team.svc.cluster.local.",
+        "20.0.43.10.in-addr.arpa.",
+    ] {
+        let m = ask_raw(&after, &query(name, RecordType::A, None), true);
+        if let Some(m) = m {
+            let m = Message::from_vec(&m).unwrap();
+            assert_eq!(m.metadata.response_code, ResponseCode::NXDomain, "{name}");
+        }
+    }
+    assert_negative(
+        &ask(&after, "svc.cluster.local.", RecordType::A),
+        ResponseCode::NoError,
+    );
+    // The old snapshot still answers as it did: readers are never disturbed.
+    assert_eq!(
+        addrs(&ask(&before, "web.team.svc.cluster.local.", RecordType::A)),
+        vec![ip("10.43.0.20")]
+    );
+}
+
+#[test]
+fn an_update_copies_only_the_shards_it_touches() {
+    let mut b = builder();
+    for i in 0..500 {
+        add_service(
+            &mut b,
+            "default",
+            &format!("svc-{i}"),
+            &cluster_ip(&[&format!("10.43.{}.{}", i / 200, i % 200 + 1)]),
+            &[],
+            &[],
+        );
+    }
+    let first = b.build();
+    add_service(
+        &mut b,
+        "default",
+        "svc-7",
+        &cluster_ip(&["10.43.9.9"]),
+        &[],
+        &[],
+    );
+    let second = b.build();
+    let shared = first
+        .shards
+        .iter()
+        .zip(&second.shards)
+        .filter(|(a, b)| Arc::ptr_eq(a, b))
+        .count();
+    let mut changed = Vec::new();
+    for (a, b) in first.shards.iter().zip(&second.shards) {
+        for (k, v) in b.iter() {
+            if a.get(k) != Some(v) {
+                changed.push(String::from_utf8_lossy(k).into_owned());
+            }
+        }
+        for k in a.keys() {
+            if !b.contains_key(k) {
+                changed.push(format!("-{}", String::from_utf8_lossy(k)));
+            }
+        }
+    }
+    assert!(
+        shared >= crate::index::SHARDS - 6,
+        "only {shared} shards shared: {changed:?}"
+    );
+    assert_eq!(
+        addrs(&ask(
+            &second,
+            "svc-7.default.svc.cluster.local.",
+            RecordType::A
+        )),
+        vec![ip("10.43.9.9")]
+    );
+    assert_eq!(
+        addrs(&ask(
+            &first,
+            "svc-7.default.svc.cluster.local.",
+            RecordType::A
+        )),
+        vec![ip("10.43.0.8")]
+    );
+}
+
+#[test]
+fn case_insensitive_and_question_case_preserved() {
+    let mut b = builder();
+    add_service(
+        &mut b,
+        "default",
+        "web",
+        &cluster_ip(&["10.43.0.20"]),
+        &[],
+        &[],
+    );
+    let index = b.build();
+    let m = ask(&index, "WeB.DeFault.SVC.Cluster.Local.", RecordType::A);
+    assert_eq!(addrs(&m), vec![ip("10.43.0.20")]);
+    assert_eq!(
+        m.queries[0].name().to_string(),
+        "WeB.DeFault.SVC.Cluster.Local."
+    );
+    let m = ask(&index, "NOPE.DeFault.SVC.Cluster.Local.", RecordType::A);
+    assert_negative(&m, ResponseCode::NXDomain);
+}
+
+fn big_headless(b: &mut ZoneBuilder, n: usize) {
+    let headless = ServiceInfo {
+        kind: ServiceKind::Headless,
+        ports: vec![],
+        publish_not_ready: false,
+    };
+    let slice = SliceInfo {
+        service: "big".into(),
+        ports: vec![],
+        endpoints: (0..n)
+            .map(|i| endpoint(&format!("10.42.{}.{}", i / 250, i % 250 + 1), None, true))
+            .collect(),
+    };
+    add_service(b, "default", "big", &headless, &[slice], &[]);
+}
+
+#[test]
+fn truncation_over_udp_full_answer_over_tcp() {
+    let mut b = builder();
+    big_headless(&mut b, 100);
+    let index = b.build();
+    let name = "big.default.svc.cluster.local.";
+    // 100 A records: 16 bytes each compressed, over 512 and over 1232.
+    let m = ask_with(&index, name, RecordType::A, None, true);
+    assert!(m.metadata.truncation);
+    assert!(m.answers.is_empty());
+    let m = ask_with(&index, name, RecordType::A, Some(4096), true);
+    assert!(m.metadata.truncation);
+    assert!(m.edns.is_some(), "the OPT record survives truncation");
+    let m = ask_with(&index, name, RecordType::A, None, false);
+    assert!(!m.metadata.truncation);
+    assert_eq!(m.answers.len(), 100);
+    // 40 records fit a 1232-byte EDNS answer but not 512 bytes.
+    let mut b = builder();
+    big_headless(&mut b, 40);
+    let index = b.build();
+    assert!(
+        ask_with(&index, name, RecordType::A, None, true)
+            .metadata
+            .truncation
+    );
+    let m = ask_with(&index, name, RecordType::A, Some(1232), true);
+    assert!(!m.metadata.truncation);
+    assert_eq!(m.answers.len(), 40);
+    assert_eq!(
+        m.edns.as_ref().map(|e| e.max_payload()),
+        Some(wire::MAX_UDP_PAYLOAD)
+    );
+}
+
+#[test]
+fn answers_are_compressed() {
+    let mut b = builder();
+    big_headless(&mut b, 20);
+    let index = b.build();
+    let bytes = ask_raw(
+        &index,
+        &query("big.default.svc.cluster.local.", RecordType::A, None),
+        true,
+    )
+    .unwrap();
+    let question_end = wire::HEADER_LEN + "big.default.svc.cluster.local.".len() + 1 + 4;
+    // Each record: a 2-byte pointer to the question, type, class, TTL,
+    // length and 4 bytes of address.
+    assert_eq!(bytes.len(), question_end + 20 * 16);
+    assert_eq!(&bytes[question_end..question_end + 2], &[0xc0, 12]);
+}
+
+#[test]
+fn any_and_transfers_are_refused() {
+    let mut b = builder();
+    add_service(
+        &mut b,
+        "default",
+        "web",
+        &cluster_ip(&["10.43.0.20"]),
+        &[],
+        &[],
+    );
+    let index = b.build();
+    for rtype in [RecordType::ANY, RecordType::AXFR, RecordType::IXFR] {
+        let m = ask(&index, "web.default.svc.cluster.local.", rtype);
+        assert_eq!(m.metadata.response_code, ResponseCode::Refused, "{rtype}");
+        assert!(m.answers.is_empty());
+    }
+}
+
+#[test]
+fn bad_packets_get_formerr_or_silence() {
+    let index = builder().build();
+    let mut out = vec![0u8; 65535];
+    // Runt: silence.
+    assert_eq!(
+        answer::answer(&[1, 2, 3], &mut out, &index, true),
+        Outcome::Drop(Reject::Runt)
+    );
+    // A response: silence (no loops between servers).
+    let mut response = query("a.cluster.local.", RecordType::A, None);
+    response[2] |= 0x80;
+    assert_eq!(
+        answer::answer(&response, &mut out, &index, true),
+        Outcome::Drop(Reject::Response)
+    );
+    // Cut in the question: FORMERR with the same ID.
+    let full = query("web.default.svc.cluster.local.", RecordType::A, None);
+    let Outcome::Reply { len, rcode, .. } = answer::answer(&full[..20], &mut out, &index, true)
+    else {
+        panic!("no FORMERR");
+    };
+    assert_eq!(rcode, wire::RCODE_FORMERR);
+    let m = Message::from_vec(&out[..len]).unwrap();
+    assert_eq!(m.metadata.id, 0xbeef);
+    assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
+    // A compression loop in the question goes to the full decoder, which
+    // rejects it (see slow::tests).
+    let mut looped = full[..12].to_vec();
+    looped.extend([0xc0, 12, 0, 1, 0, 1]);
+    assert_eq!(
+        answer::answer(&looped, &mut out, &index, true),
+        Outcome::Slow
+    );
+    // Not ready yet: SERVFAIL, not a false NXDOMAIN.
+    let mut cold = ZoneBuilder::new("cluster.local", 5, None, true)
+        .unwrap()
+        .build();
+    cold.ready = false;
+    let Outcome::Reply { rcode, .. } = answer::answer(
+        &query("x.default.svc.cluster.local.", RecordType::A, None),
+        &mut out,
+        &cold,
+        true,
+    ) else {
+        panic!("no answer");
+    };
+    assert_eq!(rcode, wire::RCODE_SERVFAIL);
+}
+
+#[test]
+fn names_outside_the_zone_leave_the_fast_path() {
+    let index = builder().build();
+    let mut out = vec![0u8; 65535];
+    let q = query("www.example.com.", RecordType::A, None);
+    assert_eq!(answer::answer(&q, &mut out, &index, true), Outcome::Slow);
+    let q = query("9.9.9.9.in-addr.arpa.", RecordType::PTR, None);
+    assert_eq!(answer::answer(&q, &mut out, &index, true), Outcome::Slow);
+}
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn index() -> &'static Index {
+        static INDEX: std::sync::OnceLock<Index> = std::sync::OnceLock::new();
+        INDEX.get_or_init(|| {
+            let mut b = builder();
+            add_service(
+                &mut b,
+                "default",
+                "web",
+                &cluster_ip(&["10.43.0.20", "fd00::1"]),
+                &[],
+                &[],
+            );
+            big_headless(&mut b, 50);
+            b.build()
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Arbitrary bytes never panic, and whatever is answered decodes.
+        #[test]
+        fn arbitrary_packets(packet in proptest::collection::vec(any::<u8>(), 0..600), udp in any::<bool>()) {
+            let index = index();
+            let mut out = vec![0u8; if udp { answer::MIN_OUT } else { 65535 }];
+            if let Outcome::Reply { len, .. } = answer::answer(&packet, &mut out, index, udp) {
+                prop_assert!(len >= wire::HEADER_LEN);
+                if udp { prop_assert!(len <= usize::from(wire::MAX_UDP_PAYLOAD)); }
+                prop_assert!(Message::from_vec(&out[..len]).is_ok());
+            }
+        }
+
+        /// Valid queries with bytes flipped, cut or appended.
+        #[test]
+        fn mutated_queries(
+            name in prop::sample::select(vec![
+                "web.default.svc.cluster.local.", "big.default.svc.cluster.local.",
+                "10-1-2-3.default.pod.cluster.local.", "nope.cluster.local.",
+            ]),
+            edns in prop::option::of(0u16..5000),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+            cut in any::<prop::sample::Index>(),
+            extra in proptest::collection::vec(any::<u8>(), 0..20),
+        ) {
+            let index = index();
+            let mut packet = query(name, RecordType::A, edns);
+            for (at, byte) in flips {
+                let i = at.index(packet.len());
+                packet[i] = byte;
+            }
+            packet.truncate(cut.index(packet.len() + 1).max(1));
+            packet.extend(extra);
+            let mut out = vec![0u8; answer::MIN_OUT];
+            if let Outcome::Reply { len, .. } = answer::answer(&packet, &mut out, index, true) {
+                prop_assert!(Message::from_vec(&out[..len]).is_ok());
+            }
+        }
+    }
+}
+
+#[test]
+fn ipv4_helpers_agree_with_std() {
+    assert_eq!(
+        Name::from(IpAddr::V4(Ipv4Addr::new(10, 43, 0, 20))).to_string(),
+        "20.0.43.10.in-addr.arpa."
+    );
+}

@@ -1,0 +1,244 @@
+//! UDP workers: one thread and one `SO_REUSEPORT` socket each, reading and
+//! writing in batches with `recvmmsg`/`sendmmsg`. All buffers are
+//! allocated once per worker; a query costs no allocation and no lock
+//! unless it leaves for the slow path.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use tokio::sync::mpsc;
+
+use crate::answer::{self, MIN_OUT, Outcome};
+use crate::index::{Published, Reader};
+use crate::metrics::{DropReason, Metrics, Proto, WorkerCounters};
+
+const BATCH: usize = 32;
+/// Queries larger than this are dropped as oversized: real queries are
+/// tiny, and a DNS query over UDP has no business being bigger.
+const RECV_BUF: usize = 4096;
+/// How often a blocked worker looks at the stop flag.
+const STOP_POLL: Duration = Duration::from_millis(200);
+
+/// A query for the slow path and where its answer goes.
+pub struct SlowJob {
+    pub packet: Vec<u8>,
+    pub from: SocketAddr,
+    pub socket: Arc<Socket>,
+}
+
+/// Binds `workers` sockets on `addr` and starts a thread for each. Binding
+/// errors come back before any thread starts.
+pub fn spawn(
+    addr: SocketAddr,
+    workers: usize,
+    published: &Arc<Published>,
+    slow: mpsc::Sender<SlowJob>,
+    metrics: &Arc<Metrics>,
+    stop: &Arc<AtomicBool>,
+) -> io::Result<Vec<JoinHandle<()>>> {
+    let sockets = (0..workers.max(1))
+        .map(|_| bind(addr))
+        .collect::<io::Result<Vec<_>>>()?;
+    let mut handles = Vec::new();
+    for (i, socket) in sockets.into_iter().enumerate() {
+        let mut worker = Worker {
+            socket: Arc::new(socket),
+            reader: published.reader(),
+            slow: slow.clone(),
+            counters: metrics.worker(),
+            stop: stop.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name(format!("dns-udp-{i}"))
+            .spawn(move || worker.run())?;
+        handles.push(handle);
+    }
+    Ok(handles)
+}
+
+fn bind(addr: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    // Room for bursts while a worker is busy; failure here is harmless.
+    let _ = socket.set_recv_buffer_size(4 << 20);
+    socket.set_read_timeout(Some(STOP_POLL))?;
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+struct Worker {
+    socket: Arc<Socket>,
+    reader: Reader,
+    slow: mpsc::Sender<SlowJob>,
+    counters: Arc<WorkerCounters>,
+    stop: Arc<AtomicBool>,
+}
+
+/// The batch's buffers and the kernel structures pointing into them.
+/// Boxed so the pointers stay valid.
+struct Batch {
+    recv: Vec<[u8; RECV_BUF]>,
+    send: Vec<[u8; MIN_OUT]>,
+    addrs: Vec<libc::sockaddr_storage>,
+    recv_iov: Vec<libc::iovec>,
+    send_iov: Vec<libc::iovec>,
+    recv_hdrs: Vec<libc::mmsghdr>,
+    send_hdrs: Vec<libc::mmsghdr>,
+}
+
+impl Batch {
+    fn new() -> Box<Batch> {
+        // SAFETY: all-zero is a valid value for these plain C structs.
+        let zeroed_storage =
+            unsafe { MaybeUninit::<libc::sockaddr_storage>::zeroed().assume_init() };
+        let zeroed_hdr = unsafe { MaybeUninit::<libc::mmsghdr>::zeroed().assume_init() };
+        let iov = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        let mut b = Box::new(Batch {
+            recv: vec![[0; RECV_BUF]; BATCH],
+            send: vec![[0; MIN_OUT]; BATCH],
+            addrs: vec![zeroed_storage; BATCH],
+            recv_iov: vec![iov; BATCH],
+            send_iov: vec![iov; BATCH],
+            recv_hdrs: vec![zeroed_hdr; BATCH],
+            send_hdrs: vec![zeroed_hdr; BATCH],
+        });
+        for i in 0..BATCH {
+            b.recv_iov[i] = libc::iovec {
+                iov_base: b.recv[i].as_mut_ptr().cast(),
+                iov_len: RECV_BUF,
+            };
+        }
+        b
+    }
+
+    /// Resets the receive headers before each `recvmmsg`.
+    fn arm(&mut self) {
+        for i in 0..BATCH {
+            let hdr = &mut self.recv_hdrs[i].msg_hdr;
+            hdr.msg_name = (&raw mut self.addrs[i]).cast();
+            hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            hdr.msg_iov = &raw mut self.recv_iov[i];
+            hdr.msg_iovlen = 1;
+            hdr.msg_control = std::ptr::null_mut();
+            hdr.msg_controllen = 0;
+            hdr.msg_flags = 0;
+            self.recv_hdrs[i].msg_len = 0;
+        }
+    }
+}
+
+impl Worker {
+    fn run(&mut self) {
+        let mut batch = Batch::new();
+        let fd = self.socket.as_raw_fd();
+        while !self.stop.load(Ordering::Relaxed) {
+            batch.arm();
+            // SAFETY: the headers point into `batch`, which outlives the call.
+            let n = unsafe {
+                libc::recvmmsg(
+                    fd,
+                    batch.recv_hdrs.as_mut_ptr(),
+                    BATCH as libc::c_uint,
+                    libc::MSG_WAITFORONE,
+                    std::ptr::null_mut(),
+                )
+            };
+            if n <= 0 {
+                continue; // timeout (stop check), EINTR, or a transient error
+            }
+            let queued = self.answer_batch(&mut batch, n as usize);
+            send_all(fd, &mut batch.send_hdrs[..queued]);
+        }
+    }
+
+    /// Answers the `n` received packets; returns how many answers are
+    /// ready in the send headers.
+    fn answer_batch(&mut self, b: &mut Batch, n: usize) -> usize {
+        let index = self.reader.current();
+        let mut queued = 0;
+        for i in 0..n {
+            let hdr = b.recv_hdrs[i];
+            if hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+                self.counters.dropped(DropReason::Oversized);
+                continue;
+            }
+            let len = (hdr.msg_len as usize).min(RECV_BUF);
+            let packet = &b.recv[i][..len];
+            match answer::answer(packet, &mut b.send[queued], index, true) {
+                Outcome::Reply { len, rcode, qtype } => {
+                    self.counters.request(Proto::Udp, qtype);
+                    self.counters.response(rcode);
+                    b.send_iov[queued] = libc::iovec {
+                        iov_base: b.send[queued].as_mut_ptr().cast(),
+                        iov_len: len,
+                    };
+                    let out = &mut b.send_hdrs[queued].msg_hdr;
+                    out.msg_name = (&raw mut b.addrs[i]).cast();
+                    out.msg_namelen = hdr.msg_hdr.msg_namelen;
+                    out.msg_iov = &raw mut b.send_iov[queued];
+                    out.msg_iovlen = 1;
+                    queued += 1;
+                }
+                Outcome::Slow => {
+                    let from = sockaddr(&b.addrs[i], hdr.msg_hdr.msg_namelen);
+                    let Some(from) = from else { continue };
+                    let job = SlowJob {
+                        packet: packet.to_vec(),
+                        from,
+                        socket: self.socket.clone(),
+                    };
+                    if self.slow.try_send(job).is_err() {
+                        self.counters.dropped(DropReason::Overload);
+                    }
+                }
+                Outcome::Drop(reason) => self.counters.dropped(reason.into()),
+            }
+        }
+        queued
+    }
+}
+
+fn send_all(fd: i32, hdrs: &mut [libc::mmsghdr]) {
+    let mut sent = 0;
+    while sent < hdrs.len() {
+        // SAFETY: the headers point into the worker's batch buffers.
+        let n = unsafe {
+            libc::sendmmsg(
+                fd,
+                hdrs[sent..].as_mut_ptr(),
+                (hdrs.len() - sent) as libc::c_uint,
+                0,
+            )
+        };
+        if n <= 0 {
+            // Skip the message the kernel refused (e.g. unreachable peer).
+            sent += 1;
+        } else {
+            sent += n as usize;
+        }
+    }
+}
+
+fn sockaddr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+    // SAFETY: `storage` was filled by the kernel with `len` valid bytes.
+    let addr = unsafe {
+        SockAddr::new(
+            std::ptr::read((storage as *const libc::sockaddr_storage).cast()),
+            len,
+        )
+    };
+    addr.as_socket()
+}

@@ -1,0 +1,248 @@
+//! Feeds the zone from the Kubernetes API: watches of Services,
+//! EndpointSlices and Pods, reduced to what DNS needs, and after each
+//! burst of events the Services they touched are re-rendered and a new
+//! index published.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event, watcher};
+use kube::{Api, Client, ResourceExt};
+
+use crate::index::Published;
+use crate::records::{self, PodInfo, ServiceInfo, SliceInfo};
+use crate::zone::{Owner, ZoneBuilder};
+
+/// Most events applied before a publish, so a long burst still shows up.
+const MAX_BURST: usize = 4096;
+
+type Key = (String, String);
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Kind {
+    Service,
+    Slice,
+    Pod,
+}
+
+enum Ev {
+    Service(Box<Result<Event<Service>, watcher::Error>>),
+    Slice(Box<Result<Event<EndpointSlice>, watcher::Error>>),
+    Pod(Box<Result<Event<Pod>, watcher::Error>>),
+}
+
+/// Watches until the streams end (they do not, short of a panic).
+pub async fn run(client: Client, mut builder: ZoneBuilder, published: Arc<Published>) {
+    let config = watcher::Config::default();
+    let services = watcher(Api::<Service>::all(client.clone()), config.clone())
+        .default_backoff()
+        .map(|ev| Ev::Service(Box::new(ev)));
+    let slices = watcher(Api::<EndpointSlice>::all(client.clone()), config.clone())
+        .default_backoff()
+        .map(|ev| Ev::Slice(Box::new(ev)));
+    let pods = watcher(Api::<Pod>::all(client), config)
+        .default_backoff()
+        .map(|ev| Ev::Pod(Box::new(ev)));
+    let events = futures::stream::select(services, futures::stream::select(slices, pods));
+    let mut events = std::pin::pin!(events);
+    let mut state = ClusterState::default();
+    while let Some(ev) = events.next().await {
+        state.handle(ev);
+        let mut burst = 1;
+        while burst < MAX_BURST {
+            match events.next().now_or_never() {
+                Some(Some(ev)) => state.handle(ev),
+                _ => break,
+            }
+            burst += 1;
+        }
+        if state.all_synced() {
+            builder.set_ready();
+        }
+        state.flush(&mut builder);
+        builder.publish(&published);
+    }
+}
+
+/// What the watches have seen, reduced to DNS's needs.
+#[derive(Default)]
+pub struct ClusterState {
+    services: HashMap<Key, ServiceInfo>,
+    slices: HashMap<Key, SliceInfo>,
+    slices_by_service: HashMap<Key, BTreeSet<String>>,
+    pods: HashMap<Key, PodInfo>,
+    pods_by_subdomain: HashMap<Key, BTreeSet<String>>,
+    /// Keys seen during a relist, per kind; absent when not relisting.
+    relisting: HashMap<Kind, HashSet<Key>>,
+    synced: HashSet<Kind>,
+    /// Services whose records must be rendered again.
+    dirty: HashSet<Key>,
+}
+
+impl ClusterState {
+    fn handle(&mut self, ev: Ev) {
+        match ev {
+            Ev::Service(ev) => self.event(Kind::Service, *ev, |s, key, svc| {
+                s.set_service(key, svc.and_then(ServiceInfo::from_service))
+            }),
+            Ev::Slice(ev) => self.event(Kind::Slice, *ev, |s, key, slice| {
+                s.set_slice(key, slice.and_then(SliceInfo::from_slice))
+            }),
+            Ev::Pod(ev) => self.event(Kind::Pod, *ev, |s, key, pod| {
+                s.set_pod(key, pod.and_then(PodInfo::from_pod))
+            }),
+        }
+    }
+
+    fn event<K: kube::Resource>(
+        &mut self,
+        kind: Kind,
+        ev: Result<Event<K>, watcher::Error>,
+        mut apply: impl FnMut(&mut Self, Key, Option<&K>),
+    ) {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                tracing::warn!(?kind, error = %e, "DNS watch failed; retrying");
+                return;
+            }
+        };
+        match ev {
+            Event::Init => {
+                self.relisting.insert(kind, HashSet::new());
+            }
+            Event::InitApply(obj) => {
+                let key = key_of(&obj);
+                if let Some(seen) = self.relisting.get_mut(&kind) {
+                    seen.insert(key.clone());
+                }
+                apply(self, key, Some(&obj));
+            }
+            Event::InitDone => {
+                let seen = self.relisting.remove(&kind).unwrap_or_default();
+                for key in self.keys(kind) {
+                    if !seen.contains(&key) {
+                        apply(self, key, None);
+                    }
+                }
+                self.synced.insert(kind);
+            }
+            Event::Apply(obj) => apply(self, key_of(&obj), Some(&obj)),
+            Event::Delete(obj) => apply(self, key_of(&obj), None),
+        }
+    }
+
+    fn keys(&self, kind: Kind) -> Vec<Key> {
+        match kind {
+            Kind::Service => self.services.keys().cloned().collect(),
+            Kind::Slice => self.slices.keys().cloned().collect(),
+            Kind::Pod => self.pods.keys().cloned().collect(),
+        }
+    }
+
+    fn all_synced(&self) -> bool {
+        self.synced.len() == 3
+    }
+
+    pub fn set_service(&mut self, key: Key, info: Option<ServiceInfo>) {
+        let changed = match info {
+            Some(info) => self.services.insert(key.clone(), info.clone()) != Some(info),
+            None => self.services.remove(&key).is_some(),
+        };
+        if changed {
+            self.dirty.insert(key);
+        }
+    }
+
+    pub fn set_slice(&mut self, key: Key, info: Option<SliceInfo>) {
+        let (ns, name) = key.clone();
+        let old = match &info {
+            Some(info) => self.slices.insert(key.clone(), info.clone()),
+            None => self.slices.remove(&key),
+        };
+        if old == info {
+            return;
+        }
+        if let Some(old) = old {
+            let svc = (ns.clone(), old.service);
+            if let Some(set) = self.slices_by_service.get_mut(&svc) {
+                set.remove(&name);
+                if set.is_empty() {
+                    self.slices_by_service.remove(&svc);
+                }
+            }
+            self.dirty.insert(svc);
+        }
+        if let Some(info) = info {
+            let svc = (ns, info.service);
+            self.slices_by_service
+                .entry(svc.clone())
+                .or_default()
+                .insert(name);
+            self.dirty.insert(svc);
+        }
+    }
+
+    pub fn set_pod(&mut self, key: Key, info: Option<PodInfo>) {
+        let (ns, name) = key.clone();
+        let old = match &info {
+            Some(info) => self.pods.insert(key.clone(), info.clone()),
+            None => self.pods.remove(&key),
+        };
+        if old == info {
+            return;
+        }
+        if let Some(old) = old {
+            let svc = (ns.clone(), old.subdomain);
+            if let Some(set) = self.pods_by_subdomain.get_mut(&svc) {
+                set.remove(&name);
+                if set.is_empty() {
+                    self.pods_by_subdomain.remove(&svc);
+                }
+            }
+            self.dirty.insert(svc);
+        }
+        if let Some(info) = info {
+            let svc = (ns, info.subdomain);
+            self.pods_by_subdomain
+                .entry(svc.clone())
+                .or_default()
+                .insert(name);
+            self.dirty.insert(svc);
+        }
+    }
+
+    /// Renders the records of every Service touched since the last flush.
+    pub fn flush(&mut self, builder: &mut ZoneBuilder) {
+        for key in std::mem::take(&mut self.dirty) {
+            let (ns, name) = &key;
+            let records = match self.services.get(&key) {
+                Some(svc) => {
+                    let slices = self
+                        .slices_by_service
+                        .get(&key)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|s| self.slices.get(&(ns.clone(), s.clone())));
+                    let pods = self
+                        .pods_by_subdomain
+                        .get(&key)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|p| self.pods.get(&(ns.clone(), p.clone())));
+                    records::service_records(builder.apex(), ns, name, svc, slices, pods)
+                }
+                None => Vec::new(),
+            };
+            builder.set_owner(Owner::Service(ns.clone(), name.clone()), records);
+        }
+    }
+}
+
+fn key_of<K: kube::Resource>(obj: &K) -> Key {
+    (obj.namespace().unwrap_or_default(), obj.name_any())
+}

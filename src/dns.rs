@@ -1,0 +1,70 @@
+//! Wires cluster DNS into `skiff server`, and the hidden `skiff dns`
+//! command that runs it alone against any cluster.
+
+use std::net::{IpAddr, SocketAddr};
+
+use anyhow::Context;
+
+use crate::cli::{DnsArgs, ServerArgs};
+
+/// Runs DNS for the server's own cluster. It listens on the cluster DNS
+/// address when that address is on this machine, and on `--dns-listen`.
+/// A failure to start is logged; the rest of the server keeps running.
+pub fn serve_for_server(
+    client: kube::Client,
+    args: &ServerArgs,
+) -> impl Future<Output = ()> + Send + 'static {
+    let mut listen = args.dns_listen.clone();
+    let cluster_dns = SocketAddr::new(args.cluster_dns, 53);
+    if is_local(args.cluster_dns) && !listen.contains(&cluster_dns) {
+        listen.push(cluster_dns);
+    }
+    let config = dns::DnsConfig {
+        listen,
+        cluster_domain: args.cluster_domain.clone(),
+        upstream_resolv_conf: Some(args.dns_upstream_resolv_conf.clone()),
+        dns_ip: Some(args.cluster_dns),
+        metrics_listen: args.dns_metrics_listen,
+        ..dns::DnsConfig::default()
+    };
+    async move {
+        if config.listen.is_empty() {
+            tracing::info!(
+                cluster_dns = %cluster_dns,
+                "cluster DNS address is not on this machine and no --dns-listen given; DNS not served here"
+            );
+            return;
+        }
+        if let Err(e) = dns::run(client, config).await {
+            tracing::error!(error = %e, "cluster DNS did not start; the server runs on without it");
+        }
+    }
+}
+
+/// `skiff dns`: only the DNS server, fed through a kubeconfig.
+pub async fn run(args: DnsArgs) -> anyhow::Result<()> {
+    let kubeconfig = kube::config::Kubeconfig::read_from(&args.kubeconfig)
+        .with_context(|| format!("reading {}", args.kubeconfig.display()))?;
+    let options = kube::config::KubeConfigOptions::default();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+        .await
+        .context("loading the kubeconfig")?;
+    let client = kube::Client::try_from(config).context("building the API client")?;
+    let upstream = (args.upstream_resolv_conf.as_os_str() != "none")
+        .then(|| args.upstream_resolv_conf.clone());
+    let config = dns::DnsConfig {
+        listen: args.listen,
+        cluster_domain: args.cluster_domain,
+        ttl: args.ttl,
+        upstream_resolv_conf: upstream,
+        workers: args.workers,
+        metrics_listen: args.metrics_listen,
+        ..dns::DnsConfig::default()
+    };
+    dns::run(client, config).await.context("cluster DNS")
+}
+
+/// Whether `ip` is assigned on this machine (binding to it would work).
+fn is_local(ip: IpAddr) -> bool {
+    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
