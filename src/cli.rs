@@ -24,6 +24,9 @@ pub enum Command {
     Server(ServerArgs),
     /// Run a node agent that joins an existing server.
     Agent(AgentArgs),
+    /// Run only the Ingress controller against a cluster (benchmarks, debugging).
+    #[command(hide = true)]
+    Ingress(IngressArgs),
 }
 
 /// Flags that every node has, server or agent.
@@ -77,6 +80,37 @@ pub struct ServerArgs {
     /// Shared secret nodes use to join (generated when absent).
     #[arg(long, env = "SKIFF_TOKEN")]
     pub token: Option<String>,
+    /// Port of the Ingress controller's plain HTTP listener.
+    #[arg(long, default_value_t = 80, hide = true)]
+    pub ingress_http_port: u16,
+    /// Port of the Ingress controller's HTTPS listener.
+    #[arg(long, default_value_t = 443, hide = true)]
+    pub ingress_https_port: u16,
+    /// Port of the Ingress controller's `/metrics` (0: not served).
+    #[arg(long, default_value_t = 10254, hide = true)]
+    pub ingress_metrics_port: u16,
+}
+
+#[derive(Args, Debug)]
+pub struct IngressArgs {
+    /// Kubeconfig of the cluster to serve.
+    #[arg(long)]
+    pub kubeconfig: PathBuf,
+    /// Plain HTTP listen address.
+    #[arg(long, default_value = "0.0.0.0:80")]
+    pub http: std::net::SocketAddr,
+    /// HTTPS listen address.
+    #[arg(long, default_value = "0.0.0.0:443")]
+    pub https: std::net::SocketAddr,
+    /// `/metrics` listen address.
+    #[arg(long)]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Addresses written to the Ingresses' status.
+    #[arg(long = "node-address")]
+    pub node_addresses: Vec<IpAddr>,
+    /// Do not log every request.
+    #[arg(long)]
+    pub no_access_log: bool,
 }
 
 #[derive(Args, Debug)]

@@ -2,6 +2,7 @@
 //! defaults) and composes the crates into a server or an agent.
 
 mod cli;
+mod ingress;
 mod server;
 
 use anyhow::Context;
@@ -25,6 +26,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.command {
             Command::Server(args) => server::run(args).await,
+            Command::Ingress(args) => ingress::run(args).await,
             Command::Agent(args) => anyhow::bail!(
                 "`skiff agent` cannot join {} yet: the node agent is not built in this version",
                 args.server

@@ -14,7 +14,7 @@ use controlplane::storage::embedded::EmbeddedStore;
 use controlplane::storage::etcd::EtcdStore;
 use ipnet::IpNet;
 
-use crate::cli::ServerArgs;
+use crate::cli::{Component, ServerArgs};
 
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let data_dir = &args.node.data_dir;
@@ -73,7 +73,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         apiserver::compaction::INTERVAL,
     ));
     let client = apiserver::client::in_process(router.clone());
-    tokio::spawn(controllers::run(client));
+    tokio::spawn(controllers::run(client.clone()));
+    if !args.disable.contains(&Component::Ingress) {
+        tokio::spawn(crate::ingress::spawn_in_server(client, &args, node_ip));
+    }
 
     let tls_config = tls::server_config(&pki).context("configuring TLS")?;
     let bind = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), args.https_listen_port);
