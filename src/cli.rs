@@ -111,6 +111,9 @@ pub struct IngressArgs {
     /// Do not log every request.
     #[arg(long)]
     pub no_access_log: bool,
+    /// Refuse TLS session resumption (to measure full handshakes).
+    #[arg(long)]
+    pub no_tls_resumption: bool,
 }
 
 #[derive(Args, Debug)]

@@ -41,6 +41,7 @@ pub async fn run(args: IngressArgs) -> anyhow::Result<()> {
     let mut config = ingress::IngressConfig::new(args.http, args.https, args.node_addresses);
     config.metrics = args.metrics;
     config.access_log = !args.no_access_log;
+    config.tls_resumption = !args.no_tls_resumption;
     ingress::run(client, config)
         .await
         .context("running the ingress controller")

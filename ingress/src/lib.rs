@@ -84,6 +84,9 @@ pub struct IngressConfig {
     pub access_log: bool,
     /// Deadline for a request head, and the keep-alive idle timeout.
     pub header_timeout: Duration,
+    /// TLS session resumption (tickets and a session cache); off only to
+    /// measure full handshakes.
+    pub tls_resumption: bool,
 }
 
 impl IngressConfig {
@@ -95,6 +98,7 @@ impl IngressConfig {
             metrics: None,
             access_log: true,
             header_timeout: Duration::from_secs(30),
+            tls_resumption: true,
         }
     }
 }
@@ -119,7 +123,7 @@ pub async fn run(client: kube::Client, config: IngressConfig) -> Result<(), Erro
         table: table::Table::default(),
         certs: tls::Certs::new(default_cert.clone()),
     }));
-    let tls_config = tls::server_config(state.clone())?;
+    let tls_config = tls::server_config(state.clone(), config.tls_resumption)?;
     let http = bind(config.http).await?;
     let https = bind(config.https).await?;
     let metrics_listener = match config.metrics {

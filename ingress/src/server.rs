@@ -139,3 +139,103 @@ impl Connection {
         self.metrics.connections.dec();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arc_swap::ArcSwap;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use crate::build::Snapshot;
+
+    /// A proxy with an empty table on a loopback port.
+    async fn start(header_timeout: Duration) -> std::net::SocketAddr {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(Metrics::new(&mut registry));
+        let cert = crate::tls::default_certificate().expect("default certificate");
+        let state = Arc::new(ArcSwap::from_pointee(Snapshot {
+            table: crate::table::Table::default(),
+            certs: crate::tls::Certs::new(cert),
+        }));
+        let proxy = Arc::new(Proxy::new(state, metrics.clone(), 443, false));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(serve(
+            listener,
+            None,
+            proxy,
+            metrics,
+            Limits { header_timeout },
+        ));
+        addr
+    }
+
+    async fn exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let _ = s.write_all(request).await;
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test]
+    async fn bad_requests_get_their_status() {
+        let addr = start(Duration::from_secs(5)).await;
+        assert!(
+            exchange(addr, b"NOT HTTP AT ALL\r\n\r\n")
+                .await
+                .starts_with("HTTP/1.1 400")
+        );
+        let big = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n",
+            "y".repeat(MAX_HEAD + 10)
+        );
+        assert!(
+            exchange(addr, big.as_bytes())
+                .await
+                .starts_with("HTTP/1.1 431")
+        );
+        let reply = exchange(
+            addr,
+            b"GET / HTTP/1.1\r\nHost: nowhere\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
+        let reply = exchange(addr, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").await;
+        assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    }
+
+    /// A client that sends its head a byte at a time is cut off at the
+    /// deadline, and the proxy keeps answering others meanwhile.
+    #[tokio::test]
+    async fn slowloris_is_timed_out() {
+        let addr = start(Duration::from_millis(500)).await;
+        let mut slow = TcpStream::connect(addr).await.expect("connect");
+        let started = std::time::Instant::now();
+        let mut closed = false;
+        for b in b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
+            if slow.write_all(&[*b]).await.is_err() {
+                closed = true;
+                break;
+            }
+            let mut buf = [0u8; 64];
+            // Anything from the server (a 408, or the end) means it gave up.
+            if tokio::time::timeout(Duration::from_millis(100), slow.read(&mut buf))
+                .await
+                .is_ok()
+            {
+                closed = true;
+                break;
+            }
+            let ok = exchange(
+                addr,
+                b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )
+            .await;
+            assert!(ok.starts_with("HTTP/1.1 404"), "{ok}");
+        }
+        assert!(closed, "the slow client was never cut off");
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(3), "cut off after {took:?}");
+    }
+}

@@ -243,7 +243,13 @@ mod tests {
     /// The "Examples" table of the Ingress specification, row by row.
     #[test]
     fn spec_path_examples() {
-        let rows: &[(&[(PathKind, &str)], &str, Option<&str>)] = &[
+        // (rule paths, request path, the rule that should answer)
+        type Row = (
+            &'static [(PathKind, &'static str)],
+            &'static str,
+            Option<&'static str>,
+        );
+        let rows: &[Row] = &[
             (&[(Prefix, "/")], "/anything/at/all", Some("Prefix /")),
             (&[(Exact, "/foo")], "/foo", Some("Exact /foo")),
             (&[(Exact, "/foo")], "/bar", None),

@@ -122,14 +122,22 @@ impl std::fmt::Debug for Snapshot {
     }
 }
 
-pub fn server_config(state: Arc<ArcSwap<Snapshot>>) -> Result<rustls::ServerConfig, rustls::Error> {
+pub fn server_config(
+    state: Arc<ArcSwap<Snapshot>>,
+    resumption: bool,
+) -> Result<rustls::ServerConfig, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(SniResolver(state)));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    config.session_storage = rustls::server::ServerSessionMemoryCache::new(16_384);
-    config.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    if resumption {
+        config.session_storage = rustls::server::ServerSessionMemoryCache::new(16_384);
+        config.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    } else {
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+    }
     Ok(config)
 }
