@@ -39,6 +39,9 @@ pub enum Command {
     /// Run only the cluster DNS server against a cluster (benchmarks, debugging).
     #[command(hide = true)]
     Dns(DnsArgs),
+    /// Run only the Ingress controller against a cluster (benchmarks, debugging).
+    #[command(hide = true)]
+    Ingress(IngressArgs),
 }
 
 /// Flags that every node has, server or agent.
@@ -156,6 +159,40 @@ pub struct DnsArgs {
     /// Where to serve Prometheus metrics.
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Port of the Ingress controller's plain HTTP listener.
+    #[arg(long, default_value_t = 80, hide = true)]
+    pub ingress_http_port: u16,
+    /// Port of the Ingress controller's HTTPS listener.
+    #[arg(long, default_value_t = 443, hide = true)]
+    pub ingress_https_port: u16,
+    /// Port of the Ingress controller's `/metrics` (0: not served).
+    #[arg(long, default_value_t = 10254, hide = true)]
+    pub ingress_metrics_port: u16,
+}
+
+#[derive(Args, Debug)]
+pub struct IngressArgs {
+    /// Kubeconfig of the cluster to serve.
+    #[arg(long)]
+    pub kubeconfig: PathBuf,
+    /// Plain HTTP listen address.
+    #[arg(long, default_value = "0.0.0.0:80")]
+    pub http: std::net::SocketAddr,
+    /// HTTPS listen address.
+    #[arg(long, default_value = "0.0.0.0:443")]
+    pub https: std::net::SocketAddr,
+    /// `/metrics` listen address.
+    #[arg(long)]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Addresses written to the Ingresses' status.
+    #[arg(long = "node-address")]
+    pub node_addresses: Vec<IpAddr>,
+    /// Do not log every request.
+    #[arg(long)]
+    pub no_access_log: bool,
+    /// Refuse TLS session resumption (to measure full handshakes).
+    #[arg(long)]
+    pub no_tls_resumption: bool,
 }
 
 #[derive(Args, Debug)]

@@ -6,6 +6,7 @@ mod cli;
 mod images;
 mod dataplane;
 mod dns;
+mod ingress;
 mod server;
 
 use anyhow::Context;
@@ -48,6 +49,7 @@ fn main() -> anyhow::Result<()> {
             Command::Shim(_) => Ok(()),
             Command::Dataplane(args) => dataplane::run(args).await,
             Command::Dns(args) => dns::run(args).await,
+            Command::Ingress(args) => ingress::run(args).await,
             Command::Agent(args) => anyhow::bail!(
                 "`skiff agent` cannot join {} yet: the node agent is not built in this version",
                 args.server

@@ -122,6 +122,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     tokio::spawn(controllers::run(client.clone()));
     if !args.disable.contains(&Component::Dns) {
         tokio::spawn(crate::dns::serve_for_server(client, &args));
+    tokio::spawn(controllers::run(client.clone()));
+    if !args.disable.contains(&Component::Ingress) {
+        tokio::spawn(crate::ingress::spawn_in_server(client, &args, node_ip));
     }
 
     let tls_config = tls::server_config(&pki).context("configuring TLS")?;

@@ -1,0 +1,201 @@
+//! What the routing table points at: routes (one rule's path), their
+//! backends (a Service port resolved to ready endpoints) and per-client
+//! rate limiters.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use http::uri::Authority;
+
+use crate::annotations::{Protocol, Settings};
+use crate::metrics::RouteMetrics;
+
+#[derive(Debug)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// `ip:port`, made once so requests need not format it.
+    pub authority: Authority,
+}
+
+impl Endpoint {
+    pub fn new(addr: SocketAddr) -> Option<Self> {
+        let authority = Authority::try_from(addr.to_string()).ok()?;
+        Some(Endpoint { addr, authority })
+    }
+}
+
+/// A Service port and its ready endpoints at the time the table was built.
+#[derive(Debug)]
+pub struct Backend {
+    /// `namespace/service:port`, for logs.
+    pub name: String,
+    pub endpoints: Vec<Endpoint>,
+    pub protocol: Protocol,
+    next: AtomicUsize,
+}
+
+impl Backend {
+    pub fn new(name: String, endpoints: Vec<Endpoint>, protocol: Protocol) -> Self {
+        Backend {
+            name,
+            endpoints,
+            protocol,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Round-robin start for one request; `attempt` moves on from it when
+    /// a connection was refused.
+    pub fn start(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn endpoint(&self, start: usize, attempt: usize) -> Option<&Endpoint> {
+        let n = self.endpoints.len();
+        if n == 0 {
+            return None;
+        }
+        self.endpoints.get(start.wrapping_add(attempt) % n)
+    }
+}
+
+/// A second Ingress taking `weight` percent of a route's requests.
+#[derive(Debug)]
+pub struct Canary {
+    pub weight: u32,
+    pub backend: Arc<Backend>,
+}
+
+#[derive(Debug)]
+pub struct Route {
+    /// `namespace/name` of the Ingress.
+    pub ingress: String,
+    pub backend: Arc<Backend>,
+    pub canary: Option<Canary>,
+    pub settings: Arc<Settings>,
+    /// Plain-HTTP requests get a redirect to HTTPS.
+    pub redirect_https: bool,
+    pub limiter: Option<Arc<RateLimiter>>,
+    pub metrics: RouteMetrics,
+}
+
+impl Route {
+    /// The backend for one request, rolling the canary's dice.
+    pub fn pick_backend(&self) -> &Backend {
+        match &self.canary {
+            Some(c) if c.weight > 0 && fastrand::u32(0..100) < c.weight => &c.backend,
+            _ => &self.backend,
+        }
+    }
+}
+
+/// A token bucket per client address: `rate` requests per second with a
+/// burst of the same size.
+#[derive(Debug)]
+pub struct RateLimiter {
+    rate: f64,
+    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+}
+
+/// Buckets kept before idle (full) ones are dropped.
+const MAX_CLIENTS: usize = 65_536;
+
+impl RateLimiter {
+    pub fn new(rate: u32) -> Self {
+        RateLimiter {
+            rate: f64::from(rate),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn allow(&self, client: IpAddr, now: Instant) -> bool {
+        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+        if buckets.len() >= MAX_CLIENTS && !buckets.contains_key(&client) {
+            let rate = self.rate;
+            buckets.retain(|_, (tokens, at)| {
+                *tokens + now.saturating_duration_since(*at).as_secs_f64() * rate < rate
+            });
+        }
+        let (tokens, at) = buckets.entry(client).or_insert((self.rate, now));
+        let refill = now.saturating_duration_since(*at).as_secs_f64() * self.rate;
+        *tokens = (*tokens + refill).min(self.rate);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn backend(name: &str, n: u16) -> Arc<Backend> {
+        let endpoints = (0..n)
+            .filter_map(|i| Endpoint::new(SocketAddr::from(([127, 0, 0, 1], 1000 + i))))
+            .collect();
+        Arc::new(Backend::new(name.into(), endpoints, Protocol::Http1))
+    }
+
+    #[test]
+    fn round_robin_and_retry_move_on() {
+        let b = backend("b", 3);
+        let ports: Vec<u16> = (0..6)
+            .map(|_| b.endpoint(b.start(), 0).unwrap().addr.port())
+            .collect();
+        assert_eq!(ports, [1000, 1001, 1002, 1000, 1001, 1002]);
+        let start = b.start();
+        assert_ne!(
+            b.endpoint(start, 0).unwrap().addr,
+            b.endpoint(start, 1).unwrap().addr
+        );
+        assert!(backend("empty", 0).endpoint(0, 0).is_none());
+    }
+
+    #[test]
+    fn canary_weight_takes_its_share() {
+        let metrics = crate::metrics::Metrics::new(&mut Default::default());
+        let mut route = Route {
+            ingress: "ns/main".into(),
+            backend: backend("main", 1),
+            canary: Some(Canary {
+                weight: 20,
+                backend: backend("canary", 1),
+            }),
+            settings: Arc::default(),
+            redirect_https: false,
+            limiter: None,
+            metrics: metrics.route("ns/main", "", "/"),
+        };
+        let n = 20_000;
+        let hits = (0..n)
+            .filter(|_| route.pick_backend().name == "canary")
+            .count();
+        let share = hits as f64 / n as f64;
+        assert!((0.18..0.22).contains(&share), "canary share {share}");
+        route.canary.as_mut().unwrap().weight = 0;
+        assert!((0..1000).all(|_| route.pick_backend().name == "main"));
+        route.canary.as_mut().unwrap().weight = 100;
+        assert!((0..1000).all(|_| route.pick_backend().name == "canary"));
+    }
+
+    #[test]
+    fn rate_limit_per_client_refills() {
+        let limiter = RateLimiter::new(2);
+        let a: IpAddr = [10, 0, 0, 1].into();
+        let b: IpAddr = [10, 0, 0, 2].into();
+        let t0 = Instant::now();
+        assert!(limiter.allow(a, t0));
+        assert!(limiter.allow(a, t0));
+        assert!(!limiter.allow(a, t0));
+        assert!(limiter.allow(b, t0), "another client has its own bucket");
+        assert!(limiter.allow(a, t0 + Duration::from_millis(600)));
+    }
+}

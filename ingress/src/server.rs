@@ -1,0 +1,241 @@
+//! Accept loops for the HTTP and HTTPS ports. Each connection is served by
+//! hyper (HTTP/1.1, or HTTP/2 by ALPN or prior knowledge) with limits that
+//! keep a slow or hostile client from holding the proxy: a deadline for the
+//! TLS handshake and for every request head (which is also the keep-alive
+//! idle timeout), bounded header sizes (431), and HTTP/2 pings.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use crate::metrics::Metrics;
+use crate::proxy::{Conn, Proxy};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head; bigger ones get 431.
+const MAX_HEAD: usize = 64 * 1024;
+
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// A request head must arrive within this; idle keep-alive connections
+    /// are closed after it too.
+    pub header_timeout: Duration,
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    proxy: Arc<Proxy>,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+) {
+    let builders = Arc::new(Builders {
+        any: builder(limits),
+        h2: builder(limits).http2_only(),
+    });
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors and the like: back off briefly.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = Conn::new(peer, tls.is_some());
+        let task = Connection {
+            proxy: proxy.clone(),
+            metrics: metrics.clone(),
+            builders: builders.clone(),
+        };
+        let tls = tls.clone();
+        tokio::spawn(task.run(stream, tls, conn));
+    }
+}
+
+fn builder(limits: Limits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(MAX_HEAD)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .max_header_list_size(MAX_HEAD as u32)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
+    b
+}
+
+struct Connection {
+    proxy: Arc<Proxy>,
+    metrics: Arc<Metrics>,
+    builders: Arc<Builders>,
+}
+
+struct Builders {
+    /// HTTP/1.1, or HTTP/2 by prior knowledge.
+    any: auto::Builder<TokioExecutor>,
+    /// HTTP/2 negotiated by ALPN.
+    h2: auto::Builder<TokioExecutor>,
+}
+
+impl Connection {
+    async fn run(self, stream: TcpStream, tls: Option<TlsAcceptor>, conn: Conn) {
+        self.metrics.connections.inc();
+        let peer = conn.peer;
+        let conn = Arc::new(conn);
+        let proxy = self.proxy.clone();
+        let service = service_fn(move |req| {
+            let proxy = proxy.clone();
+            let conn = conn.clone();
+            async move { Ok::<_, Infallible>(proxy.serve(req, &conn).await) }
+        });
+        let result = match tls {
+            None => {
+                self.builders
+                    .any
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .await
+            }
+            Some(acceptor) => {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls_stream)) => {
+                        let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                        let io = TokioIo::new(tls_stream);
+                        if h2 {
+                            self.builders.h2.serve_connection(io, service).await
+                        } else {
+                            self.builders
+                                .any
+                                .serve_connection_with_upgrades(io, service)
+                                .await
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        Ok(())
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        Ok(())
+                    }
+                }
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+        self.metrics.connections.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arc_swap::ArcSwap;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use crate::build::Snapshot;
+
+    /// A proxy with an empty table on a loopback port.
+    async fn start(header_timeout: Duration) -> std::net::SocketAddr {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(Metrics::new(&mut registry));
+        let cert = crate::tls::default_certificate().expect("default certificate");
+        let state = Arc::new(ArcSwap::from_pointee(Snapshot {
+            table: crate::table::Table::default(),
+            certs: crate::tls::Certs::new(cert),
+        }));
+        let proxy = Arc::new(Proxy::new(state, metrics.clone(), 443, false));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(serve(
+            listener,
+            None,
+            proxy,
+            metrics,
+            Limits { header_timeout },
+        ));
+        addr
+    }
+
+    async fn exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let _ = s.write_all(request).await;
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test]
+    async fn bad_requests_get_their_status() {
+        let addr = start(Duration::from_secs(5)).await;
+        assert!(
+            exchange(addr, b"NOT HTTP AT ALL\r\n\r\n")
+                .await
+                .starts_with("HTTP/1.1 400")
+        );
+        let big = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n",
+            "y".repeat(MAX_HEAD + 10)
+        );
+        assert!(
+            exchange(addr, big.as_bytes())
+                .await
+                .starts_with("HTTP/1.1 431")
+        );
+        let reply = exchange(
+            addr,
+            b"GET / HTTP/1.1\r\nHost: nowhere\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
+        let reply = exchange(addr, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").await;
+        assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    }
+
+    /// A client that sends its head a byte at a time is cut off at the
+    /// deadline, and the proxy keeps answering others meanwhile.
+    #[tokio::test]
+    async fn slowloris_is_timed_out() {
+        let addr = start(Duration::from_millis(500)).await;
+        let mut slow = TcpStream::connect(addr).await.expect("connect");
+        let started = std::time::Instant::now();
+        let mut closed = false;
+        for b in b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
+            if slow.write_all(&[*b]).await.is_err() {
+                closed = true;
+                break;
+            }
+            let mut buf = [0u8; 64];
+            // Anything from the server (a 408, or the end) means it gave up.
+            if tokio::time::timeout(Duration::from_millis(100), slow.read(&mut buf))
+                .await
+                .is_ok()
+            {
+                closed = true;
+                break;
+            }
+            let ok = exchange(
+                addr,
+                b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )
+            .await;
+            assert!(ok.starts_with("HTTP/1.1 404"), "{ok}");
+        }
+        assert!(closed, "the slow client was never cut off");
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(3), "cut off after {took:?}");
+    }
+}
