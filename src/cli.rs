@@ -111,6 +111,25 @@ pub struct ServerArgs {
     /// (kube-controller-manager's `--horizontal-pod-autoscaler-sync-period`).
     #[arg(long, hide = true, default_value = "15s", value_parser = seconds)]
     pub horizontal_pod_autoscaler_sync_period: Duration,
+    /// Port of the Ingress controller's plain HTTP listener.
+    #[arg(long, default_value_t = 80, hide = true)]
+    pub ingress_http_port: u16,
+    /// Port of the Ingress controller's HTTPS listener.
+    #[arg(long, default_value_t = 443, hide = true)]
+    pub ingress_https_port: u16,
+    /// Port of the Ingress controller's `/metrics` (0: not served).
+    #[arg(long, default_value_t = 10254, hide = true)]
+    pub ingress_metrics_port: u16,
+    /// Extra addresses for cluster DNS (repeatable), besides the cluster DNS
+    /// address when it is local.
+    #[arg(long = "dns-listen", value_name = "ADDR:PORT", hide = true)]
+    pub dns_listen: Vec<SocketAddr>,
+    /// resolv.conf listing the upstream resolvers for names outside the cluster.
+    #[arg(long, default_value = "/etc/resolv.conf", hide = true)]
+    pub dns_upstream_resolv_conf: PathBuf,
+    /// Where cluster DNS serves Prometheus metrics.
+    #[arg(long, value_name = "ADDR:PORT", hide = true)]
+    pub dns_metrics_listen: Option<SocketAddr>,
 }
 
 /// `40`, `40s`, `1.5s` or `500ms`.
@@ -124,16 +143,6 @@ fn seconds(value: &str) -> Result<Duration, String> {
         .ok()
         .and_then(|n| Duration::try_from_secs_f64(n * scale).ok())
         .ok_or_else(|| format!("{value:?} is not a duration such as 40s"))
-    /// Extra addresses for cluster DNS (repeatable), besides the cluster DNS
-    /// address when it is local.
-    #[arg(long = "dns-listen", value_name = "ADDR:PORT", hide = true)]
-    pub dns_listen: Vec<SocketAddr>,
-    /// resolv.conf listing the upstream resolvers for names outside the cluster.
-    #[arg(long, default_value = "/etc/resolv.conf", hide = true)]
-    pub dns_upstream_resolv_conf: PathBuf,
-    /// Where cluster DNS serves Prometheus metrics.
-    #[arg(long, value_name = "ADDR:PORT", hide = true)]
-    pub dns_metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Args, Debug)]
@@ -159,15 +168,6 @@ pub struct DnsArgs {
     /// Where to serve Prometheus metrics.
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics_listen: Option<SocketAddr>,
-    /// Port of the Ingress controller's plain HTTP listener.
-    #[arg(long, default_value_t = 80, hide = true)]
-    pub ingress_http_port: u16,
-    /// Port of the Ingress controller's HTTPS listener.
-    #[arg(long, default_value_t = 443, hide = true)]
-    pub ingress_https_port: u16,
-    /// Port of the Ingress controller's `/metrics` (0: not served).
-    #[arg(long, default_value_t = 10254, hide = true)]
-    pub ingress_metrics_port: u16,
 }
 
 #[derive(Args, Debug)]
@@ -246,10 +246,6 @@ pub enum ImagesCommand {
         #[arg(required = true, value_name = "REF")]
         references: Vec<String>,
     },
-pub struct ShimArgs {
-    /// The container's state directory, holding the shim's spec.
-    #[arg(long)]
-    pub state_dir: PathBuf,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -109,7 +109,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         },
     ));
 
-    if !args.disable.contains(&crate::cli::Component::Agent) {
+    if !args.disable.contains(&Component::Agent) {
         crate::node_agent::spawn_local(
             client.clone(),
             &args.node,
@@ -117,12 +117,17 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             args.cluster_dns,
             &args.cluster_domain,
         );
+    }
     if !args.disable.contains(&Component::Network) {
-        tokio::spawn(crate::dataplane::run_for_server(client.clone(), &args, &hostname));
-    tokio::spawn(controllers::run(client.clone()));
+        tokio::spawn(crate::dataplane::run_for_server(
+            client.clone(),
+            &args,
+            &hostname,
+        ));
+    }
     if !args.disable.contains(&Component::Dns) {
-        tokio::spawn(crate::dns::serve_for_server(client, &args));
-    tokio::spawn(controllers::run(client.clone()));
+        tokio::spawn(crate::dns::serve_for_server(client.clone(), &args));
+    }
     if !args.disable.contains(&Component::Ingress) {
         tokio::spawn(crate::ingress::spawn_in_server(client, &args, node_ip));
     }

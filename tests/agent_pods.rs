@@ -50,14 +50,19 @@ async fn eventually<T>(
             Err(e) => last = format!("{e:#}"),
         }
         if Instant::now() > deadline {
-            bail!("timed out waiting for {what}: {last}\nserver log:\n{}", node.server.log_tail());
+            bail!(
+                "timed out waiting for {what}: {last}\nserver log:\n{}",
+                node.server.log_tail()
+            );
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
 
 fn pod_json(node: &AgentNode, name: &str) -> anyhow::Result<Value> {
-    let out = node.server.kubectl_ok(&["get", "pod", name, "-o", "json"])?;
+    let out = node
+        .server
+        .kubectl_ok(&["get", "pod", name, "-o", "json"])?;
     Ok(serde_json::from_str(&out)?)
 }
 
@@ -90,11 +95,16 @@ spec:
           periodSeconds: 1
 "#
     );
-    node.server.kubectl_stdin(&["apply", "-f", "-"], &manifest)?;
+    node.server
+        .kubectl_stdin(&["apply", "-f", "-"], &manifest)?;
     node.server
         .kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=120s"])
         .with_context(|| node.server.log_tail())?;
-    let pods: Value = serde_json::from_str(&node.server.kubectl_ok(&["get", "pods", "-l", "app=web", "-o", "json"])?)?;
+    let pods: Value = serde_json::from_str(
+        &node
+            .server
+            .kubectl_ok(&["get", "pods", "-l", "app=web", "-o", "json"])?,
+    )?;
     let items = pods["items"].as_array().context("no pod list")?;
     ensure!(items.len() == 2, "two pods: {pods}");
     for pod in items {
@@ -102,15 +112,31 @@ spec:
         let status = &pod["status"];
         ensure!(status["phase"] == "Running", "{name} running: {status}");
         let ip = status["podIP"].as_str().context("podIP")?;
-        ensure!(ip.starts_with("10.42."), "{name} has a pod IP from the podCIDR: {ip}");
+        ensure!(
+            ip.starts_with("10.42."),
+            "{name} has a pod IP from the podCIDR: {ip}"
+        );
         ensure!(status["podIPs"][0]["ip"] == ip, "podIPs: {status}");
-        ensure!(status["hostIP"].is_string() && status["startTime"].is_string(), "{status}");
+        ensure!(
+            status["hostIP"].is_string() && status["startTime"].is_string(),
+            "{status}"
+        );
         let c = container_status(pod, 0);
         ensure!(c["ready"] == true && c["started"] == true, "{c}");
         ensure!(c["restartCount"] == 0, "{c}");
         ensure!(c["state"]["running"]["startedAt"].is_string(), "{c}");
-        ensure!(c["imageID"].as_str().is_some_and(|i| i.starts_with("sha256:")), "{c}");
-        ensure!(c["containerID"].as_str().is_some_and(|i| i.starts_with("runc://")), "{c}");
+        ensure!(
+            c["imageID"]
+                .as_str()
+                .is_some_and(|i| i.starts_with("sha256:")),
+            "{c}"
+        );
+        ensure!(
+            c["containerID"]
+                .as_str()
+                .is_some_and(|i| i.starts_with("runc://")),
+            "{c}"
+        );
         let ready = status["conditions"]
             .as_array()
             .into_iter()
@@ -118,8 +144,13 @@ spec:
             .any(|c| c["type"] == "Ready" && c["status"] == "True");
         ensure!(ready, "Ready condition: {status}");
         // From the node, the pod answers on its own IP.
-        let body = node.netns.exec("busybox", &["wget", "-qO-", &format!("http://{ip}:8080/")])?;
-        ensure!(body.trim() == format!("hello from {name}"), "{name} answered {body:?}");
+        let body = node
+            .netns
+            .exec("busybox", &["wget", "-qO-", &format!("http://{ip}:8080/")])?;
+        ensure!(
+            body.trim() == format!("hello from {name}"),
+            "{name} answered {body:?}"
+        );
     }
     Ok(())
 }

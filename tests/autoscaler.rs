@@ -8,8 +8,6 @@ mod exec_proxy {
     // This test uses only the fake's metrics; exec_proxy.rs uses the rest.
     #![allow(dead_code)]
     pub mod kubelet;
-    pub mod spdy;
-    pub mod websocket;
 }
 mod workloads {
     pub mod agent;

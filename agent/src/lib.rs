@@ -1,17 +1,11 @@
-//! The node agent (the kubelet's job): node registration and heartbeats, the
-//! image store, the OCI runtime driver, pod lifecycle, probes, volumes, and
-//! the logs/exec/port-forward server. Not built yet.
-
-pub mod images;
-//! the logs/exec/port-forward server.
-//!
-//! [`shim`] is the per-container monitor process, [`streaming`] the
-//! kubelet API the API server proxies logs, exec, attach and port-forward
-//! to.
 //! The node agent (the kubelet's job): registers the Node and keeps its
 //! Lease, runs the pods bound to it as OCI containers through runc, with
 //! their network, volumes, probes and status, and re-adopts them after a
 //! restart.
+//!
+//! [`shim`] is the per-container monitor process, [`streaming`] the
+//! kubelet API the API server proxies logs, exec, attach and port-forward
+//! to.
 
 pub mod bundle;
 pub mod cgroups;

@@ -8,6 +8,5 @@
 pub mod device;
 pub mod metrics;
 pub mod overlay;
-pub mod wire;
-
 pub mod service;
+pub mod wire;

@@ -199,7 +199,7 @@ fn resource_metrics(shared: &Shared) -> Response<Body> {
             "node_cpu_usage_seconds_total {total}\nnode_memory_working_set_bytes 1073741824\n"
         ));
     }
-    text(StatusCode::OK, &body)
+    streaming::text(StatusCode::OK, &body)
 }
 
 fn handle(shared: &Arc<Shared>, mut request: Request<Incoming>) -> Response<Body> {

@@ -94,7 +94,14 @@ impl Cluster {
         let server = Server::start_in_netns(
             bin,
             first.netns.name(),
-            &["--node-ip", &node_ip, "--node-name", &first.name, "--disable", "network"],
+            &[
+                "--node-ip",
+                &node_ip,
+                "--node-name",
+                &first.name,
+                "--disable",
+                "network",
+            ],
         )
         .await?;
         // The other nodes reach the API over the underlay.
@@ -120,7 +127,9 @@ impl Cluster {
     }
 
     pub fn server(&self) -> &Server {
-        self.server.as_ref().expect("the server runs while the cluster lives")
+        self.server
+            .as_ref()
+            .expect("the server runs while the cluster lives")
     }
 
     pub fn node(&self, index: usize) -> &ClusterNode {
@@ -131,10 +140,19 @@ impl Cluster {
         let netns = Netns::create(&format!("{}-n{}", self.prefix, index + 1))?;
         let port = format!("u{}", index + 1);
         self.underlay.ip(&[
-            "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
             netns.name(),
         ])?;
-        self.underlay.ip(&["link", "set", &port, "master", "br0", "up"])?;
+        self.underlay
+            .ip(&["link", "set", &port, "master", "br0", "up"])?;
         let underlay_ip = Ipv4Addr::new(172, 31, self.subnet, 11 + index as u8);
         netns.ip(&["addr", "add", &format!("{underlay_ip}/24"), "dev", "eth0"])?;
         netns.ip(&["link", "set", "eth0", "up"])?;
@@ -163,7 +181,8 @@ impl Cluster {
             name = node.name,
             ip = node.underlay_ip
         );
-        self.server().kubectl_stdin(&["create", "-f", "-"], &manifest)?;
+        self.server()
+            .kubectl_stdin(&["create", "-f", "-"], &manifest)?;
         Ok(())
     }
 
@@ -201,7 +220,8 @@ impl Cluster {
                 "dev",
                 "cbr0",
             ])?;
-            node.netns.ip(&["link", "set", "cbr0", "mtu", &POD_MTU.to_string(), "up"])?;
+            node.netns
+                .ip(&["link", "set", "cbr0", "mtu", &POD_MTU.to_string(), "up"])?;
         }
         Ok(())
     }
@@ -263,7 +283,8 @@ impl Cluster {
         let new_ip = Ipv4Addr::new(172, 31, self.subnet, last_octet);
         let node = &mut self.nodes[index];
         let old = format!("{}/24", node.underlay_ip);
-        node.netns.ip(&["addr", "add", &format!("{new_ip}/24"), "dev", "eth0"])?;
+        node.netns
+            .ip(&["addr", "add", &format!("{new_ip}/24"), "dev", "eth0"])?;
         node.netns.ip(&["addr", "del", &old, "dev", "eth0"])?;
         node.underlay_ip = new_ip;
         let patch = format!(
@@ -350,12 +371,21 @@ impl Cluster {
         node.next_pod += 1;
         let host_end = format!("v{serial}");
         node.netns.ip(&[
-            "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns",
+            "link",
+            "add",
+            &host_end,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
             netns.name(),
         ])?;
         let mtu = POD_MTU.to_string();
-        node.netns
-            .ip(&["link", "set", &host_end, "master", "cbr0", "mtu", &mtu, "up"])?;
+        node.netns.ip(&[
+            "link", "set", &host_end, "master", "cbr0", "mtu", &mtu, "up",
+        ])?;
         netns.ip(&[
             "addr",
             "add",
@@ -364,7 +394,13 @@ impl Cluster {
             "eth0",
         ])?;
         netns.ip(&["link", "set", "eth0", "mtu", &mtu, "up"])?;
-        netns.ip(&["route", "add", "default", "via", &gateway(node.pod_cidr)?.to_string()])?;
+        netns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &gateway(node.pod_cidr)?.to_string(),
+        ])?;
         self.pods.push(Pod {
             name: name.to_owned(),
             netns,

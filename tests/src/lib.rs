@@ -6,8 +6,8 @@
 pub mod cluster;
 pub mod etcd;
 pub mod images;
+pub mod netns;
 pub mod node;
 pub mod runc;
-pub mod netns;
 pub mod server;
 pub mod store_conformance;
