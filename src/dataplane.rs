@@ -73,8 +73,15 @@ pub fn run_for_server(
     args: &ServerArgs,
     hostname: &str,
 ) -> impl Future<Output = ()> + 'static {
-    let node_name = args.node.node_name.clone().unwrap_or_else(|| hostname.to_owned());
-    let underlay = args.node.node_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let node_name = args
+        .node
+        .node_name
+        .clone()
+        .unwrap_or_else(|| hostname.to_owned());
+    let underlay = args
+        .node
+        .node_ip
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     let mut config = OverlayConfig::new(node_name, underlay);
     config.service_cidr = Some(args.service_cidr);
     overlay::run_supervised(client, config)

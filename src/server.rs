@@ -99,7 +99,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     ));
 
     if !args.disable.contains(&Component::Network) {
-        tokio::spawn(crate::dataplane::run_for_server(client.clone(), &args, &hostname));
+        tokio::spawn(crate::dataplane::run_for_server(
+            client.clone(),
+            &args,
+            &hostname,
+        ));
     }
 
     let tls_config = tls::server_config(&pki).context("configuring TLS")?;

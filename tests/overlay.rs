@@ -22,7 +22,14 @@ async fn pods_on_different_nodes_reach_each_other() -> anyhow::Result<()> {
     cluster.add_pod(0, "a")?;
     cluster.add_pod(1, "b")?;
     cluster.add_pod(2, "c")?;
-    for (from, to) in [("a", "b"), ("b", "a"), ("a", "c"), ("c", "a"), ("b", "c"), ("c", "b")] {
+    for (from, to) in [
+        ("a", "b"),
+        ("b", "a"),
+        ("a", "c"),
+        ("c", "a"),
+        ("b", "c"),
+        ("c", "b"),
+    ] {
         let (from, to) = (cluster.pod(from), cluster.pod(to));
         ping(from, to.ip).with_context(|| format!("ping {} -> {}", from.name, to.name))?;
         tcp_round_trip(from, to).with_context(|| format!("TCP {} -> {}", from.name, to.name))?;
@@ -81,7 +88,13 @@ async fn membership_changes_are_followed() -> anyhow::Result<()> {
     // A crashed data plane takes its device and routes with it; a new one
     // sets both up again and traffic resumes.
     cluster.stop_dataplane(1);
-    ensure!(cluster.node(1).netns.ip(&["link", "show", "skiff0"]).is_err());
+    ensure!(
+        cluster
+            .node(1)
+            .netns
+            .ip(&["link", "show", "skiff0"])
+            .is_err()
+    );
     ensure!(cluster.overlay_routes(1).is_empty());
     cluster.start_dataplane(1)?;
     cluster.wait_routes(1, 2).await?;
@@ -97,9 +110,16 @@ async fn membership_changes_are_followed() -> anyhow::Result<()> {
     cluster.wait_routes(1, 1).await?;
     ensure!(!cluster.overlay_routes(0).contains(&gone));
     ensure!(!cluster.overlay_routes(1).contains(&gone));
-    eprintln!("routes to a deleted node removed after {:?}", started.elapsed());
+    eprintln!(
+        "routes to a deleted node removed after {:?}",
+        started.elapsed()
+    );
     let (a, c) = (cluster.pod("a"), cluster.pod("c"));
-    ensure!(a.netns.run("ping", &["-c", "1", "-W", "1", &c.ip.to_string()]).is_err());
+    ensure!(
+        a.netns
+            .run("ping", &["-c", "1", "-W", "1", &c.ip.to_string()])
+            .is_err()
+    );
     let (a, b) = (cluster.pod("a"), cluster.pod("b"));
     ping(a, b.ip)?;
     Ok(())
@@ -141,7 +161,9 @@ async fn bad_datagrams_are_dropped_and_counted() -> anyhow::Result<()> {
     let known_ip = cluster.node(1).underlay_ip;
     let known = node2.enter(|| UdpSocket::bind((known_ip, 0)))??;
     known.send_to(&good, target)?;
-    let (n, from) = listener.recv_from(&mut buf).context("the valid datagram was not delivered")?;
+    let (n, from) = listener
+        .recv_from(&mut buf)
+        .context("the valid datagram was not delivered")?;
     ensure!(&buf[..n] == b"crafted" && from.ip() == b_ip);
 
     // Truncated, another version, too big (by header and by inner length),
@@ -157,7 +179,10 @@ async fn bad_datagrams_are_dropped_and_counted() -> anyhow::Result<()> {
     known.send_to(&overlay(1, 0, 1, &big_inner), target)?;
     let elsewhere = ipv4_udp(b_ip, Ipv4Addr::new(10, 99, 0, 1), port, b"x", 0);
     known.send_to(&overlay(1, 0, 1, &elsewhere), target)?;
-    ensure!(listener.recv_from(&mut buf).is_err(), "a bad datagram reached the pod");
+    ensure!(
+        listener.recv_from(&mut buf).is_err(),
+        "a bad datagram reached the pod"
+    );
 
     let deadline = Instant::now() + Duration::from_secs(5);
     let want = [
@@ -198,7 +223,10 @@ async fn bad_datagrams_are_dropped_and_counted() -> anyhow::Result<()> {
 fn ping(from: &Pod, to: Ipv4Addr) -> anyhow::Result<()> {
     let mut last = None;
     for _ in 0..3 {
-        match from.netns.run("ping", &["-c", "1", "-W", "2", &to.to_string()]) {
+        match from
+            .netns
+            .run("ping", &["-c", "1", "-W", "2", &to.to_string()])
+        {
             Ok(_) => return Ok(()),
             Err(e) => last = Some(e),
         }
@@ -255,7 +283,12 @@ fn tcp_round_trip(from: &Pod, to: &Pod) -> anyhow::Result<()> {
     })??;
     echo.join()
         .map_err(|_| anyhow::anyhow!("echo thread panicked"))??;
-    ensure!(received == sent, "echoed {} of {} bytes", received.len(), sent.len());
+    ensure!(
+        received == sent,
+        "echoed {} of {} bytes",
+        received.len(),
+        sent.len()
+    );
     Ok(())
 }
 
@@ -300,7 +333,9 @@ fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, port: u16, data: &[u8], id: u16) -> Ve
     p.extend_from_slice(&[0x40, 0, 64, 17, 0, 0]);
     p.extend_from_slice(&src.octets());
     p.extend_from_slice(&dst.octets());
-    let sum = p.chunks(2).fold(0u32, |s, w| s + u32::from(u16::from_be_bytes([w[0], w[1]])));
+    let sum = p
+        .chunks(2)
+        .fold(0u32, |s, w| s + u32::from(u16::from_be_bytes([w[0], w[1]])));
     let sum = (sum & 0xffff) + (sum >> 16);
     let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
     p[10..12].copy_from_slice(&sum.to_be_bytes());

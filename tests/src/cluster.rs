@@ -44,6 +44,9 @@ pub struct Cluster {
     pub nodes: Vec<ClusterNode>,
     underlay: Netns,
     remote_kubeconfig: PathBuf,
+    /// Extra flags for every `skiff dataplane` started from now on.
+    pub dataplane_args: Vec<String>,
+    pods_made: usize,
 }
 
 pub struct ClusterNode {
@@ -85,6 +88,8 @@ impl Cluster {
             nodes: Vec::new(),
             underlay,
             remote_kubeconfig: PathBuf::new(),
+            dataplane_args: Vec::new(),
+            pods_made: 0,
         };
         for index in 0..nodes {
             cluster.add_node_netns(index)?;
@@ -94,7 +99,14 @@ impl Cluster {
         let server = Server::start_in_netns(
             bin,
             first.netns.name(),
-            &["--node-ip", &node_ip, "--node-name", &first.name, "--disable", "network"],
+            &[
+                "--node-ip",
+                &node_ip,
+                "--node-name",
+                &first.name,
+                "--disable",
+                "network",
+            ],
         )
         .await?;
         // The other nodes reach the API over the underlay.
@@ -120,7 +132,9 @@ impl Cluster {
     }
 
     pub fn server(&self) -> &Server {
-        self.server.as_ref().expect("the server runs while the cluster lives")
+        self.server
+            .as_ref()
+            .expect("the server runs while the cluster lives")
     }
 
     pub fn node(&self, index: usize) -> &ClusterNode {
@@ -131,10 +145,19 @@ impl Cluster {
         let netns = Netns::create(&format!("{}-n{}", self.prefix, index + 1))?;
         let port = format!("u{}", index + 1);
         self.underlay.ip(&[
-            "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
             netns.name(),
         ])?;
-        self.underlay.ip(&["link", "set", &port, "master", "br0", "up"])?;
+        self.underlay
+            .ip(&["link", "set", &port, "master", "br0", "up"])?;
         let underlay_ip = Ipv4Addr::new(172, 31, self.subnet, 11 + index as u8);
         netns.ip(&["addr", "add", &format!("{underlay_ip}/24"), "dev", "eth0"])?;
         netns.ip(&["link", "set", "eth0", "up"])?;
@@ -163,7 +186,8 @@ impl Cluster {
             name = node.name,
             ip = node.underlay_ip
         );
-        self.server().kubectl_stdin(&["create", "-f", "-"], &manifest)?;
+        self.server()
+            .kubectl_stdin(&["create", "-f", "-"], &manifest)?;
         Ok(())
     }
 
@@ -201,7 +225,8 @@ impl Cluster {
                 "dev",
                 "cbr0",
             ])?;
-            node.netns.ip(&["link", "set", "cbr0", "mtu", &POD_MTU.to_string(), "up"])?;
+            node.netns
+                .ip(&["link", "set", "cbr0", "mtu", &POD_MTU.to_string(), "up"])?;
         }
         Ok(())
     }
@@ -232,7 +257,10 @@ impl Cluster {
             .args(["--node-ip", &node.underlay_ip.to_string()])
             .args(["--mtu", &POD_MTU.to_string()])
             .args(["--metrics-addr", &format!("127.0.0.1:{METRICS_PORT}")])
+            .args(&self.dataplane_args)
             .env("RUST_LOG", "info")
+            .env("RUST_BACKTRACE", "0")
+            .env("RUST_LIB_BACKTRACE", "0")
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
@@ -249,6 +277,23 @@ impl Cluster {
         }
     }
 
+    /// The process id of the node's data plane.
+    pub fn dataplane_pid(&self, index: usize) -> Option<u32> {
+        self.nodes[index].dataplane.as_ref().map(Child::id)
+    }
+
+    /// Restarts every node's data plane (to pick up `dataplane_args`).
+    pub async fn restart_dataplanes(&mut self) -> anyhow::Result<()> {
+        for index in 0..self.nodes.len() {
+            self.stop_dataplane(index);
+            self.start_dataplane(index)?;
+        }
+        for index in 0..self.nodes.len() {
+            self.wait_routes(index, self.nodes.len() - 1).await?;
+        }
+        Ok(())
+    }
+
     /// Whether the node's data plane process is still running.
     pub fn dataplane_running(&mut self, index: usize) -> bool {
         self.nodes[index]
@@ -263,8 +308,10 @@ impl Cluster {
         let new_ip = Ipv4Addr::new(172, 31, self.subnet, last_octet);
         let node = &mut self.nodes[index];
         let old = format!("{}/24", node.underlay_ip);
-        node.netns.ip(&["addr", "add", &format!("{new_ip}/24"), "dev", "eth0"])?;
+        // Old first: deleting a primary address takes its secondaries.
         node.netns.ip(&["addr", "del", &old, "dev", "eth0"])?;
+        node.netns
+            .ip(&["addr", "add", &format!("{new_ip}/24"), "dev", "eth0"])?;
         node.underlay_ip = new_ip;
         let patch = format!(
             r#"{{"status": {{"addresses": [{{"type": "InternalIP", "address": "{new_ip}"}},
@@ -339,7 +386,8 @@ impl Cluster {
     /// A pod on node `index`: a namespace with a veth into the node's
     /// bridge and the next free address of the node's podCIDR.
     pub fn add_pod(&mut self, index: usize, name: &str) -> anyhow::Result<&Pod> {
-        let serial = self.pods.len() + 1;
+        self.pods_made += 1;
+        let serial = self.pods_made;
         let netns = Netns::create(&format!("{}-p{serial}", self.prefix))?;
         let node = &mut self.nodes[index];
         let ip = node
@@ -350,12 +398,21 @@ impl Cluster {
         node.next_pod += 1;
         let host_end = format!("v{serial}");
         node.netns.ip(&[
-            "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns",
+            "link",
+            "add",
+            &host_end,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
             netns.name(),
         ])?;
         let mtu = POD_MTU.to_string();
-        node.netns
-            .ip(&["link", "set", &host_end, "master", "cbr0", "mtu", &mtu, "up"])?;
+        node.netns.ip(&[
+            "link", "set", &host_end, "master", "cbr0", "mtu", &mtu, "up",
+        ])?;
         netns.ip(&[
             "addr",
             "add",
@@ -364,7 +421,13 @@ impl Cluster {
             "eth0",
         ])?;
         netns.ip(&["link", "set", "eth0", "mtu", &mtu, "up"])?;
-        netns.ip(&["route", "add", "default", "via", &gateway(node.pod_cidr)?.to_string()])?;
+        netns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &gateway(node.pod_cidr)?.to_string(),
+        ])?;
         self.pods.push(Pod {
             name: name.to_owned(),
             netns,
