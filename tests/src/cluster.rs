@@ -44,6 +44,9 @@ pub struct Cluster {
     pub nodes: Vec<ClusterNode>,
     underlay: Netns,
     remote_kubeconfig: PathBuf,
+    /// Extra flags for every `skiff dataplane` started from now on.
+    pub dataplane_args: Vec<String>,
+    pods_made: usize,
 }
 
 pub struct ClusterNode {
@@ -85,6 +88,8 @@ impl Cluster {
             nodes: Vec::new(),
             underlay,
             remote_kubeconfig: PathBuf::new(),
+            dataplane_args: Vec::new(),
+            pods_made: 0,
         };
         for index in 0..nodes {
             cluster.add_node_netns(index)?;
@@ -252,7 +257,10 @@ impl Cluster {
             .args(["--node-ip", &node.underlay_ip.to_string()])
             .args(["--mtu", &POD_MTU.to_string()])
             .args(["--metrics-addr", &format!("127.0.0.1:{METRICS_PORT}")])
+            .args(&self.dataplane_args)
             .env("RUST_LOG", "info")
+            .env("RUST_BACKTRACE", "0")
+            .env("RUST_LIB_BACKTRACE", "0")
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
@@ -269,6 +277,23 @@ impl Cluster {
         }
     }
 
+    /// The process id of the node's data plane.
+    pub fn dataplane_pid(&self, index: usize) -> Option<u32> {
+        self.nodes[index].dataplane.as_ref().map(Child::id)
+    }
+
+    /// Restarts every node's data plane (to pick up `dataplane_args`).
+    pub async fn restart_dataplanes(&mut self) -> anyhow::Result<()> {
+        for index in 0..self.nodes.len() {
+            self.stop_dataplane(index);
+            self.start_dataplane(index)?;
+        }
+        for index in 0..self.nodes.len() {
+            self.wait_routes(index, self.nodes.len() - 1).await?;
+        }
+        Ok(())
+    }
+
     /// Whether the node's data plane process is still running.
     pub fn dataplane_running(&mut self, index: usize) -> bool {
         self.nodes[index]
@@ -283,9 +308,10 @@ impl Cluster {
         let new_ip = Ipv4Addr::new(172, 31, self.subnet, last_octet);
         let node = &mut self.nodes[index];
         let old = format!("{}/24", node.underlay_ip);
+        // Old first: deleting a primary address takes its secondaries.
+        node.netns.ip(&["addr", "del", &old, "dev", "eth0"])?;
         node.netns
             .ip(&["addr", "add", &format!("{new_ip}/24"), "dev", "eth0"])?;
-        node.netns.ip(&["addr", "del", &old, "dev", "eth0"])?;
         node.underlay_ip = new_ip;
         let patch = format!(
             r#"{{"status": {{"addresses": [{{"type": "InternalIP", "address": "{new_ip}"}},
@@ -360,7 +386,8 @@ impl Cluster {
     /// A pod on node `index`: a namespace with a veth into the node's
     /// bridge and the next free address of the node's podCIDR.
     pub fn add_pod(&mut self, index: usize, name: &str) -> anyhow::Result<&Pod> {
-        let serial = self.pods.len() + 1;
+        self.pods_made += 1;
+        let serial = self.pods_made;
         let netns = Netns::create(&format!("{}-p{serial}", self.prefix))?;
         let node = &mut self.nodes[index];
         let ip = node

@@ -178,7 +178,13 @@ async fn start(config: &OverlayConfig, metrics: Arc<Metrics>) -> Result<Running,
             source,
         })?;
     let routes = Routes::open(&config.tun_name).await?;
-    routes.configure(config.max_super_packet).await?;
+    routes
+        .configure(
+            config
+                .max_super_packet
+                .min(worker::largest_payload(config.mtu)),
+        )
+        .await?;
     enable_forwarding();
 
     let listen = SocketAddr::new(config.underlay_ip, config.port);

@@ -41,6 +41,18 @@ const MAX_GSO_SEGMENTS: usize = 64;
 /// How long a poll waits before the worker checks whether to stop.
 const POLL_MS: libc::c_int = 100;
 
+/// Fragments of `chunk` bytes that fit in one GSO send.
+fn per_message(chunk: usize) -> usize {
+    (MAX_GSO_BYTES / (HEADER_LEN + chunk.max(1))).clamp(1, MAX_GSO_SEGMENTS)
+}
+
+/// The largest IP packet that still leaves in one GSO send when fragments
+/// are `mtu` bytes: the cap for the TUN device's super-packets.
+pub fn largest_payload(mtu: u16) -> u32 {
+    let chunk = usize::from(mtu);
+    (per_message(chunk) * chunk - vnet::HEADER_LEN) as u32
+}
+
 /// What `Worker::new` needs.
 pub struct Setup {
     pub queue: Queue,
@@ -89,7 +101,7 @@ const PLAIN_VNET: [u8; vnet::HEADER_LEN] = [0; vnet::HEADER_LEN];
 impl Worker {
     pub fn new(setup: Setup) -> Self {
         let chunk = setup.chunk.max(1);
-        let per_message = (MAX_GSO_BYTES / (HEADER_LEN + chunk)).clamp(1, MAX_GSO_SEGMENTS);
+        let per_message = per_message(chunk);
         Worker {
             queue: setup.queue,
             rx: setup.rx,
