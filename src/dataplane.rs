@@ -25,7 +25,8 @@ pub struct DataplaneArgs {
     pub node_ip: IpAddr,
     #[arg(long, default_value_t = overlay::DEFAULT_PORT)]
     pub port: u16,
-    #[arg(long, default_value = "skiff0")]
+    /// The TUN device; the pod bridge is `skiff0`.
+    #[arg(long, default_value = dataplane::overlay::DEFAULT_TUN)]
     pub tun_name: String,
     #[arg(long, default_value_t = 1450)]
     pub mtu: u16,

@@ -92,7 +92,7 @@ async fn membership_changes_are_followed() -> anyhow::Result<()> {
         cluster
             .node(1)
             .netns
-            .ip(&["link", "show", "skiff0"])
+            .ip(&["link", "show", "skiff.1"])
             .is_err()
     );
     ensure!(cluster.overlay_routes(1).is_empty());

@@ -3,7 +3,7 @@
 //! ```text
 //!   underlay netns:  br0 ── u1 ── u2 ── … (veths to the nodes)
 //!   node i netns:    eth0 172.31.X.(10+i)/24, cbr0 = first IP of its
-//!                    podCIDR, skiff0 (the overlay's TUN device)
+//!                    podCIDR, skiff.1 (the overlay's TUN device)
 //!   pod netns:       eth0 (veth into its node's cbr0), an IP of the
 //!                    node's podCIDR, default route via cbr0
 //! ```
@@ -343,11 +343,11 @@ impl Cluster {
     }
 
     /// The node's routes into the overlay device (`ip route show dev
-    /// skiff0`), one prefix per entry.
+    /// skiff.1`), one prefix per entry.
     pub fn overlay_routes(&self, index: usize) -> Vec<String> {
         self.nodes[index]
             .netns
-            .ip(&["route", "show", "dev", "skiff0"])
+            .ip(&["route", "show", "dev", "skiff.1"])
             .map(|out| {
                 out.lines()
                     .filter_map(|l| l.split_whitespace().next().map(str::to_owned))

@@ -37,6 +37,9 @@ use nodes::{NodeInfo, Plan};
 use peers::{Reader, Shared};
 use routes::Routes;
 
+/// The overlay's TUN device (flannel's is `flannel.1`); the agent's pod
+/// bridge is `skiff0`.
+pub const DEFAULT_TUN: &str = "skiff.1";
 /// The overlay's UDP port (flannel's VXLAN port, so firewalls that let a
 /// flannel cluster through let this one through).
 pub const DEFAULT_PORT: u16 = 8472;
@@ -79,7 +82,7 @@ impl OverlayConfig {
             node_name: node_name.into(),
             underlay_ip,
             port: DEFAULT_PORT,
-            tun_name: "skiff0".into(),
+            tun_name: DEFAULT_TUN.into(),
             mtu: 1450,
             service_cidr: None,
             workers: 0,
