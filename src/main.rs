@@ -1,9 +1,9 @@
 //! `skiff`: the one binary. It parses the command line (k3s's flag names and
 //! defaults) and composes the crates into a server or an agent.
 
-mod node_agent;
 mod cli;
 mod images;
+mod node_agent;
 mod server;
 
 use anyhow::Context;

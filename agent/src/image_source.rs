@@ -44,7 +44,9 @@ impl ImageSource for crate::images::ImageStore {
 
 /// Opens the node's image store (`image-store` in the agent's folder) and
 /// imports the air-gap archives found in `images`, as k3s does.
-pub fn open_store(agent_dir: &std::path::Path) -> Result<crate::images::ImageStore, crate::images::ImageError> {
+pub fn open_store(
+    agent_dir: &std::path::Path,
+) -> Result<crate::images::ImageStore, crate::images::ImageError> {
     let store = crate::images::ImageStore::open(&agent_dir.join("image-store"))?;
     let imported = store.import_dir(&agent_dir.join("images"))?;
     for image in imported {
