@@ -246,7 +246,7 @@ fn meminfo_total_kib() -> Option<u64> {
 
 fn disk_bytes(path: &std::path::Path) -> Option<u64> {
     let stat = nix::sys::statvfs::statvfs(path).ok()?;
-    Some(u64::from(stat.blocks()).saturating_mul(stat.fragment_size()))
+    Some(stat.blocks().saturating_mul(stat.fragment_size()))
 }
 
 fn system_info(config: &AgentConfig) -> NodeSystemInfo {

@@ -122,12 +122,10 @@ pub fn cpu_shares(millis: u64) -> u64 {
     (millis * 1024 / 1000).max(2)
 }
 
-fn requests_limits(
-    c: &Container,
-) -> (
-    Option<&std::collections::BTreeMap<String, Quantity>>,
-    Option<&std::collections::BTreeMap<String, Quantity>>,
-) {
+/// A container's requests or limits.
+type Amounts<'a> = Option<&'a std::collections::BTreeMap<String, Quantity>>;
+
+fn requests_limits(c: &Container) -> (Amounts<'_>, Amounts<'_>) {
     let r: Option<&ResourceRequirements> = c.resources.as_ref();
     (
         r.and_then(|r| r.requests.as_ref()),

@@ -65,8 +65,13 @@ pub fn leftovers(data_dir: &Path, node: &str) -> Vec<String> {
     for id in runc_containers(data_dir) {
         found.push(format!("runc container {id}"));
     }
+    // The folder of pod namespaces is itself a mount (shared, as
+    // /run/netns is): the node's, not a pod's.
+    let netns_dir = data_dir.join("agent").join("netns");
     for mount in mounts_under(data_dir) {
-        found.push(format!("mount {}", mount.display()));
+        if mount != netns_dir {
+            found.push(format!("mount {}", mount.display()));
+        }
     }
     for controller in ["memory", "cpu", "pids"] {
         let base = Path::new("/sys/fs/cgroup")
@@ -229,6 +234,7 @@ fn random_suffix() -> String {
 pub struct AgentNode {
     pub server: crate::server::Server,
     pub netns: NodeNetns,
+    base_args: Vec<String>,
 }
 
 impl AgentNode {
@@ -240,7 +246,21 @@ impl AgentNode {
         let mut args = vec!["--node-name", node.as_str(), "--crash-loop-backoff", "2s"];
         args.extend_from_slice(extra_args);
         let server = crate::server::Server::start_in(bin, &netns.name, &args).await?;
-        Ok(AgentNode { server, netns })
+        let base_args = args.iter().map(|s| (*s).to_owned()).collect();
+        Ok(AgentNode {
+            server,
+            netns,
+            base_args,
+        })
+    }
+
+    /// Restarts the server (SIGKILL first) with `extra_args` added to the
+    /// ones it was started with, e.g. `--disable agent`.
+    pub async fn restart_with(&mut self, extra_args: &[&str]) -> anyhow::Result<()> {
+        let mut args: Vec<&str> = self.base_args.iter().map(String::as_str).collect();
+        args.extend_from_slice(extra_args);
+        self.server.set_extra_args(&args);
+        self.server.restart().await
     }
 
     pub fn node_name(&self) -> String {

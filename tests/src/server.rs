@@ -60,8 +60,18 @@ impl Server {
             .prefix("skiff-test-server-")
             .tempdir()
             .context("creating the server's data directory")?;
+        // A node's server keeps its own copy of the binary: its containers'
+        // monitors run it too, and outlive a rebuild of the original.
+        let bin = match &netns {
+            Some(_) => {
+                let copy = dir.path().join("skiff");
+                std::fs::copy(bin, &copy).with_context(|| format!("copying {}", bin.display()))?;
+                copy
+            }
+            None => bin.to_owned(),
+        };
         let mut server = Server {
-            bin: bin.to_owned(),
+            bin,
             child: None,
             dir,
             port: free_port()?,
@@ -162,6 +172,11 @@ impl Server {
             );
         }
         Ok(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+
+    /// Replaces the extra command-line arguments for the next (re)start.
+    pub fn set_extra_args(&mut self, extra_args: &[&str]) {
+        self.extra_args = extra_args.iter().map(|s| (*s).to_owned()).collect();
     }
 
     /// Stops the server with SIGKILL, keeping its data.

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod, Secret};
 use kube::api::Api;
 use kube::runtime::WatchStreamExt;
@@ -232,8 +232,6 @@ pub async fn run(ctx: Arc<Context>) {
         }
     }
 }
-
-use futures::FutureExt;
 
 fn spawn_worker(
     ctx: &Arc<Context>,

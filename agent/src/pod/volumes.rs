@@ -107,13 +107,11 @@ fn prepare_one(
         let host_path = PathBuf::from(&host.path);
         match host.type_.as_deref().unwrap_or("") {
             "DirectoryOrCreate" => mkdir(&host_path)?,
-            "FileOrCreate" => {
-                if !host_path.exists() {
-                    if let Some(parent) = host_path.parent() {
-                        mkdir(parent)?;
-                    }
-                    std::fs::write(&host_path, b"").map_err(|e| e.to_string())?;
+            "FileOrCreate" if !host_path.exists() => {
+                if let Some(parent) = host_path.parent() {
+                    mkdir(parent)?;
                 }
+                std::fs::write(&host_path, b"").map_err(|e| e.to_string())?;
             }
             "Directory" if !host_path.is_dir() => {
                 return Err(format!("hostPath {} is not a directory", host.path));
