@@ -42,6 +42,9 @@ pub struct EngineConfig {
     /// The pod network. Sources outside it (host processes, the outside)
     /// reaching a ClusterIP are SNATed to `snat_ip`, so replies return here.
     pub cluster_cidr: Option<Ipv4Net>,
+    /// The Service network: packets to an address in it that no Service
+    /// holds are dropped (and counted) instead of routed on.
+    pub service_cidr: Option<Ipv4Net>,
     /// Flows tracked at most; a full table evicts the flow idle longest.
     pub max_flows: usize,
     /// Clients pinned by `sessionAffinity: ClientIP` at most.
@@ -56,6 +59,7 @@ impl EngineConfig {
         EngineConfig {
             snat_ip,
             cluster_cidr: None,
+            service_cidr: None,
             max_flows: 262_144,
             max_affinity: 65_536,
             timeouts: Timeouts::default(),
@@ -221,6 +225,7 @@ impl Engine {
                 self.open(now, ip, tuple, transport.flags, &frontend, meta, reject)
             }
             Lookup::UnknownPort => self.reject(ip, reject),
+            Lookup::Miss if self.in_service_cidr(tuple.dst) => self.drop(DropReason::NoService),
             Lookup::Miss => Verdict::NotService,
         }
     }
@@ -466,9 +471,17 @@ impl Engine {
     fn ours_or_pass(&self, dst: u32, reason: DropReason) -> Verdict {
         if self.table.is_vip(dst) {
             self.drop(reason)
+        } else if self.in_service_cidr(dst) {
+            self.drop(DropReason::NoService)
         } else {
             Verdict::NotService
         }
+    }
+
+    fn in_service_cidr(&self, dst: u32) -> bool {
+        self.config
+            .service_cidr
+            .is_some_and(|net| net.contains(&Ipv4Addr::from(dst)))
     }
 
     fn drop(&self, reason: DropReason) -> Verdict {

@@ -11,6 +11,8 @@ pub enum DropReason {
     Malformed,
     /// A fragment to a Service address: no ports to translate by.
     Fragment,
+    /// To the Service network but no Service's address.
+    NoService,
     /// Neither TCP nor UDP (nor an ICMP error) to a Service address.
     UnsupportedProtocol,
     /// `externalTrafficPolicy: Local` and no endpoint on this node.
@@ -29,8 +31,9 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 10] = [
         DropReason::Malformed,
+        DropReason::NoService,
         DropReason::Fragment,
         DropReason::UnsupportedProtocol,
         DropReason::NoLocalEndpoint,
@@ -46,6 +49,7 @@ impl DropReason {
         match self {
             DropReason::Malformed => "malformed",
             DropReason::Fragment => "fragment",
+            DropReason::NoService => "no_service",
             DropReason::UnsupportedProtocol => "unsupported_protocol",
             DropReason::NoLocalEndpoint => "no_local_endpoint",
             DropReason::EndpointGone => "endpoint_gone",

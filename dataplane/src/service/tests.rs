@@ -54,6 +54,7 @@ impl Harness {
         });
         let mut config = EngineConfig::new(ip(SNAT_IP));
         config.cluster_cidr = Some("10.42.0.0/16".parse().expect("cidr"));
+        config.service_cidr = Some("10.43.0.0/16".parse().expect("cidr"));
         config.max_flows = 4096;
         tune(&mut config);
         let engine = Engine::new(config, table.published(), Arc::new(Metrics::default()));
@@ -994,6 +995,35 @@ fn unknown_port_on_a_cluster_ip_is_refused() {
 }
 
 #[test]
+fn unknown_service_addresses_are_dropped_and_counted() {
+    let mut h = Harness::new();
+    h.table.upsert(&web(three()));
+    let mut syn = tcp(sock(CLIENT, 1), sock("10.43.7.7", 80), SYN, 1, 0, &[]);
+    assert_eq!(h.send(&mut syn), Verdict::Drop(DropReason::NoService));
+    let mut datagram = udp(sock(CLIENT, 1), sock("10.43.7.8", 53), b"q");
+    assert_eq!(h.send(&mut datagram), Verdict::Drop(DropReason::NoService));
+    let counts: Vec<_> = h.metrics().drop_counts().filter(|(_, n)| *n > 0).collect();
+    assert_eq!(counts, [(DropReason::NoService, 2)]);
+}
+
+#[test]
+fn load_balancer_is_served_on_node_ips_at_its_port() {
+    let mut h = Harness::new();
+    let mut spec = web(three());
+    spec.load_balancer = true;
+    h.table.upsert(&spec);
+    let client = sock("203.0.113.7", 9000);
+    let mut syn = tcp(client, sock(NODE_IP, 80), SYN, 1, 0, &[]);
+    h.send(&mut syn);
+    let (src, endpoint) = checked(&syn);
+    assert_eq!(*src.ip(), ip(SNAT_IP));
+    assert_eq!(endpoint.port(), 8080);
+    let mut reply = tcp(endpoint, src, SYN | ACK, 1, 2, &[]);
+    h.send(&mut reply);
+    assert_eq!(checked(&reply), (sock(NODE_IP, 80), client));
+}
+
+#[test]
 fn other_traffic_passes_untouched() {
     let mut h = Harness::new();
     h.table.upsert(&web(three()));
@@ -1121,7 +1151,7 @@ fn removed_services_stop_answering() {
     let mut syn = tcp(sock(CLIENT, 49001), sock(VIP, 80), SYN, 1, 0, &[]);
     assert_eq!(
         h.send(&mut syn),
-        Verdict::NotService,
+        Verdict::Drop(DropReason::NoService),
         "no longer a Service address"
     );
 }
