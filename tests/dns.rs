@@ -1,0 +1,359 @@
+//! Cluster DNS end to end: a real `skiff server` serving DNS on a loopback
+//! port, Services and EndpointSlices made with the real kubectl, and the
+//! real `dig` asking. Records appear within 1 s of creation and go within
+//! 1 s of deletion; readiness comes from EndpointSlice conditions; names
+//! outside the cluster go to a test upstream on 127.0.0.9.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use skiff_e2e::server::Server;
+
+const SKIFF: &str = env!("CARGO_BIN_EXE_skiff");
+/// How soon a change must be visible in DNS (the issue's bound).
+const VISIBLE_WITHIN: Duration = Duration::from_secs(1);
+
+const SERVICES: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, protocol: TCP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ext}
+spec:
+  type: ExternalName
+  externalName: www.example.org
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db}
+spec:
+  clusterIP: None
+  ports: [{name: pg, port: 5432}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: db-1
+  labels: {kubernetes.io/service-name: db}
+addressType: IPv4
+ports: [{name: pg, port: 5432, protocol: TCP}]
+endpoints:
+- {addresses: [10.42.0.10], hostname: db-0, conditions: {ready: true}}
+- {addresses: [10.42.0.11], hostname: db-1, conditions: {ready: true}}
+- {addresses: [10.42.0.12], hostname: db-2, conditions: {ready: false}}
+"#;
+
+/// One dig answer: the status and the answer section's data.
+#[derive(Debug)]
+struct Dig {
+    status: String,
+    flags: String,
+    answers: Vec<String>,
+}
+
+fn dig(port: u16, args: &[&str]) -> anyhow::Result<Dig> {
+    let output = Command::new("dig")
+        .args(["@127.0.0.1", "-p", &port.to_string(), "+tries=1", "+time=2"])
+        .args(args)
+        .output()
+        .context("running dig (Debian package dnsutils)")?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    ensure!(output.status.success(), "dig {args:?} failed: {text}");
+    let status = text
+        .split("status: ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .with_context(|| format!("no status in dig output: {text}"))?
+        .to_owned();
+    let flags = text
+        .split("flags: ")
+        .nth(1)
+        .and_then(|s| s.split(';').next())
+        .unwrap_or_default()
+        .to_owned();
+    let mut answers = Vec::new();
+    let mut in_answer = false;
+    for line in text.lines() {
+        if line.starts_with(";; ANSWER SECTION") {
+            in_answer = true;
+        } else if line.is_empty() {
+            in_answer = false;
+        } else if in_answer {
+            // name ttl class type data...
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() >= 5 {
+                answers.push(format!("{} {}", fields[3], fields[4..].join(" ")));
+            }
+        }
+    }
+    answers.sort();
+    Ok(Dig {
+        status,
+        flags,
+        answers,
+    })
+}
+
+/// Polls dig until `check` holds; returns how long it took.
+fn until(
+    port: u16,
+    args: &[&str],
+    within: Duration,
+    check: impl Fn(&Dig) -> bool,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    loop {
+        let answer = dig(port, args)?;
+        if check(&answer) {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > within {
+            bail!("dig {args:?} still answers {answer:?} after {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn free_udp_port() -> anyhow::Result<u16> {
+    // The server binds TCP and UDP on the port; take one free for both.
+    loop {
+        let udp = UdpSocket::bind("127.0.0.1:0")?;
+        let port = udp.local_addr()?.port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+}
+
+/// A test upstream on 127.0.0.9: `www.example.org` A 192.0.2.80, anything
+/// else NXDOMAIN. Hand-encoded so the test does not share code with the
+/// server.
+fn start_upstream() -> anyhow::Result<SocketAddr> {
+    let socket = UdpSocket::bind("127.0.0.9:0")?;
+    let addr = socket.local_addr()?;
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            if n < 12 {
+                continue;
+            }
+            // Header, then the question as sent (up to its end).
+            let mut end = 12;
+            while end < n && buf[end] != 0 {
+                end += 1 + usize::from(buf[end]);
+            }
+            let qend = (end + 5).min(n);
+            let name = String::from_utf8_lossy(&buf[12..end.min(n)]).to_ascii_lowercase();
+            let known = name.contains("www") && name.contains("example") && name.contains("org");
+            let mut out = buf[..qend].to_vec();
+            out[2] = 0x81; // QR, RD
+            out[3] = if known { 0x80 } else { 0x83 }; // RA, NOERROR / NXDOMAIN
+            out[6..12].copy_from_slice(&[0, u8::from(known), 0, 0, 0, 0]);
+            if known {
+                out.extend([0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 80]);
+            }
+            let _ = socket.send_to(&out, from);
+        }
+    });
+    Ok(addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_dns_with_kubectl_and_dig() -> anyhow::Result<()> {
+    let upstream = start_upstream()?;
+    let dir = tempfile::Builder::new()
+        .prefix("skiff-test-dns-")
+        .tempdir()?;
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(&resolv, format!("nameserver {upstream}\n"))?;
+    let port = free_udp_port()?;
+    let listen = format!("127.0.0.1:{port}");
+    let server = Server::start(
+        SKIFF.as_ref(),
+        &[
+            "--dns-listen",
+            &listen,
+            "--dns-upstream-resolv-conf",
+            resolv.to_str().context("path")?,
+        ],
+    )
+    .await?;
+    let p = port;
+
+    // The zone is up once the watches have synced.
+    until(
+        p,
+        &["kubernetes.default.svc.cluster.local", "A"],
+        Duration::from_secs(20),
+        |d| d.answers.len() == 1,
+    )
+    .with_context(|| server.log_tail())?;
+    let d = dig(p, &["dns-version.cluster.local", "TXT"])?;
+    ensure!(d.answers == ["TXT \"1.1.0\""], "{d:?}");
+    let d = dig(p, &["kubernetes.default.svc.cluster.local", "A"])?;
+    ensure!(d.status == "NOERROR" && d.answers.len() == 1, "{d:?}");
+    ensure!(d.flags.contains("aa"), "authoritative: {d:?}");
+
+    server.kubectl_stdin(&["apply", "-f", "-"], SERVICES)?;
+    let took = until(
+        p,
+        &["web.default.svc.cluster.local", "A"],
+        VISIBLE_WITHIN,
+        |d| d.answers.len() == 1,
+    )?;
+    println!("ClusterIP Service visible in DNS after {took:?}");
+    let ip = server.kubectl_ok(&["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"])?;
+    let d = dig(p, &["WEB.Default.svc.Cluster.Local", "A"])?;
+    ensure!(d.answers == [format!("A {ip}")], "case-insensitive: {d:?}");
+    let d = dig(p, &["_http._tcp.web.default.svc.cluster.local", "SRV"])?;
+    ensure!(
+        d.answers == ["SRV 0 100 80 web.default.svc.cluster.local."],
+        "{d:?}"
+    );
+    let d = dig(p, &["-x", &ip])?;
+    ensure!(d.answers == ["PTR web.default.svc.cluster.local."], "{d:?}");
+    let d = dig(p, &["web.default.svc.cluster.local", "AAAA"])?;
+    ensure!(
+        d.status == "NOERROR" && d.answers.is_empty(),
+        "NODATA: {d:?}"
+    );
+    let d = dig(p, &["+tcp", "web.default.svc.cluster.local", "A"])?;
+    ensure!(d.answers == [format!("A {ip}")], "over TCP: {d:?}");
+    let d = dig(p, &["web.default.svc.cluster.local", "ANY"])?;
+    ensure!(d.status == "REFUSED", "{d:?}");
+
+    // Headless: ready endpoints only, hostnames, SRV, PTR.
+    let d = dig(p, &["db.default.svc.cluster.local", "A"])?;
+    ensure!(d.answers == ["A 10.42.0.10", "A 10.42.0.11"], "{d:?}");
+    let d = dig(p, &["db-1.db.default.svc.cluster.local", "A"])?;
+    ensure!(d.answers == ["A 10.42.0.11"], "{d:?}");
+    let d = dig(p, &["db-2.db.default.svc.cluster.local", "A"])?;
+    ensure!(d.status == "NXDOMAIN", "not ready: {d:?}");
+    let d = dig(p, &["_pg._tcp.db.default.svc.cluster.local", "SRV"])?;
+    ensure!(
+        d.answers
+            == [
+                "SRV 0 50 5432 db-0.db.default.svc.cluster.local.",
+                "SRV 0 50 5432 db-1.db.default.svc.cluster.local."
+            ],
+        "{d:?}"
+    );
+    let d = dig(p, &["-x", "10.42.0.10"])?;
+    ensure!(
+        d.answers == ["PTR db-0.db.default.svc.cluster.local."],
+        "{d:?}"
+    );
+    // db-2 becomes ready.
+    server.kubectl_ok(&[
+        "patch",
+        "endpointslice",
+        "db-1",
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/endpoints/2/conditions/ready","value":true}]"#,
+    ])?;
+    let took = until(
+        p,
+        &["db.default.svc.cluster.local", "A"],
+        VISIBLE_WITHIN,
+        |d| d.answers.len() == 3,
+    )?;
+    println!("endpoint readiness visible in DNS after {took:?}");
+    // None ready: NXDOMAIN.
+    server.kubectl_ok(&[
+        "patch", "endpointslice", "db-1", "--type=json",
+        "-p", r#"[{"op":"replace","path":"/endpoints","value":[{"addresses":["10.42.0.10"],"conditions":{"ready":false}}]}]"#,
+    ])?;
+    until(
+        p,
+        &["db.default.svc.cluster.local", "A"],
+        VISIBLE_WITHIN,
+        |d| d.status == "NXDOMAIN",
+    )?;
+
+    // ExternalName: a CNAME, for A questions too.
+    let d = dig(p, &["ext.default.svc.cluster.local", "A"])?;
+    ensure!(
+        d.answers.first().map(String::as_str) == Some("CNAME www.example.org."),
+        "{d:?}"
+    );
+
+    // Pod records, search-path guesses, names outside the cluster.
+    let d = dig(p, &["10-42-3-4.default.pod.cluster.local", "A"])?;
+    ensure!(d.answers == ["A 10.42.3.4"], "{d:?}");
+    let d = dig(p, &["www.example.org.default.svc.cluster.local", "A"])?;
+    ensure!(d.status == "NXDOMAIN", "{d:?}");
+    let d = dig(p, &["www.example.org", "A"])?;
+    ensure!(d.answers == ["A 192.0.2.80"], "forwarded: {d:?}");
+    let d = dig(p, &["nothing.example.org", "A"])?;
+    ensure!(d.status == "NXDOMAIN", "forwarded: {d:?}");
+
+    // Deleted: NXDOMAIN within a second.
+    server.kubectl_ok(&["delete", "svc", "web", "--wait=false"])?;
+    let took = until(
+        p,
+        &["web.default.svc.cluster.local", "A"],
+        VISIBLE_WITHIN,
+        |d| d.status == "NXDOMAIN",
+    )?;
+    println!("deleted Service gone from DNS after {took:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_answers_truncate_over_udp_and_pods_get_names() -> anyhow::Result<()> {
+    let port = free_udp_port()?;
+    let listen = format!("127.0.0.1:{port}");
+    let server = Server::start(SKIFF.as_ref(), &["--dns-listen", &listen]).await?;
+    let endpoints: Vec<String> = (1..=80)
+        .map(|i| format!("- {{addresses: [10.42.1.{i}], conditions: {{ready: true}}}}"))
+        .collect();
+    let manifest = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: many}}\nspec:\n  clusterIP: None\n  ports: [{{port: 80}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: many-1\n  labels: {{kubernetes.io/service-name: many}}\naddressType: IPv4\nendpoints:\n{}\n",
+        endpoints.join("\n")
+    );
+    server.kubectl_stdin(&["apply", "-f", "-"], &manifest)?;
+    until(
+        port,
+        &["+tcp", "many.default.svc.cluster.local", "A"],
+        Duration::from_secs(20),
+        |d| d.answers.len() == 80,
+    )
+    .with_context(|| server.log_tail())?;
+    let d = dig(
+        port,
+        &["+noedns", "+ignore", "many.default.svc.cluster.local", "A"],
+    )?;
+    ensure!(
+        d.flags.contains("tc") && d.answers.is_empty(),
+        "truncated over UDP: {d:?}"
+    );
+    // dig retries over TCP by itself when it sees TC.
+    let d = dig(port, &["+noedns", "many.default.svc.cluster.local", "A"])?;
+    ensure!(d.answers.len() == 80, "{d:?}");
+
+    // A Pod with hostname and subdomain under a headless Service; its IP
+    // and readiness come from its status, as the agent would write them.
+    server.kubectl_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: v1\nkind: Service\nmetadata: {name: sub}\nspec:\n  clusterIP: None\n  ports: [{port: 80}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: pet}\nspec:\n  hostname: pet-0\n  subdomain: sub\n  containers: [{name: c, image: busybox}]\n",
+    )?;
+    server.kubectl_ok(&[
+        "patch", "pod", "pet", "--subresource=status", "--type=merge",
+        "-p", r#"{"status":{"podIP":"10.42.2.7","podIPs":[{"ip":"10.42.2.7"}],"conditions":[{"type":"Ready","status":"True"}]}}"#,
+    ])?;
+    until(
+        port,
+        &["pet-0.sub.default.svc.cluster.local", "A"],
+        Duration::from_secs(5),
+        |d| d.answers == ["A 10.42.2.7"],
+    )?;
+    Ok(())
+}
