@@ -85,7 +85,7 @@ pub fn process(path: &Path, file: &str, outputs: Outputs<'_>) -> Result<LayerSta
         }
         compressed = head.starts_with(GZIP_MAGIC);
         let mut decoder = if compressed {
-            Decoder::Gzip(MultiGzDecoder::new(raw))
+            Decoder::Gzip(Box::new(MultiGzDecoder::new(raw)))
         } else {
             Decoder::Plain(raw)
         };
@@ -144,7 +144,8 @@ pub fn process(path: &Path, file: &str, outputs: Outputs<'_>) -> Result<LayerSta
 }
 
 enum Decoder<R: BufRead> {
-    Gzip(MultiGzDecoder<R>),
+    // Boxed: the inflate state is large, the plain variant is a reader.
+    Gzip(Box<MultiGzDecoder<R>>),
     Plain(R),
 }
 
