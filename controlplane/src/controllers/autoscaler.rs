@@ -133,7 +133,7 @@ async fn reconcile(
     let usage = match pod_usage(client, &namespace, &by_selector).await {
         Ok(usage) => usage,
         Err(e) => {
-            let message = format!("unable to get metrics for resource cpu: {e}");
+            let message = format!("unable to get pod metrics: {e}");
             return fail(
                 client,
                 recorder,
@@ -145,29 +145,16 @@ async fn reconcile(
             .await;
         }
     };
-    let mut proposals = Vec::new();
-    for metric in spec.metrics.iter().flatten() {
-        match propose(metric, current, &pods, &usage) {
-            Ok(p) => proposals.push(p),
-            Err(message) => {
-                return fail(
-                    client,
-                    recorder,
-                    hpa,
-                    "ScalingActive",
-                    "FailedGetResourceMetric",
-                    message,
-                )
-                .await;
-            }
-        }
-    }
-    if spec.metrics.as_ref().is_none_or(Vec::is_empty) {
+    let metrics = match spec.metrics.clone().filter(|m| !m.is_empty()) {
+        Some(metrics) => metrics,
         // Upstream's default: 80 % CPU utilisation.
-        let metric: MetricSpec = serde_json::from_value(json!({"type": "Resource",
+        None => vec![serde_json::from_value(json!({"type": "Resource",
             "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 80}}}))
-        .map_err(|e| e.to_string())?;
-        match propose(&metric, current, &pods, &usage) {
+        .map_err(|e| e.to_string())?],
+    };
+    let mut proposals = Vec::new();
+    for metric in &metrics {
+        match propose(metric, current, &pods, &usage) {
             Ok(p) => proposals.push(p),
             Err(message) => {
                 return fail(

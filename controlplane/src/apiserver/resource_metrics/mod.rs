@@ -7,7 +7,7 @@
 pub mod collect;
 pub mod text;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use axum::response::Response;
@@ -209,16 +209,6 @@ fn not_found(resource: &str, name: &str) -> ApiError {
         format!("{resource}.{GROUP} \"{name}\" not found"),
     )
 }
-
-/// Sums per-container usage into what a pod used.
-pub fn pod_totals(pod: &PodUsage) -> (u64, u64) {
-    pod.containers.iter().fold((0, 0), |(cpu, mem), (_, u)| {
-        (cpu + u.cpu_nanocores, mem + u.memory_bytes)
-    })
-}
-
-/// Labels of pods by (namespace, name), for the snapshot.
-pub type PodLabels = HashMap<(String, String), BTreeMap<String, String>>;
 
 #[cfg(test)]
 mod tests {
