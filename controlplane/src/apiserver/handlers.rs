@@ -249,7 +249,7 @@ async fn create_object(
         reply.warnings.append(&mut warnings);
         return Ok(reply);
     }
-    let stored = objects::encode(&object)?;
+    let stored = objects::encode_for(rt, &object)?;
     let key = rt.key(ns, &name);
     match state
         .store
@@ -423,7 +423,7 @@ pub async fn write_update(
         }
         let allocations =
             services::allocate(state, rt, &mut desired, Some(&current), dry_run).await?;
-        let stored = objects::encode(&desired)?;
+        let stored = objects::encode_for(rt, &desired)?;
         if stored == current_kv.value || dry_run {
             // Nothing changed: no write, and the resourceVersion stays.
             services::release(state, &allocations).await;
@@ -559,7 +559,7 @@ async fn delete_one(
         if options.dry_run {
             return Ok(Reply::value(StatusCode::OK, &object));
         }
-        let stored = objects::encode(&object)?;
+        let stored = objects::encode_for(rt, &object)?;
         match state
             .store
             .update(key.as_bytes(), Bytes::from(stored), kv.mod_revision)
@@ -634,7 +634,7 @@ async fn bind(
                 "lastProbeTime": null, "lastTransitionTime": super::now()
             }));
         }
-        let stored = objects::encode(&pod)?;
+        let stored = objects::encode_for(rt, &pod)?;
         match state
             .store
             .update(key.as_bytes(), Bytes::from(stored), kv.mod_revision)
@@ -844,12 +844,14 @@ pub async fn read(
     name: &str,
 ) -> Result<KeyValue, ApiError> {
     let key = rt.key(ns, name);
-    state
+    let mut kv = state
         .store
         .get(key.as_bytes())
         .await
         .map_err(|e| ApiError::from_store(e, rt, name))?
-        .ok_or_else(|| ApiError::not_found(rt, name))
+        .ok_or_else(|| ApiError::not_found(rt, name))?;
+    kv.value = objects::served(rt, kv.value);
+    Ok(kv)
 }
 
 /// `apiVersion` and `kind` must name this resource; absent ones are set.
