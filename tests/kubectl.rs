@@ -795,6 +795,20 @@ source: {component: operator}
 count: 2
 "#;
 
+const NEW_EVENT: &str = r#"
+apiVersion: events.k8s.io/v1
+kind: Event
+metadata: {name: rotated}
+regarding: {kind: Secret, name: tls, namespace: default}
+reason: Rotated
+note: rotated
+type: Normal
+action: Rotate
+reportingController: operator
+reportingInstance: operator-1
+eventTime: "2026-11-27T20:00:00.000000Z"
+"#;
+
 /// Controllers record Events through events.k8s.io/v1 (kube-rs's
 /// Recorder); `kubectl get events` and `describe` read core/v1. Both are
 /// one stored object, as upstream.
@@ -844,6 +858,17 @@ async fn events_are_one_object_in_both_apis() -> anyhow::Result<()> {
         by_field.trim() == "event.events.k8s.io/by-hand",
         "{by_field}"
     );
+
+    // Written through the new API: the response is in the new shape, and
+    // the object reads back through the old one.
+    let created = json(&server.kubectl_stdin(&["create", "-o", "json", "-f", "-"], NEW_EVENT)?)?;
+    ensure!(
+        created["note"] == "rotated" && created.get("message").is_none(),
+        "{created}"
+    );
+    let core = json(&server.kubectl_ok(&["get", "event", "rotated", "-o", "json"])?)?;
+    ensure!(core["message"] == "rotated", "{core}");
+    ensure!(core["reportingComponent"] == "operator", "{core}");
 
     server.kubectl_ok(&["delete", "events.v1.events.k8s.io", "by-hand"])?;
     let gone = server.kubectl_err(&["get", "event", "by-hand"])?;

@@ -259,7 +259,7 @@ async fn create_object(
         Ok(kv) => {
             let mut reply = Reply::json(
                 StatusCode::CREATED,
-                objects::with_version(&kv.value, kv.mod_revision),
+                objects::served_with_version(rt, kv.value, kv.mod_revision),
             );
             reply.warnings = warnings;
             Ok(reply)
@@ -423,25 +423,26 @@ pub async fn write_update(
         }
         let allocations =
             services::allocate(state, rt, &mut desired, Some(&current), dry_run).await?;
-        let stored = objects::encode_for(rt, &desired)?;
-        if stored == current_kv.value || dry_run {
+        let stored = Bytes::from(objects::encode_for(rt, &desired)?);
+        // `current_kv` holds the served shape (see `read`).
+        if objects::served(rt, stored.clone()) == current_kv.value || dry_run {
             // Nothing changed: no write, and the resourceVersion stays.
             services::release(state, &allocations).await;
             return Ok(Reply::json(
                 StatusCode::OK,
-                objects::with_version(&stored, current_kv.mod_revision),
+                objects::served_with_version(rt, stored, current_kv.mod_revision),
             ));
         }
         let written = state
             .store
-            .update(key.as_bytes(), Bytes::from(stored), current_kv.mod_revision)
+            .update(key.as_bytes(), stored, current_kv.mod_revision)
             .await;
         match written {
             Ok(kv) => {
                 services::settle(state, &allocations).await;
                 return Ok(Reply::json(
                     StatusCode::OK,
-                    objects::with_version(&kv.value, kv.mod_revision),
+                    objects::served_with_version(rt, kv.value, kv.mod_revision),
                 ));
             }
             Err(StoreError::Conflict { .. }) if precondition.is_none() => {
@@ -573,7 +574,7 @@ async fn delete_one(
                 };
                 return Ok(Reply::json(
                     status,
-                    objects::with_version(&kv.value, kv.mod_revision),
+                    objects::served_with_version(rt, kv.value, kv.mod_revision),
                 ));
             }
             Err(StoreError::Conflict { .. }) => continue,

@@ -69,6 +69,11 @@ pub fn served(rt: &ResourceType, stored: Bytes) -> Bytes {
     }
 }
 
+/// A store write's result as a response body of `rt`.
+pub fn served_with_version(rt: &ResourceType, stored: Bytes, revision: i64) -> Vec<u8> {
+    with_version(&served(rt, stored), revision)
+}
+
 /// Appends the stored object to `out` with its resourceVersion set.
 pub fn write_with_version(out: &mut Vec<u8>, stored: &[u8], revision: i64) {
     if stored.starts_with(METADATA_OPEN) {
