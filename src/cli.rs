@@ -86,6 +86,12 @@ pub struct ServerArgs {
     /// Do not run a component (repeatable): agent, network, dns, ingress.
     #[arg(long = "disable", value_name = "COMPONENT")]
     pub disable: Vec<Component>,
+    /// Do not run the scheduler (as k3s's flag of that name).
+    #[arg(long)]
+    pub disable_scheduler: bool,
+    /// Do not run the controllers (as k3s's flag of that name).
+    #[arg(long)]
+    pub disable_controller_manager: bool,
     /// Pod IP range; each node gets a slice of it.
     #[arg(long, default_value = "10.42.0.0/16")]
     pub cluster_cidr: IpNet,
