@@ -108,7 +108,7 @@ spec: {selector: {app: local}, ports: [{port: 80, targetPort: 80}]}
          interleaved runs",
         args.connections, args.seconds, args.runs
     );
-    for (scope, pod) in [("cross-node", "remote"), ("same-node", "local")] {
+    for (scope, pod) in [("same-node", "local"), ("cross-node", "remote")] {
         let pod_ip = cluster.pod(pod).ip;
         let vip = cluster_ip(&cluster, pod)?;
         let _nft = NftDnat::load(node1, pod_ip)?;
