@@ -108,7 +108,11 @@ spec: {selector: {app: local}, ports: [{port: 80, targetPort: 80}]}
          interleaved runs",
         args.connections, args.seconds, args.runs
     );
-    for (scope, pod) in [("same-node", "local"), ("cross-node", "remote")] {
+    let mut scopes = [("same-node", "local"), ("cross-node", "remote")];
+    if std::env::var_os("SERVICE_BENCH_CROSS_FIRST").is_some() {
+        scopes.reverse();
+    }
+    for (scope, pod) in scopes {
         let pod_ip = cluster.pod(pod).ip;
         let vip = cluster_ip(&cluster, pod)?;
         let _nft = NftDnat::load(node1, pod_ip)?;
@@ -120,7 +124,13 @@ spec: {selector: {app: local}, ports: [{port: 80, targetPort: 80}]}
             ("HAProxy TCP", format!("{gateway}:{HAPROXY_PORT}")),
         ];
         for (name, target) in &targets {
-            wait_for_http(client_ns, target).with_context(|| format!("{scope} {name}"))?;
+            if let Err(e) = wait_for_http(client_ns, target) {
+                let metrics = cluster.metrics(0).unwrap_or_default();
+                for line in metrics.lines().filter(|l| l.starts_with("skiff_")) {
+                    eprintln!("  node 1 {line}");
+                }
+                return Err(e.context(format!("{scope} {name}")));
+            }
         }
         for close in [false, true] {
             let mut samples = vec![Vec::new(); targets.len()];
