@@ -8,7 +8,8 @@
 //! Backends: `web-1` on node 1, `web-2` on node 2, `web-3` on node 3, each
 //! a TCP server answering with its name and a UDP echo server; the client
 //! pod runs on node 1, so its flows reach one endpoint on its own node and
-//! two across the overlay.
+//! two across the overlay. Node 1's own namespace is a client too (a
+//! host process).
 
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
@@ -103,6 +104,20 @@ async fn cluster_ips_balance_pin_hairpin_and_refuse() -> anyhow::Result<()> {
         own.len() == 1 && own.contains_key("web-1"),
         "hairpin went elsewhere: {own:?}"
     );
+
+    // A host process on node 1 (source outside the pod network) reaches
+    // endpoints on its own node and across the overlay.
+    let url = format!("http://{web}/");
+    let mut from_host = BTreeMap::new();
+    for _ in 0..60 {
+        let name = cluster
+            .node(0)
+            .netns
+            .run("curl", &["-sf", "-m", "5", &url])
+            .context("curl from node 1's host namespace")?;
+        *from_host.entry(name).or_insert(0) += 1;
+    }
+    ensure!(from_host.len() == 3, "from the host: {from_host:?}");
 
     // UDP: the echo comes back from the ClusterIP (reverse-translated).
     for client_pod in ["client", "client-2"] {
