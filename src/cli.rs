@@ -36,7 +36,11 @@ pub enum Command {
     #[command(hide = true)]
     Shim(ShimArgs),
     /// Run only this node's pod network data plane (tests, debugging).
-    #[command(hide = true)]
+    #[command(
+        hide = true,
+        args_conflicts_with_subcommands = true,
+        subcommand_negates_reqs = true
+    )]
     Dataplane(crate::dataplane::DataplaneArgs),
     /// Run only the cluster DNS server against a cluster (benchmarks, debugging).
     #[command(hide = true)]
