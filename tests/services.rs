@@ -389,11 +389,24 @@ fn udp_exchange(pod: &Pod, to: SocketAddr, payload: &[u8]) -> anyhow::Result<(So
     let payload = payload.to_vec();
     pod.netns.enter(move || -> anyhow::Result<_> {
         let socket = UdpSocket::bind("0.0.0.0:0")?;
-        socket.set_read_timeout(Some(Duration::from_secs(5)))?;
-        socket.send_to(&payload, to)?;
+        socket.set_read_timeout(Some(Duration::from_secs(2)))?;
         let mut buf = [0u8; 1500];
-        let (n, from) = socket.recv_from(&mut buf).context("no echo")?;
-        Ok((from, String::from_utf8_lossy(&buf[..n]).into_owned()))
+        // UDP may lose a datagram on a loaded machine; a client resends,
+        // from the same socket, so it stays one flow.
+        let mut last = None;
+        for attempt in 1..=5 {
+            socket.send_to(&payload, to)?;
+            match socket.recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    if attempt > 1 {
+                        eprintln!("UDP echo from {to} answered on attempt {attempt}");
+                    }
+                    return Ok((from, String::from_utf8_lossy(&buf[..n]).into_owned()));
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(anyhow::Error::from(last.expect("five attempts were made")).context("no echo"))
     })?
 }
 
