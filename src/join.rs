@@ -3,7 +3,7 @@
 //! the one the `K10…` token pins, asks for its credentials with the token
 //! (see `controlplane::apiserver::node_join`), keeps them under
 //! `DATA_DIR/agent/tls` with a kubeconfig naming them, and runs the node
-//! agent with them.
+//! agent and the node's pod network overlay with them.
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::OpenOptionsExt;
@@ -88,6 +88,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         %node_ip,
         "joined; running the node agent"
     );
+    // The node's end of the pod network overlay, as the server runs its own.
+    tokio::spawn(dataplane::overlay::run_supervised(
+        client.clone(),
+        dataplane::overlay::OverlayConfig::new(agent_config.node_name.clone(), node_ip),
+    ));
     let agent = agent::run(client, agent_config);
     tokio::select! {
         result = agent => result.context("the node agent stopped"),
