@@ -2,8 +2,9 @@
 //! network namespace on a shared underlay bridge. Node 1 runs `skiff
 //! server` with its own agent; node 2 joins it with the token from
 //! `DATA_DIR/server/token`, registers its Node, runs a real runc pod
-//! bound to it, and serves its kubelet API (logs, exec) with the
-//! certificate it obtained.
+//! bound to it, serves its kubelet API (logs, exec) with the certificate
+//! it obtained, and joins the pod network overlay (a pod on node 2 reaches
+//! one on node 1 by its pod IP).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -209,6 +210,56 @@ spec:
     let out = server.kubectl_ok(&["exec", "remote", "--", "cat", "/proc/1/cmdline"])?;
     ensure!(out.starts_with("sleep"), "{out:?}");
 
+    // A pod on the server's node, serving HTTP.
+    let manifest = format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: local}}
+spec:
+  nodeName: {first}
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: {IMAGE}
+    imagePullPolicy: IfNotPresent
+    command: ["sh", "-c", "mkdir -p /www && echo hello from $(hostname) > /www/index.html && exec httpd -f -p 8080 -h /www"]
+"#
+    );
+    let archive = server.data_dir().join("busybox.tar");
+    busybox_oci_archive(&archive, IMAGE)?;
+    let output = Command::new(SKIFF)
+        .args(["images", "import", "--data-dir"])
+        .arg(server.data_dir())
+        .arg(&archive)
+        .output()?;
+    ensure!(output.status.success(), "{output:?}");
+    server.kubectl_stdin(&["apply", "-f", "-"], &manifest)?;
+    let local_ip = eventually(&server, &agent, "the local pod running", || {
+        let pod: Value =
+            serde_json::from_str(&server.kubectl_ok(&["get", "pod", "local", "-o", "json"])?)?;
+        let running = pod["status"]["containerStatuses"][0]["state"]["running"].is_object();
+        Ok(pod["status"]["podIP"]
+            .as_str()
+            .filter(|_| running)
+            .map(str::to_owned))
+    })
+    .await?;
+    // From the remote pod, over the overlay: busybox nc with an HTTP
+    // request (busybox-static's wget crashes here).
+    let script = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc {local_ip} 8080");
+    let answer = eventually(
+        &server,
+        &agent,
+        "the local pod answering the remote one",
+        || {
+            let out = server.kubectl_ok(&["exec", "remote", "--", "sh", "-c", &script])?;
+            Ok(out.contains("hello from local").then_some(out))
+        },
+    )
+    .await?;
+    ensure!(answer.starts_with("HTTP/1."), "{answer:?}");
+
     // A wrong token is refused outright.
     let output = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", underlay.nodes[1].name()))
@@ -222,7 +273,14 @@ spec:
     let err = String::from_utf8_lossy(&output.stderr);
     ensure!(err.contains("join token"), "{err}");
 
-    server.kubectl_ok(&["delete", "pod", "remote", "--wait=true", "--timeout=60s"])?;
+    server.kubectl_ok(&[
+        "delete",
+        "pod",
+        "remote",
+        "local",
+        "--wait=true",
+        "--timeout=60s",
+    ])?;
     server.kill();
     drop(agent);
     Ok(())
