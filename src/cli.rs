@@ -71,6 +71,10 @@ pub struct NodeArgs {
     /// 5 min); shorter for tests.
     #[arg(long, hide = true, default_value = "10s", value_parser = seconds, env = "SKIFF_CRASH_LOOP_BACKOFF")]
     pub crash_loop_backoff: Duration,
+    /// Port of the node's kubelet API (logs, exec, port-forward, resource
+    /// metrics); tests give nodes sharing an address different ports.
+    #[arg(long, hide = true, default_value_t = 10250, env = "SKIFF_KUBELET_PORT")]
+    pub kubelet_port: u16,
 }
 
 #[derive(Args, Debug)]

@@ -6,6 +6,7 @@ mod dataplane;
 mod dns;
 mod images;
 mod ingress;
+mod join;
 mod node_agent;
 mod server;
 
@@ -50,10 +51,7 @@ fn main() -> anyhow::Result<()> {
             Command::Dataplane(args) => dataplane::run(args).await,
             Command::Dns(args) => dns::run(args).await,
             Command::Ingress(args) => ingress::run(args).await,
-            Command::Agent(args) => anyhow::bail!(
-                "`skiff agent` cannot join {} yet: the node agent is not built in this version",
-                args.server
-            ),
+            Command::Agent(args) => join::run(args).await,
         }
     })
 }

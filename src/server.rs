@@ -53,6 +53,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             .with_context(|| format!("writing the kubeconfig to {}", path.display()))?;
     }
 
+    let pki = Arc::new(pki);
     let mut authenticator = Authenticator::new();
     authenticator
         .load_token_file(&server_dir.join("tokens.csv"))
@@ -124,11 +125,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     if !args.disable.contains(&Component::Agent) {
         crate::node_agent::spawn_local(
             client.clone(),
+            &pki,
             &args.node,
             node_ip,
             args.cluster_dns,
             &args.cluster_domain,
-        );
+        )?;
     }
     if !args.disable.contains(&Component::Network) {
         tokio::spawn(crate::dataplane::run_for_server(
@@ -150,6 +152,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {bind}"))?;
     tracing::info!(%bind, kubeconfig = %data_dir.join("kubeconfig.yaml").display(), "API server listening");
+    // Joining nodes present the token to routes outside the API's authentication.
+    let router = router.merge(apiserver::node_join::routes(pki.clone()));
     tls::serve(listener, tls_config, router, async {
         if let Err(e) = tokio::signal::ctrl_c().await {
             tracing::error!(error = %e, "cannot wait for the stop signal");

@@ -249,7 +249,6 @@ fn serving_tls(tls_dir: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "unfinished: first run lost stdin for exec -i and attach -i (see the helper report); run with --run-ignored all"]
 async fn kubectl_logs_reads_the_container_s_cri_log() -> anyhow::Result<()> {
     let c = cluster().await?;
     let s = &c.server;
@@ -302,7 +301,6 @@ async fn kubectl_logs_reads_the_container_s_cri_log() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "unfinished: first run lost stdin for exec -i and attach -i (see the helper report); run with --run-ignored all"]
 async fn kubectl_exec_runs_in_the_container() -> anyhow::Result<()> {
     let c = cluster().await?;
     let s = &c.server;
@@ -328,9 +326,17 @@ async fn kubectl_exec_runs_in_the_container() -> anyhow::Result<()> {
     // The pod's own network: httpd answers on the pod's loopback.
     let out = kubectl_ok(
         s,
-        &["exec", "web", "--", "nc", "127.0.0.1", "8080"],
+        &[
+            "exec",
+            "web",
+            "--",
+            "busybox",
+            "wget",
+            "-qO-",
+            "http://127.0.0.1:8080/index.html",
+        ],
         &[],
-        Some("GET /index.html HTTP/1.0\r\n\r\n"),
+        None,
     )
     .await?;
     ensure!(out.contains("hello from the pod"), "{out:?}");
@@ -362,7 +368,6 @@ async fn kubectl_exec_runs_in_the_container() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "unfinished: first run lost stdin for exec -i and attach -i (see the helper report); run with --run-ignored all"]
 async fn kubectl_attach_and_port_forward() -> anyhow::Result<()> {
     let c = cluster().await?;
     let s = &c.server;

@@ -13,6 +13,7 @@ pub mod crilog;
 pub mod dns;
 pub mod image_source;
 pub mod images;
+pub mod kubelet_api;
 pub mod network;
 pub mod node;
 pub mod pod;
@@ -109,6 +110,7 @@ pub async fn run(client: kube::Client, config: AgentConfig) -> Result<(), AgentE
         }
     }
     tokio::spawn(node::heartbeat(client.clone(), config.clone()));
+    tokio::spawn(kubelet_api::run(client.clone(), config.clone()));
     let (network_tx, network_rx) = tokio::sync::watch::channel(None);
     if config.pod_network {
         tokio::spawn(network::run(client.clone(), config.clone(), network_tx));

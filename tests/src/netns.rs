@@ -66,22 +66,28 @@ impl Netns {
 
     /// Runs `f` on a fresh thread that has entered the namespace.
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
-        let path = format!("/var/run/netns/{}", self.name);
-        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    // SAFETY: setns on this thread only; the fd is open.
-                    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        return Err(anyhow::Error::from(std::io::Error::last_os_error())
-                            .context(format!("entering {}", self.name)));
-                    }
-                    Ok(f())
-                })
-                .join()
-                .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
-        })
+        enter(&self.name, f)
     }
+}
+
+/// Runs `f` on a fresh thread that has entered the namespace `name`
+/// (one this test did not create, e.g. a node's).
+pub fn enter<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
+    let path = format!("/var/run/netns/{name}");
+    let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: setns on this thread only; the fd is open.
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(anyhow::Error::from(std::io::Error::last_os_error())
+                        .context(format!("entering {name}")));
+                }
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in {name} panicked"))?
+    })
 }
 
 impl Drop for Netns {

@@ -8,6 +8,8 @@ mod status;
 mod volumes;
 mod worker;
 
+pub(crate) use worker::CONTAINERS_RECORD;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -26,7 +26,7 @@ use crate::resources;
 use crate::sandbox::{self, SandboxRecord};
 use crate::shim::ShimSpec;
 
-const CONTAINERS_RECORD: &str = "containers.json";
+pub(crate) const CONTAINERS_RECORD: &str = "containers.json";
 /// A container that ran this long without trouble starts its back-off over.
 const BACKOFF_RESET: Duration = Duration::from_secs(600);
 /// Rotate CRI logs at this size, keeping this many files.

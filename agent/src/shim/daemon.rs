@@ -551,6 +551,18 @@ async fn attached(stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
     let mut output = shared.output.subscribe();
     let mut output_open = true;
     let mut exit = shared.exit.clone();
+    // Frames are read in a task of their own: a read cut short by the
+    // select below would lose the part of a frame already read.
+    let (frames_tx, mut frames) = tokio::sync::mpsc::channel(16);
+    let reading = tokio::spawn(async move {
+        loop {
+            let frame = attach::read_frame(&mut reader).await;
+            let end = !matches!(frame, Ok(Some(_)));
+            if frames_tx.send(frame).await.is_err() || end {
+                return;
+            }
+        }
+    });
     let result = async {
         loop {
             let ended = exit.borrow_and_update().clone();
@@ -570,7 +582,7 @@ async fn attached(stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
                     Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => output_open = false,
                 },
-                frame = attach::read_frame(&mut reader) => match frame? {
+                frame = frames.recv() => match frame.unwrap_or(Ok(None))? {
                     None => return Ok(()),
                     Some((STDIN, data)) if wants.stdin => {
                         let mut stdin = shared.stdin.lock().await;
@@ -598,6 +610,7 @@ async fn attached(stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
         }
     }
     .await;
+    reading.abort();
     if wants.stdin && shared.stdin_once {
         *shared.stdin.lock().await = None;
     }

@@ -89,9 +89,13 @@ pub fn attach(container: &ContainerRef) -> Process {
                         },
                     }
                     if stdin.is_none() && resize.is_none() {
-                        return;
+                        break;
                     }
                 }
+                // The shim takes the end of our side of the socket for a
+                // detach: hold it open until the output has ended.
+                let _input = input;
+                std::future::pending::<()>().await;
             });
             let output = async {
                 // As kubelet: attach ends without an exit code of its own.

@@ -5,6 +5,7 @@
 //! - `/exec/{namespace}/{pod}/{container}?command=…&input=1&output=1&error=1&tty=1`
 //! - `/attach/{namespace}/{pod}/{container}?…` (same flags)
 //! - `/portForward/{namespace}/{pod}`
+//! - `GET /metrics/resource` (resource usage, when the agent collects it)
 //!
 //! over HTTPS that accepts only clients whose certificate the cluster's
 //! client CA signed. Exec and attach switch to WebSocket
@@ -67,6 +68,13 @@ pub trait Containers: Send + Sync + 'static {
     /// directly should say so for pods with several containers.
     fn netns(&self, namespace: &str, pod: &str) -> Result<Option<PathBuf>, StreamError> {
         self.find(namespace, pod, None).map(|c| c.netns)
+    }
+
+    /// `/metrics/resource` in the Prometheus text format (the kubelet's
+    /// resource metrics: CPU seconds and working-set bytes of the node,
+    /// its pods and containers); `None` when not collected.
+    fn resource_metrics(&self) -> Option<String> {
+        None
     }
 }
 
@@ -236,6 +244,17 @@ fn route(
     };
     match (request.method(), segments.as_slice()) {
         (&Method::GET, ["healthz"]) => Ok(text(StatusCode::OK, "ok")),
+        (&Method::GET, ["metrics", "resource"]) => match containers.resource_metrics() {
+            Some(body) => {
+                let mut response = text(StatusCode::OK, &body);
+                response.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                Ok(response)
+            }
+            None => Err(StreamError::NotFound("404 page not found".into())),
+        },
         (&Method::GET, ["containerLogs", namespace, pod, container]) => {
             let found = containers.find(namespace, pod, Some(container))?;
             let options = logs::LogOptions::parse(&params, Timestamp::now())?;

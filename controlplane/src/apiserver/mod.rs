@@ -16,6 +16,7 @@ pub mod discovery;
 mod handlers;
 mod list;
 pub mod metrics;
+pub mod node_join;
 mod objects;
 pub mod openapi;
 pub mod patch;

@@ -120,6 +120,11 @@ struct KeyedCert {
 /// What a leaf certificate is for; decides its subject, SANs and extended key usage.
 enum Leaf<'a> {
     Serving(&'a ServerNames),
+    /// A node agent's kubelet API, `system:node:<node>` as upstream names it.
+    NodeServing {
+        node: &'a str,
+        names: &'a ServerNames,
+    },
     Client {
         user: &'a str,
         groups: &'a [&'a str],
@@ -237,6 +242,27 @@ impl Pki {
             ));
         }
         let issued = issue(&self.client_ca, &Leaf::Client { user, groups })?;
+        Ok((issued.cert_pem, issued.key_pem))
+    }
+
+    /// Issues the serving certificate of node `node`'s kubelet API, signed by the server CA
+    /// (which the API server trusts when it dials agents, as in k3s) and valid for `names`.
+    pub fn issue_node_serving_cert(
+        &self,
+        node: &str,
+        names: &ServerNames,
+    ) -> Result<(String, String), PkiError> {
+        if node.is_empty() {
+            return Err(PkiError::InvalidRequest(
+                "a node serving certificate needs the node's name".into(),
+            ));
+        }
+        if names.ips.is_empty() && names.dns_names.is_empty() {
+            return Err(PkiError::InvalidRequest(format!(
+                "the serving certificate of node {node} needs at least one name"
+            )));
+        }
+        let issued = issue(&self.server_ca, &Leaf::NodeServing { node, names })?;
         Ok((issued.cert_pem, issued.key_pem))
     }
 
@@ -531,17 +557,21 @@ fn misfit(cert: &X509Certificate, key: &KeyPair, ca: &Ca, leaf: &Leaf) -> Option
 
 fn issue(ca: &Ca, leaf: &Leaf) -> Result<KeyedCert, PkiError> {
     let what = match leaf {
-        Leaf::Serving(_) => "serving certificate",
+        Leaf::Serving(_) | Leaf::NodeServing { .. } => "serving certificate",
         Leaf::Client { .. } => "client certificate",
     };
     let now = SystemTime::now();
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
     match leaf {
-        Leaf::Serving(names) => {
+        Leaf::Serving(names) | Leaf::NodeServing { names, .. } => {
+            let common_name = match leaf {
+                Leaf::NodeServing { node, .. } => format!("system:node:{node}"),
+                _ => "kube-apiserver".to_owned(),
+            };
             params
                 .distinguished_name
-                .push(DnType::CommonName, "kube-apiserver");
+                .push(DnType::CommonName, common_name);
             params.subject_alt_names = names.ips.iter().map(|ip| SanType::IpAddress(*ip)).collect();
             for name in &names.dns_names {
                 let name = name.clone().try_into().map_err(generate_error(what))?;
@@ -565,7 +595,7 @@ fn issue(ca: &Ca, leaf: &Leaf) -> Result<KeyedCert, PkiError> {
         .signed_by(&key, &ca.issuer)
         .map_err(generate_error(what))?;
     let cert_pem = match leaf {
-        Leaf::Serving(_) => cert.pem(),
+        Leaf::Serving(_) | Leaf::NodeServing { .. } => cert.pem(),
         Leaf::Client { user, groups } => {
             let subject = client_subject(user, groups);
             let der = replace_subject(cert.der(), &subject, ca.issuer.key())
@@ -982,6 +1012,28 @@ mod tests {
                 "kubernetes.default.svc.cluster.local",
             ]
         );
+    }
+
+    #[test]
+    fn node_serving_certificates_come_from_the_server_ca() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = Pki::load_or_create(&tmp.path().join("tls"), &names()).unwrap();
+        let mut node_names = ServerNames::default();
+        node_names.add_ip("192.0.2.20".parse().unwrap());
+        node_names.add_dns_name("worker-1");
+        let (cert_pem, key_pem) = pki
+            .issue_node_serving_cert("worker-1", &node_names)
+            .unwrap();
+        with_cert(&cert_pem, |cert| {
+            assert!(covers(cert, &node_names));
+            assert!(issued_by(cert, &pki.server_ca));
+            let cn = cert.subject().iter_common_name().next().unwrap();
+            assert_eq!(cn.as_str().unwrap(), "system:node:worker-1");
+        });
+        KeyPair::from_pem(&key_pem).unwrap();
+        let none = ServerNames::default();
+        assert!(pki.issue_node_serving_cert("worker-1", &none).is_err());
+        assert!(pki.issue_node_serving_cert("", &node_names).is_err());
     }
 
     #[test]

@@ -1,0 +1,288 @@
+//! `skiff agent --server URL --token T`: a node joining a server, as a k3s
+//! agent does. It fetches the server CA and accepts it only if its hash is
+//! the one the `K10…` token pins, asks for its credentials with the token
+//! (see `controlplane::apiserver::node_join`), keeps them under
+//! `DATA_DIR/agent/tls` with a kubeconfig naming them, and runs the node
+//! agent and the node's pod network overlay with them.
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use controlplane::apiserver::node_join::{
+    CACERTS_PATH, CERTIFICATES_PATH, CertificateRequest, NodeCredentials,
+};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use sha2::{Digest, Sha256};
+
+use crate::cli::AgentArgs;
+
+/// Until the server answers at start; it may still be starting itself.
+const JOIN_RETRY: Duration = Duration::from_secs(2);
+const JOIN_ATTEMPTS: u32 = 60;
+
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let url: http::Uri = args
+        .server
+        .parse()
+        .with_context(|| format!("--server {:?} is not a URL", args.server))?;
+    if url.scheme_str() != Some("https") || url.host().is_none() {
+        bail!("--server {:?} must be an https:// URL", args.server);
+    }
+    let token = args.token.trim().to_owned();
+    let tls_dir = args.node.data_dir.join("agent").join("tls");
+    std::fs::create_dir_all(&tls_dir).with_context(|| format!("creating {}", tls_dir.display()))?;
+
+    let ca_pem = retry("fetching the server CA", || fetch_ca(&args.server)).await?;
+    match pinned_hash(&token) {
+        Some(pinned) => {
+            let hash = hex(&Sha256::digest(ca_pem.as_bytes()));
+            if hash != pinned {
+                bail!(
+                    "the server's CA (sha256 {hash}) is not the one the join token names \
+                     ({pinned}); refusing to join"
+                );
+            }
+        }
+        None => tracing::warn!(
+            "the join token is a bare secret: the server CA is trusted as first seen \
+             (use the K10 token from DATA_DIR/server/token to pin it)"
+        ),
+    }
+    let ca_path = tls_dir.join("server-ca.crt");
+    write_private(&ca_path, &ca_pem)?;
+
+    let node_ip = match args.node.node_ip {
+        Some(ip) => ip,
+        None => route_source(&url).await?,
+    };
+    let agent_config = crate::node_agent::config(&args.node, node_ip);
+    let request = CertificateRequest {
+        node_name: agent_config.node_name.clone(),
+        addresses: vec![node_ip],
+    };
+    let credentials = retry("obtaining the node's certificates", || {
+        request_credentials(&args.server, &ca_path, &token, &request)
+    })
+    .await?;
+    let cert_path = tls_dir.join("client.crt");
+    let key_path = tls_dir.join("client.key");
+    write_private(&cert_path, &credentials.client_cert)?;
+    write_private(&key_path, &credentials.client_key)?;
+    let kubeconfig = kubeconfig_yaml(&args.server, &ca_path, Some((&cert_path, &key_path)), None);
+    let kubeconfig_path = args.node.data_dir.join("agent").join("kubeconfig.yaml");
+    write_private(&kubeconfig_path, &kubeconfig)?;
+    let client = client_for(&kubeconfig).await?;
+
+    let mut agent_config = agent_config;
+    agent_config.tls = Some(agent::KubeletTls {
+        cert_pem: credentials.serving_cert,
+        key_pem: credentials.serving_key,
+        client_ca_pem: credentials.client_ca,
+    });
+    tracing::info!(
+        server = %args.server,
+        node = %agent_config.node_name,
+        %node_ip,
+        "joined; running the node agent"
+    );
+    // The node's end of the pod network overlay, as the server runs its own.
+    tokio::spawn(dataplane::overlay::run_supervised(
+        client.clone(),
+        dataplane::overlay::OverlayConfig::new(agent_config.node_name.clone(), node_ip),
+    ));
+    let agent = agent::run(client, agent_config);
+    tokio::select! {
+        result = agent => result.context("the node agent stopped"),
+        stop = tokio::signal::ctrl_c() => stop.context("waiting for the stop signal"),
+    }
+}
+
+/// The server CA as `GET /cacerts` gives it, before anything is trusted:
+/// the token's hash decides whether to keep it.
+async fn fetch_ca(server: &str) -> anyhow::Result<String> {
+    let mut config = kube::Config::new(server.parse()?);
+    config.accept_invalid_certs = true;
+    let client = kube::Client::try_from(config)?;
+    let request = http::Request::get(CACERTS_PATH).body(Vec::new())?;
+    let pem = client.request_text(request).await?;
+    if !pem.contains("BEGIN CERTIFICATE") {
+        bail!("the server's {CACERTS_PATH} holds no certificate");
+    }
+    Ok(pem)
+}
+
+async fn request_credentials(
+    server: &str,
+    ca_path: &Path,
+    token: &str,
+    request: &CertificateRequest,
+) -> anyhow::Result<NodeCredentials> {
+    let client = client_for(&kubeconfig_yaml(server, ca_path, None, Some(token))).await?;
+    let body = serde_json::to_vec(request)?;
+    let request = http::Request::post(CERTIFICATES_PATH)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(body)?;
+    let text = client.request_text(request).await?;
+    serde_json::from_str(&text).context("reading the server's answer")
+}
+
+async fn client_for(kubeconfig: &str) -> anyhow::Result<kube::Client> {
+    let kubeconfig = Kubeconfig::from_yaml(kubeconfig).context("the agent's kubeconfig")?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .context("the agent's kubeconfig")?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// A kubeconfig naming the CA file and either the client certificate
+/// files or a bearer token.
+fn kubeconfig_yaml(
+    server: &str,
+    ca_path: &Path,
+    client: Option<(&PathBuf, &PathBuf)>,
+    token: Option<&str>,
+) -> String {
+    let user = match (client, token) {
+        (Some((cert, key)), _) => format!(
+            "    client-certificate: {}\n    client-key: {}\n",
+            json_str(&cert.display().to_string()),
+            json_str(&key.display().to_string())
+        ),
+        (None, Some(token)) => format!("    token: {}\n", json_str(token)),
+        (None, None) => "    {}\n".to_owned(),
+    };
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: default\n  cluster:\n    \
+         server: {}\n    certificate-authority: {}\nusers:\n- name: default\n  user:\n{user}\
+         contexts:\n- name: default\n  context:\n    cluster: default\n    user: default\n\
+         current-context: default\n",
+        json_str(server),
+        json_str(&ca_path.display().to_string()),
+    )
+}
+
+/// A YAML scalar, quoted as JSON (a subset of YAML).
+fn json_str(s: &str) -> String {
+    serde_json::Value::String(s.to_owned()).to_string()
+}
+
+/// The hash a `K10<sha256>::user:secret` token pins; `None` for a bare secret.
+fn pinned_hash(token: &str) -> Option<String> {
+    let (hash, _) = token.strip_prefix("K10")?.split_once("::")?;
+    Some(hash.to_ascii_lowercase())
+}
+
+/// The local address the kernel would use to reach the server: the
+/// node's address on the network it shares with the server.
+async fn route_source(url: &http::Uri) -> anyhow::Result<IpAddr> {
+    let host = url
+        .host()
+        .unwrap_or_default()
+        .trim_matches(|c| c == '[' || c == ']');
+    let port = url.port_u16().unwrap_or(443);
+    let target: SocketAddr = tokio::net::lookup_host((host, port))
+        .await
+        .with_context(|| format!("resolving {host}"))?
+        .next()
+        .with_context(|| format!("{host} has no address"))?;
+    let bind: SocketAddr = if target.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    // Connecting a UDP socket sends nothing; it only picks the route.
+    let socket = tokio::net::UdpSocket::bind(bind).await?;
+    socket
+        .connect(target)
+        .await
+        .with_context(|| format!("no route to {target}; pass --node-ip"))?;
+    Ok(socket.local_addr()?.ip())
+}
+
+async fn retry<T, F, Fut>(what: &str, mut attempt: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut tries = 0;
+    loop {
+        match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(e) if tries + 1 < JOIN_ATTEMPTS && retriable(&e) => {
+                tries += 1;
+                tracing::warn!(error = %format!("{e:#}"), "{what}; retrying");
+                tokio::time::sleep(JOIN_RETRY).await;
+            }
+            Err(e) => return Err(e.context(what.to_owned())),
+        }
+    }
+}
+
+/// A refusal from the server (bad token, bad request) will not change by
+/// asking again; a connection failure may.
+fn retriable(error: &anyhow::Error) -> bool {
+    !matches!(
+        error.downcast_ref::<kube::Error>(),
+        Some(kube::Error::Api(_))
+    )
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    file.write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn k10_tokens_pin_the_ca() {
+        assert_eq!(pinned_hash("K10AbC::server:secret").as_deref(), Some("abc"));
+        assert_eq!(pinned_hash("secret"), None);
+    }
+
+    #[test]
+    fn kubeconfigs_parse() {
+        let ca = PathBuf::from("/d/ca.crt");
+        let (cert, key) = (PathBuf::from("/d/c.crt"), PathBuf::from("/d/c.key"));
+        for yaml in [
+            kubeconfig_yaml("https://10.0.0.1:6443", &ca, Some((&cert, &key)), None),
+            kubeconfig_yaml("https://10.0.0.1:6443", &ca, None, Some("K10x::server:y")),
+        ] {
+            let parsed = Kubeconfig::from_yaml(&yaml).unwrap();
+            assert_eq!(
+                parsed.clusters[0]
+                    .cluster
+                    .as_ref()
+                    .unwrap()
+                    .server
+                    .as_deref(),
+                Some("https://10.0.0.1:6443"),
+                "{yaml}"
+            );
+        }
+    }
+}

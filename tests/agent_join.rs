@@ -1,0 +1,312 @@
+//! `skiff agent --server URL --token T` end to end: two nodes, each a
+//! network namespace on a shared underlay bridge. Node 1 runs `skiff
+//! server` with its own agent; node 2 joins it with the token from
+//! `DATA_DIR/server/token`, registers its Node, runs a real runc pod
+//! bound to it, serves its kubelet API (logs, exec) with the certificate
+//! it obtained, and joins the pod network overlay (a pod on node 2 reaches
+//! one on node 1 by its pod IP).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use serde_json::Value;
+use skiff_e2e::images::busybox_oci_archive;
+use skiff_e2e::netns::Netns;
+use skiff_e2e::node::clean_up;
+use skiff_e2e::server::Server;
+
+const SKIFF: &str = env!("CARGO_BIN_EXE_skiff");
+const IMAGE: &str = "skiff-test/busybox:1";
+const DEADLINE: Duration = Duration::from_secs(120);
+
+/// The underlay and both nodes' namespaces, deleted on drop (after the
+/// processes in them).
+struct Underlay {
+    nodes: Vec<Netns>,
+    _bridge: Netns,
+    subnet: u8,
+}
+
+impl Underlay {
+    fn create(prefix: &str, count: usize) -> anyhow::Result<Underlay> {
+        let bridge = Netns::create(&format!("{prefix}-u"))?;
+        bridge.ip(&["link", "add", "br0", "type", "bridge"])?;
+        bridge.ip(&["link", "set", "br0", "up"])?;
+        let subnet = (std::process::id() % 200 + 20) as u8;
+        let mut nodes = Vec::new();
+        for i in 0..count {
+            let netns = Netns::create(&format!("{prefix}-n{}", i + 1))?;
+            let port = format!("u{}", i + 1);
+            bridge.ip(&[
+                "link",
+                "add",
+                &port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                netns.name(),
+            ])?;
+            bridge.ip(&["link", "set", &port, "master", "br0", "up"])?;
+            let ip = format!("172.30.{subnet}.{}/24", 11 + i);
+            netns.ip(&["addr", "add", &ip, "dev", "eth0"])?;
+            netns.ip(&["link", "set", "eth0", "up"])?;
+            nodes.push(netns);
+        }
+        Ok(Underlay {
+            nodes,
+            _bridge: bridge,
+            subnet,
+        })
+    }
+
+    fn ip(&self, index: usize) -> String {
+        format!("172.30.{}.{}", self.subnet, 11 + index)
+    }
+}
+
+/// A joined agent process and its data, cleaned up on drop.
+struct JoinedAgent {
+    child: Child,
+    data_dir: tempfile::TempDir,
+    name: String,
+    log: PathBuf,
+}
+
+impl JoinedAgent {
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let start = text.len().saturating_sub(4000);
+        text.get(start..).unwrap_or(&text).to_owned()
+    }
+}
+
+impl Drop for JoinedAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        clean_up(self.data_dir.path(), &self.name);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_node_joins_with_the_token_and_runs_pods() -> anyhow::Result<()> {
+    let prefix = format!("skj{:x}", std::process::id() % 0x10000);
+    let underlay = Underlay::create(&prefix, 2)?;
+    let server_ip = underlay.ip(0);
+    let first = format!("{prefix}-n1");
+    let second = format!("{prefix}-n2");
+    let mut server = Server::start_in(
+        Path::new(SKIFF),
+        underlay.nodes[0].name(),
+        &[
+            "--node-ip",
+            &server_ip,
+            "--node-name",
+            &first,
+            "--crash-loop-backoff",
+            "2s",
+        ],
+    )
+    .await?;
+
+    // The joining node: its own data dir and binary copy (its shims outlive
+    // rebuilds), the token file's K10 token.
+    let data_dir = tempfile::Builder::new()
+        .prefix("skiff-test-agent-")
+        .tempdir()?;
+    let bin = data_dir.path().join("skiff");
+    std::fs::copy(SKIFF, &bin)?;
+    let archive = data_dir.path().join("busybox.tar");
+    busybox_oci_archive(&archive, IMAGE)?;
+    let output = Command::new(&bin)
+        .args(["images", "import", "--data-dir"])
+        .arg(data_dir.path())
+        .arg(&archive)
+        .output()?;
+    ensure!(output.status.success(), "{output:?}");
+    let token = std::fs::read_to_string(server.data_dir().join("server").join("token"))?;
+    let log = data_dir.path().join("agent.log");
+    let child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", underlay.nodes[1].name()))
+        .arg(&bin)
+        .args(["agent", "--server"])
+        .arg(format!("https://{server_ip}:{}", server.port))
+        .args(["--token", token.trim(), "--node-name", &second])
+        .args(["--crash-loop-backoff", "2s", "--data-dir"])
+        .arg(data_dir.path())
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log)?)
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()
+        .context("starting skiff agent")?;
+    let agent = JoinedAgent {
+        child,
+        data_dir,
+        name: second.clone(),
+        log,
+    };
+
+    // The joined Node: Ready, with the address the agent found for itself
+    // (no --node-ip given) and its kubelet port.
+    let node = eventually(&server, &agent, "the second node Ready", || {
+        let node: Value =
+            serde_json::from_str(&server.kubectl_ok(&["get", "node", &second, "-o", "json"])?)?;
+        let ready = node["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True");
+        Ok(ready.then_some(node))
+    })
+    .await?;
+    ensure!(
+        node["status"]["addresses"][0]["address"] == underlay.ip(1),
+        "{}",
+        node["status"]["addresses"]
+    );
+    ensure!(
+        node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"] == 10250,
+        "{}",
+        node["status"]
+    );
+
+    // A pod bound to it runs there, and its logs and exec come through
+    // the joined agent's kubelet API.
+    let manifest = format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: remote}}
+spec:
+  nodeName: {second}
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: {IMAGE}
+    imagePullPolicy: IfNotPresent
+    command: ["sh", "-c", "echo started on $(hostname); exec sleep 3600"]
+"#
+    );
+    server.kubectl_stdin(&["apply", "-f", "-"], &manifest)?;
+    eventually(&server, &agent, "the remote pod running", || {
+        let pod: Value =
+            serde_json::from_str(&server.kubectl_ok(&["get", "pod", "remote", "-o", "json"])?)?;
+        Ok(pod["status"]["containerStatuses"][0]["state"]["running"]
+            .is_object()
+            .then_some(()))
+    })
+    .await?;
+    let logs = eventually(&server, &agent, "the remote pod's logs", || {
+        let out = server.kubectl_ok(&["logs", "remote"])?;
+        Ok((!out.is_empty()).then_some(out))
+    })
+    .await?;
+    ensure!(logs == "started on remote\n", "{logs:?}");
+    let out = server.kubectl_ok(&["exec", "remote", "--", "cat", "/proc/1/cmdline"])?;
+    ensure!(out.starts_with("sleep"), "{out:?}");
+
+    // A pod on the server's node, serving HTTP.
+    let manifest = format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: local}}
+spec:
+  nodeName: {first}
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: {IMAGE}
+    imagePullPolicy: IfNotPresent
+    command: ["sh", "-c", "mkdir -p /www && echo hello from $(hostname) > /www/index.html && exec httpd -f -p 8080 -h /www"]
+"#
+    );
+    let archive = server.data_dir().join("busybox.tar");
+    busybox_oci_archive(&archive, IMAGE)?;
+    let output = Command::new(SKIFF)
+        .args(["images", "import", "--data-dir"])
+        .arg(server.data_dir())
+        .arg(&archive)
+        .output()?;
+    ensure!(output.status.success(), "{output:?}");
+    server.kubectl_stdin(&["apply", "-f", "-"], &manifest)?;
+    let local_ip = eventually(&server, &agent, "the local pod running", || {
+        let pod: Value =
+            serde_json::from_str(&server.kubectl_ok(&["get", "pod", "local", "-o", "json"])?)?;
+        let running = pod["status"]["containerStatuses"][0]["state"]["running"].is_object();
+        Ok(pod["status"]["podIP"]
+            .as_str()
+            .filter(|_| running)
+            .map(str::to_owned))
+    })
+    .await?;
+    // From the remote pod, over the overlay: busybox nc with an HTTP
+    // request (busybox-static's wget crashes here).
+    let script = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc {local_ip} 8080");
+    let answer = eventually(
+        &server,
+        &agent,
+        "the local pod answering the remote one",
+        || {
+            let out = server.kubectl_ok(&["exec", "remote", "--", "sh", "-c", &script])?;
+            Ok(out.contains("hello from local").then_some(out))
+        },
+    )
+    .await?;
+    ensure!(answer.starts_with("HTTP/1."), "{answer:?}");
+
+    // A wrong token is refused outright.
+    let output = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", underlay.nodes[1].name()))
+        .arg(SKIFF)
+        .args(["agent", "--server"])
+        .arg(format!("https://{server_ip}:{}", server.port))
+        .args(["--token", "not-the-token", "--data-dir"])
+        .arg(agent.data_dir.path().join("wrong"))
+        .output()?;
+    ensure!(!output.status.success(), "{output:?}");
+    let err = String::from_utf8_lossy(&output.stderr);
+    ensure!(err.contains("join token"), "{err}");
+
+    server.kubectl_ok(&[
+        "delete",
+        "pod",
+        "remote",
+        "local",
+        "--wait=true",
+        "--timeout=60s",
+    ])?;
+    server.kill();
+    drop(agent);
+    Ok(())
+}
+
+async fn eventually<T>(
+    server: &Server,
+    agent: &JoinedAgent,
+    what: &str,
+    mut check: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + DEADLINE;
+    let mut last = String::new();
+    loop {
+        match check() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "timed out waiting for {what}: {last}\nagent log:\n{}\nserver log:\n{}",
+                agent.log_tail(),
+                server.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
