@@ -1125,3 +1125,105 @@ spec:
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn secret_downward_and_projected_volumes_and_oom_kill() -> anyhow::Result<()> {
+    let node = node().await?;
+    node.server.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "creds",
+        "--from-literal=password=s3cret",
+    ])?;
+    node.server.kubectl_ok(&[
+        "create",
+        "configmap",
+        "settings",
+        "--from-literal=color=blue",
+    ])?;
+    let manifest = format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: files, labels: {{tier: web}}}}
+spec:
+  containers:
+  - name: main
+    image: {IMAGE}
+    imagePullPolicy: IfNotPresent
+    command: ["sh", "-c", "mkdir -p /www && stat -L -c %a /sec/pw > /www/mode && for d in sec info all; do ln -s /$d /www/$d; done && exec httpd -f -p 8080 -h /www"]
+    volumeMounts:
+    - {{name: sec, mountPath: /sec}}
+    - {{name: info, mountPath: /info}}
+    - {{name: all, mountPath: /all}}
+  volumes:
+  - name: sec
+    secret: {{secretName: creds, items: [{{key: password, path: pw, mode: 0400}}]}}
+  - name: info
+    downwardAPI: {{items: [{{path: labels, fieldRef: {{fieldPath: metadata.labels}}}}, {{path: name, fieldRef: {{fieldPath: metadata.name}}}}]}}
+  - name: all
+    projected:
+      sources:
+      - configMap: {{name: settings}}
+      - secret: {{name: creds}}
+      - downwardAPI: {{items: [{{path: ns, fieldRef: {{fieldPath: metadata.namespace}}}}]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: hog}}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: main
+    image: {IMAGE}
+    imagePullPolicy: IfNotPresent
+    command: ["dd", "if=/dev/zero", "of=/dev/null", "bs=256M", "count=1"]
+    resources: {{limits: {{memory: 16Mi}}}}
+"#
+    );
+    node.server
+        .kubectl_stdin(&["apply", "-f", "-"], &manifest)?;
+    let pod = wait_running(&node, "files").await?;
+    let ip = pod["status"]["podIP"]
+        .as_str()
+        .context("pod IP")?
+        .to_owned();
+    let mode = eventually(&node, "the files page", || {
+        fetch(&node, &ip, "/mode").map(Some)
+    })
+    .await?;
+    ensure!(mode.trim() == "400", "the secret item's mode: {mode:?}");
+    for (path, want) in [
+        ("/sec/pw", "s3cret"),
+        ("/info/name", "files"),
+        ("/info/labels", "tier=\"web\""),
+        ("/all/color", "blue"),
+        ("/all/password", "s3cret"),
+        ("/all/ns", "default"),
+    ] {
+        let got = fetch(&node, &ip, path)?;
+        ensure!(got.trim() == want, "{path}: {got:?}, not {want:?}");
+    }
+    node.server
+        .kubectl_ok(&["label", "pod", "files", "tier=db", "--overwrite"])?;
+    eventually(&node, "the downward API labels to update", || {
+        Ok(fetch(&node, &ip, "/info/labels")
+            .ok()
+            .filter(|l| l.trim() == "tier=\"db\""))
+    })
+    .await?;
+    let hog = eventually(&node, "the hog to be OOM-killed", || {
+        let pod = pod_json(&node, "hog")?;
+        let t = &container_status(&pod, 0)["state"]["terminated"];
+        Ok(t.is_object().then(|| pod.clone()))
+    })
+    .await?;
+    let t = &container_status(&hog, 0)["state"]["terminated"];
+    ensure!(
+        t["reason"] == "OOMKilled" && t["exitCode"] == 137,
+        "killed for memory: {t}"
+    );
+    ensure!(hog["status"]["phase"] == "Failed", "{}", hog["status"]);
+    Ok(())
+}
