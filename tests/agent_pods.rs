@@ -1227,3 +1227,72 @@ spec:
     ensure!(hog["status"]["phase"] == "Failed", "{}", hog["status"]);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_images_wait_with_the_kubelet_reasons_and_name_files() -> anyhow::Result<()> {
+    let node = node().await?;
+    let waiting = |name: &str, policy: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  containers:\n  - {{name: main, image: skiff-test/absent:1, imagePullPolicy: {policy}}}\n"
+        )
+    };
+    node.server
+        .kubectl_stdin(&["apply", "-f", "-"], &waiting("never", "Never"))?;
+    node.server
+        .kubectl_stdin(&["apply", "-f", "-"], &waiting("ifnot", "IfNotPresent"))?;
+    let named = format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: named}}
+spec:
+  hostname: web-0
+  subdomain: web
+  containers:
+  - name: main
+    image: {IMAGE}
+    imagePullPolicy: IfNotPresent
+    command: ["sh", "-c", "mkdir -p /www && cp /etc/hosts /etc/resolv.conf /www/ && hostname > /www/hostname && exec httpd -f -p 8080 -h /www"]
+"#
+    );
+    node.server.kubectl_stdin(&["apply", "-f", "-"], &named)?;
+    for (name, reason) in [
+        ("never", "ErrImageNeverPull"),
+        ("ifnot", "ImagePullBackOff"),
+    ] {
+        eventually(&node, &format!("{name} waiting with {reason}"), || {
+            let pod = pod_json(&node, name)?;
+            let w = &container_status(&pod, 0)["state"]["waiting"];
+            Ok((w["reason"] == reason
+                && w["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("skiff-test/absent:1")))
+            .then_some(()))
+        })
+        .await?;
+    }
+    let pod = wait_running(&node, "named").await?;
+    let ip = pod["status"]["podIP"]
+        .as_str()
+        .context("pod IP")?
+        .to_owned();
+    let hostname = eventually(&node, "the name files", || {
+        fetch(&node, &ip, "/hostname").map(Some)
+    })
+    .await?;
+    ensure!(hostname.trim() == "web-0", "hostname: {hostname:?}");
+    let hosts = fetch(&node, &ip, "/hosts")?;
+    ensure!(
+        hosts
+            .lines()
+            .any(|l| l.starts_with(&ip) && l.contains("web-0.web.default.svc.cluster.local")),
+        "hosts: {hosts}"
+    );
+    let resolv = fetch(&node, &ip, "/resolv.conf")?;
+    ensure!(
+        resolv.contains("nameserver 10.43.0.10")
+            && resolv.contains("search default.svc.cluster.local svc.cluster.local cluster.local"),
+        "resolv.conf: {resolv}"
+    );
+    Ok(())
+}
