@@ -4,6 +4,7 @@
 
 mod env;
 mod probe;
+mod probe_tls;
 mod reclaim;
 mod service_env;
 mod status;

@@ -1,7 +1,8 @@
-//! Liveness, readiness and startup probes (httpGet, tcpSocket, exec) with
-//! upstream's timing: initial delay, period, timeout, and success/failure
-//! thresholds. Each probe of a running container is a task that reports
-//! every change of its verdict to the pod worker.
+//! Liveness, readiness and startup probes (httpGet over HTTP or HTTPS,
+//! tcpSocket, exec) with upstream's timing: initial delay, period,
+//! timeout, and success/failure thresholds. Each probe of a running
+//! container is a task that reports every change of its verdict to the
+//! pod worker.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Container, Probe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
@@ -196,10 +197,8 @@ pub async fn check(probe: &Probe, target: &Target, timeout: Duration) -> Result<
             .flatten()
             .map(|h| (h.name.clone(), h.value.clone()))
             .collect();
-        if http.scheme.as_deref() == Some("HTTPS") {
-            return Err("HTTPS probes are not supported by the skiff agent".into());
-        }
-        return http_get(SocketAddr::new(host, port), &path, &headers).await;
+        let https = http.scheme.as_deref() == Some("HTTPS");
+        return http_get(SocketAddr::new(host, port), https, &path, &headers).await;
     }
     if let Some(tcp) = &probe.tcp_socket {
         let port = port(&tcp.port, &target.container)?;
@@ -239,12 +238,29 @@ pub async fn check(probe: &Probe, target: &Target, timeout: Duration) -> Result<
 
 async fn http_get(
     addr: SocketAddr,
+    https: bool,
     path: &str,
     headers: &[(String, String)],
 ) -> Result<(), String> {
-    let mut stream = TcpStream::connect(addr)
+    let scheme = if https { "https" } else { "http" };
+    let tcp = TcpStream::connect(addr)
         .await
-        .map_err(|e| format!("Get \"http://{addr}{path}\": dial tcp {addr}: {e}"))?;
+        .map_err(|e| format!("Get \"{scheme}://{addr}{path}\": dial tcp {addr}: {e}"))?;
+    if https {
+        let tls = super::probe_tls::connect(tcp, addr).await?;
+        exchange(tls, addr, path, headers).await
+    } else {
+        exchange(tcp, addr, path, headers).await
+    }
+}
+
+/// Sends the GET and judges the status line: 2xx and 3xx pass.
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(String, String)],
+) -> Result<(), String> {
     let mut request = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: kube-probe/1.33\r\nAccept: */*\r\nConnection: close\r\n"
     );
@@ -668,5 +684,81 @@ mod tests {
             .map(|a| a.port())
             .unwrap_or(1);
         assert!(check(&tcp(closed), &target, second).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn https_probe_accepts_any_certificate() {
+        let Ok(key) = rcgen::KeyPair::generate() else {
+            panic!("generating a key")
+        };
+        let Ok(cert) =
+            rcgen::CertificateParams::new(vec!["pod".into()]).and_then(|p| p.self_signed(&key))
+        else {
+            panic!("signing a certificate")
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .and_then(|b| {
+                b.with_no_client_auth().with_single_cert(
+                    vec![cert.der().clone()],
+                    rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+                )
+            });
+        let Ok(config) = config else {
+            panic!("TLS server config")
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let Ok(listener) = tokio::net::TcpListener::bind("127.0.0.1:0").await else {
+            panic!("binding")
+        };
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let Ok(mut s) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let mut buf = [0u8; 1024];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let ok = String::from_utf8_lossy(&buf[..n]).starts_with("GET /healthz ");
+                let answer = if ok {
+                    "200 OK"
+                } else {
+                    "500 Internal Server Error"
+                };
+                let _ = s
+                    .write_all(format!("HTTP/1.1 {answer}\r\nContent-Length: 0\r\n\r\n").as_bytes())
+                    .await;
+                let _ = s.shutdown().await;
+            }
+        });
+        let target = Target {
+            container: Container::default(),
+            instance: "x".into(),
+            ip: IpAddr::from([127, 0, 0, 1]),
+            runtime: FakeRuntime::new(),
+        };
+        let probe = |path: &str, scheme: &str| Probe {
+            http_get: Some(k8s_openapi::api::core::v1::HTTPGetAction {
+                path: Some(path.into()),
+                port: IntOrString::Int(i32::from(port)),
+                scheme: Some(scheme.into()),
+                ..Default::default()
+            }),
+            ..Probe::default()
+        };
+        let second = Duration::from_secs(2);
+        assert_eq!(
+            check(&probe("/healthz", "HTTPS"), &target, second).await,
+            Ok(())
+        );
+        let failing = check(&probe("/other", "HTTPS"), &target, second).await;
+        assert!(failing.is_err_and(|m| m.contains("500")));
+        // Plain HTTP to a TLS port is a failure, not a hang.
+        assert!(
+            check(&probe("/healthz", "HTTP"), &target, second)
+                .await
+                .is_err()
+        );
     }
 }
