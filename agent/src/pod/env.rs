@@ -14,11 +14,13 @@ pub trait Sources {
     fn secret(&self, namespace: &str, name: &str) -> Option<Secret>;
 }
 
-/// The environment as `NAME=value` lines, in order, image variables first.
+/// The environment as `NAME=value` lines, in order: image variables
+/// first, then the Service variables, then `envFrom` and `env`.
 pub fn build(
     pod: &Pod,
     container: &Container,
     image_env: &[String],
+    service_env: &[(String, String)],
     pod_ip: Option<&str>,
     host_ip: &str,
     sources: &dyn Sources,
@@ -36,6 +38,9 @@ pub fn build(
         if let Some((name, value)) = line.split_once('=') {
             set(&mut vars, name.to_owned(), value.to_owned());
         }
+    }
+    for (name, value) in service_env {
+        set(&mut vars, name.clone(), value.clone());
     }
     for from in container.env_from.iter().flatten() {
         let prefix = from.prefix.clone().unwrap_or_default();
@@ -70,12 +75,13 @@ pub fn build(
             expand(value, &lookup)
         } else if let Some(from) = &var.value_from {
             let value = if let Some(r) = &from.config_map_key_ref {
-                let found = sources
-                    .config_map(namespace, &r.name)
-                    .and_then(|cm| cm.data.and_then(|d| d.get(&r.key).cloned()));
+                let object = sources.config_map(namespace, &r.name);
+                let missing = object.is_none();
+                let found = object.and_then(|cm| cm.data.and_then(|d| d.get(&r.key).cloned()));
                 match found {
                     Some(v) => Some(v),
                     None if r.optional.unwrap_or(false) => None,
+                    None if missing => return Err(format!("configmap \"{}\" not found", r.name)),
                     None => {
                         return Err(format!(
                             "couldn't find key {} in ConfigMap {namespace}/{}",
@@ -84,12 +90,13 @@ pub fn build(
                     }
                 }
             } else if let Some(r) = &from.secret_key_ref {
-                let found = sources
-                    .secret(namespace, &r.name)
-                    .and_then(|s| secret_data(&s).remove(&r.key));
+                let object = sources.secret(namespace, &r.name);
+                let missing = object.is_none();
+                let found = object.and_then(|s| secret_data(&s).remove(&r.key));
                 match found {
                     Some(v) => Some(v),
                     None if r.optional.unwrap_or(false) => None,
+                    None if missing => return Err(format!("secret \"{}\" not found", r.name)),
                     None => {
                         return Err(format!(
                             "couldn't find key {} in Secret {namespace}/{}",
@@ -317,6 +324,7 @@ mod tests {
             &pod,
             c,
             &["PATH=/bin".into()],
+            &[("SVC_SERVICE_HOST".into(), "10.43.0.5".into())],
             Some("10.0.0.1"),
             "1.1.1.1",
             &NoSources,

@@ -4,6 +4,9 @@
 
 mod env;
 mod probe;
+mod probe_tls;
+mod reclaim;
+mod service_env;
 mod status;
 mod volumes;
 mod worker;
@@ -16,7 +19,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod, Secret};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod, Secret, Service,
+};
 use kube::api::Api;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -159,6 +164,11 @@ where
 
 /// Runs pods bound to this node until the process stops.
 pub async fn run(ctx: Arc<Context>) {
+    if let Some(storage) = reclaim::storage_dir(&ctx.config.data_dir) {
+        tokio::spawn(reclaim::run(storage, ctx.volumes.clone()));
+    }
+    // For the Service variables of containers.
+    let services: Store<Service> = cache(Api::all(ctx.client.clone()));
     let pods: Api<Pod> = Api::all(ctx.client.clone());
     let selector = format!("spec.nodeName={}", ctx.config.node_name);
     let (store, writer) = reflector::store();
@@ -198,7 +208,7 @@ pub async fn run(ctx: Arc<Context>) {
                 {
                     let (tx, rx) = watch::channel(None);
                     workers.insert(uid.clone(), tx);
-                    spawn_worker(&ctx, uid, rx, done_tx.clone());
+                    spawn_worker(&ctx, &services, uid, rx, done_tx.clone());
                 }
             }
         }
@@ -223,7 +233,7 @@ pub async fn run(ctx: Arc<Context>) {
                 None => {
                     let (tx, rx) = watch::channel(Some((*pod).clone()));
                     workers.insert(uid.clone(), tx);
-                    spawn_worker(&ctx, uid, rx, done_tx.clone());
+                    spawn_worker(&ctx, &services, uid, rx, done_tx.clone());
                 }
             }
         }
@@ -237,13 +247,15 @@ pub async fn run(ctx: Arc<Context>) {
 
 fn spawn_worker(
     ctx: &Arc<Context>,
+    services: &Store<Service>,
     uid: String,
     rx: watch::Receiver<Option<Pod>>,
     done: tokio::sync::mpsc::UnboundedSender<String>,
 ) {
     let ctx = ctx.clone();
+    let services = services.clone();
     tokio::spawn(async move {
-        worker::run(ctx, uid.clone(), rx).await;
+        worker::run(ctx, services, uid.clone(), rx).await;
         let _ = done.send(uid);
     });
 }

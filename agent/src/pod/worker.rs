@@ -11,15 +11,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Container, Lifecycle, LifecycleHandler, Pod};
+use k8s_openapi::api::core::v1::{Container, Lifecycle, LifecycleHandler, Pod, Service};
 use k8s_openapi::jiff::Timestamp;
+use kube::Resource;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::Store;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::probe::{self, Kind, Probes};
-use super::{Context, env, status, volumes};
+use super::{Context, env, service_env, status, volumes};
 use crate::bundle::{self, BindMount, ContainerConfig};
 use crate::image_source::ResolvedImage;
 use crate::resources;
@@ -101,13 +104,28 @@ pub struct Worker {
     pub conditions: BTreeMap<String, (bool, Timestamp)>,
     /// The pod's own failure (an init container failed under `Never`).
     pub failed: bool,
+    /// Records the pod's Events as the kubelet does (`Unhealthy`, `Killing`).
+    recorder: Recorder,
+    /// The cluster's Services, for the containers' Service variables.
+    services: Store<Service>,
 }
 
-pub async fn run(ctx: Arc<Context>, uid: String, mut pod_rx: watch::Receiver<Option<Pod>>) {
+pub async fn run(
+    ctx: Arc<Context>,
+    services: Store<Service>,
+    uid: String,
+    mut pod_rx: watch::Receiver<Option<Pod>>,
+) {
     let dir = ctx.pods_dir().join(&uid);
     let (exits_tx, mut exits_rx) = mpsc::unbounded_channel();
     let (probes_tx, mut probes_rx) = mpsc::channel(64);
+    let reporter = Reporter {
+        controller: "kubelet".into(),
+        instance: Some(ctx.config.node_name.clone()),
+    };
     let mut worker = Worker {
+        recorder: Recorder::new(ctx.client.clone(), reporter),
+        services,
         ctx,
         uid,
         sandbox: sandbox::load(&dir),
@@ -521,10 +539,17 @@ impl Worker {
         let image = self.image(container, &image_ref)?;
         let failed = |m: String| ("CreateContainerConfigError".to_owned(), m);
         let pod_ip = self.pod_ip().map(|ip| ip.to_string());
+        let services: Vec<Service> = self
+            .services
+            .state()
+            .iter()
+            .map(|s| (**s).clone())
+            .collect();
         let env = env::build(
             pod,
             container,
             &image.env,
+            &service_env::build(pod, &services),
             pod_ip.as_deref(),
             &self.ctx.config.node_ip.to_string(),
             &*self.ctx,
@@ -877,6 +902,16 @@ impl Worker {
         }) else {
             return;
         };
+        let what = match report.kind {
+            Kind::Startup => "Startup",
+            Kind::Liveness => "Liveness",
+            Kind::Readiness => "Readiness",
+        };
+        if !report.success {
+            let note = format!("{what} probe failed: {}", report.message);
+            self.event(&report.container, EventType::Warning, "Unhealthy", note)
+                .await;
+        }
         match (report.kind, report.success) {
             (Kind::Readiness, ok) => self.containers[i].ready = ok && self.containers[i].started,
             (Kind::Startup, true) => {
@@ -887,15 +922,34 @@ impl Worker {
                 self.containers[i].ready = !has_readiness;
             }
             (Kind::Liveness, true) => {}
-            (kind, false) => {
-                let what = if kind == Kind::Liveness {
-                    "liveness"
-                } else {
-                    "startup"
-                };
+            (_, false) => {
                 tracing::info!(pod = %self.uid, container = %report.container, message = %report.message, "{what} probe failed; restarting the container");
+                let note = format!(
+                    "Container {} failed {} probe, will be restarted",
+                    report.container,
+                    what.to_lowercase()
+                );
+                self.event(&report.container, EventType::Normal, "Killing", note)
+                    .await;
                 self.stop_container(i, grace).await;
             }
+        }
+    }
+
+    /// Publishes an Event about `container` of the pod.
+    async fn event(&self, container: &str, type_: EventType, reason: &str, note: String) {
+        let Some(pod) = &self.pod else { return };
+        let mut reference = pod.object_ref(&());
+        reference.field_path = Some(format!("spec.containers{{{container}}}"));
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: reason.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &reference).await {
+            tracing::debug!(pod = %self.uid, error = %e, "cannot record an event");
         }
     }
 
