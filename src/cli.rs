@@ -36,7 +36,11 @@ pub enum Command {
     #[command(hide = true)]
     Shim(ShimArgs),
     /// Run only this node's pod network data plane (tests, debugging).
-    #[command(hide = true)]
+    #[command(
+        hide = true,
+        args_conflicts_with_subcommands = true,
+        subcommand_negates_reqs = true
+    )]
     Dataplane(crate::dataplane::DataplaneArgs),
     /// Run only the cluster DNS server against a cluster (benchmarks, debugging).
     #[command(hide = true)]
@@ -86,6 +90,12 @@ pub struct ServerArgs {
     /// Do not run a component (repeatable): agent, network, dns, ingress.
     #[arg(long = "disable", value_name = "COMPONENT")]
     pub disable: Vec<Component>,
+    /// Do not run the scheduler (as k3s's flag of that name).
+    #[arg(long)]
+    pub disable_scheduler: bool,
+    /// Do not run the controllers (as k3s's flag of that name).
+    #[arg(long)]
+    pub disable_controller_manager: bool,
     /// Pod IP range; each node gets a slice of it.
     #[arg(long, default_value = "10.42.0.0/16")]
     pub cluster_cidr: IpNet,

@@ -14,15 +14,17 @@ use crate::cli::ServerArgs;
 
 #[derive(Args, Debug)]
 pub struct DataplaneArgs {
+    #[command(subcommand)]
+    pub command: Option<DataplaneCommand>,
     /// Kubeconfig of the cluster whose Node objects to follow.
-    #[arg(long)]
-    pub kubeconfig: PathBuf,
+    #[arg(long, required = true)]
+    pub kubeconfig: Option<PathBuf>,
     /// This node's Node object.
-    #[arg(long)]
-    pub node_name: String,
+    #[arg(long, required = true)]
+    pub node_name: Option<String>,
     /// This node's underlay address (its InternalIP).
-    #[arg(long)]
-    pub node_ip: IpAddr,
+    #[arg(long, required = true)]
+    pub node_ip: Option<IpAddr>,
     #[arg(long, default_value_t = overlay::DEFAULT_PORT)]
     pub port: u16,
     /// The TUN device; the pod bridge is `skiff0`.
@@ -30,9 +32,13 @@ pub struct DataplaneArgs {
     pub tun_name: String,
     #[arg(long, default_value_t = 1450)]
     pub mtu: u16,
-    /// Also route this range into the overlay (Service ClusterIPs).
+    /// Also route this range into the overlay (Service ClusterIPs) and
+    /// balance Services.
     #[arg(long)]
     pub service_cidr: Option<IpNet>,
+    /// The pod network (for the Service engine's SNAT decisions).
+    #[arg(long)]
+    pub cluster_cidr: Option<IpNet>,
     /// Worker threads and TUN queues (0: one per CPU).
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
@@ -44,17 +50,40 @@ pub struct DataplaneArgs {
     pub metrics_addr: Option<SocketAddr>,
 }
 
+#[derive(clap::Subcommand, Debug)]
+pub enum DataplaneCommand {
+    /// List the Service engine's live flows (as `conntrack -L`), read from
+    /// a running data plane's metrics port.
+    Conntrack {
+        /// The data plane's `--metrics-addr`.
+        #[arg(long, default_value = "127.0.0.1:9469")]
+        addr: SocketAddr,
+    },
+}
+
 pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
-    let kubeconfig = kube::config::Kubeconfig::read_from(&args.kubeconfig)
-        .with_context(|| format!("reading {}", args.kubeconfig.display()))?;
+    if let Some(DataplaneCommand::Conntrack { addr }) = args.command {
+        let flows = conntrack(addr).await?;
+        print!("{flows}");
+        return Ok(());
+    }
+    // Required by clap unless a subcommand is given.
+    let (Some(kubeconfig_path), Some(node_name), Some(node_ip)) =
+        (args.kubeconfig, args.node_name, args.node_ip)
+    else {
+        anyhow::bail!("--kubeconfig, --node-name and --node-ip are required");
+    };
+    let kubeconfig = kube::config::Kubeconfig::read_from(&kubeconfig_path)
+        .with_context(|| format!("reading {}", kubeconfig_path.display()))?;
     let client_config =
         kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
     let client = kube::Client::try_from(client_config).context("building the API client")?;
-    let mut config = OverlayConfig::new(args.node_name, args.node_ip);
+    let mut config = OverlayConfig::new(node_name, node_ip);
     config.port = args.port;
     config.tun_name = args.tun_name;
     config.mtu = args.mtu;
     config.service_cidr = args.service_cidr;
+    config.cluster_cidr = args.cluster_cidr;
     config.workers = args.workers;
     if let Some(size) = args.max_super_packet {
         config.max_super_packet = size;
@@ -85,5 +114,30 @@ pub fn run_for_server(
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     let mut config = OverlayConfig::new(node_name, underlay);
     config.service_cidr = Some(args.service_cidr);
+    config.cluster_cidr = Some(args.cluster_cidr);
     overlay::run_supervised(client, config)
+}
+
+/// `GET /conntrack` from a running data plane.
+async fn conntrack(addr: SocketAddr) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to the data plane at {addr}"))?;
+    stream
+        .write_all(b"GET /conntrack HTTP/1.1\r\nhost: skiff\r\nconnection: close\r\n\r\n")
+        .await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("the data plane sent no HTTP response")?;
+    let status = head.lines().next().unwrap_or_default();
+    if !status.contains(" 200 ") {
+        anyhow::bail!(
+            "the data plane answered {status:?} (is it balancing Services, with --service-cidr?)"
+        );
+    }
+    Ok(body.to_owned())
 }

@@ -12,6 +12,7 @@ use controlplane::controllers;
 use controlplane::leader;
 use controlplane::storage::Store;
 use controlplane::storage::embedded::EmbeddedStore;
+use controlplane::storage::encrypted::{self, EncryptedStore};
 use controlplane::storage::etcd::EtcdStore;
 use ipnet::IpNet;
 
@@ -22,7 +23,14 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let server_dir = data_dir.join("server");
     std::fs::create_dir_all(&server_dir)
         .with_context(|| format!("creating {}", server_dir.display()))?;
-    let store = open_store(&args).await?;
+    let store: Arc<dyn Store> = Arc::new(
+        EncryptedStore::open(
+            open_store(&args).await?,
+            &server_dir.join("encryption-key"),
+            vec![encrypted::SECRETS_PREFIX],
+        )
+        .context("preparing the key that encrypts Secrets at rest")?,
+    );
 
     let ranges = service_ranges(args.service_cidr)?;
     let node_ip = args.node.node_ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
@@ -90,24 +98,28 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         storage_dir: args.node.data_dir.join("storage"),
         autoscaler_sync: args.horizontal_pod_autoscaler_sync_period,
     };
-    tokio::spawn(leader::run_while_leader(
-        client.clone(),
-        "kube-scheduler",
-        leader::identity(&hostname),
-        {
-            let client = client.clone();
-            move || controlplane::scheduler::run(client.clone())
-        },
-    ));
-    tokio::spawn(leader::run_while_leader(
-        client.clone(),
-        "kube-controller-manager",
-        leader::identity(&hostname),
-        {
-            let client = client.clone();
-            move || controllers::run(client.clone(), settings.clone())
-        },
-    ));
+    if !args.disable_scheduler {
+        tokio::spawn(leader::run_while_leader(
+            client.clone(),
+            "kube-scheduler",
+            leader::identity(&hostname),
+            {
+                let client = client.clone();
+                move || controlplane::scheduler::run(client.clone())
+            },
+        ));
+    }
+    if !args.disable_controller_manager {
+        tokio::spawn(leader::run_while_leader(
+            client.clone(),
+            "kube-controller-manager",
+            leader::identity(&hostname),
+            {
+                let client = client.clone();
+                move || controllers::run(client.clone(), settings.clone())
+            },
+        ));
+    }
 
     if !args.disable.contains(&Component::Agent) {
         crate::node_agent::spawn_local(

@@ -9,4 +9,5 @@ pub mod device;
 pub mod metrics;
 pub mod overlay;
 pub mod service;
+pub mod services;
 pub mod wire;

@@ -116,6 +116,8 @@ pub struct Metrics {
     pub routes: Gauge,
     pub route_errors: Counter,
     pub start_failures: Counter,
+    /// The Service engine, once the data plane balances Services.
+    pub services: std::sync::OnceLock<std::sync::Arc<crate::services::Services>>,
 }
 
 impl Metrics {
@@ -216,6 +218,7 @@ impl Metrics {
             routes,
             route_errors,
             start_failures,
+            services: std::sync::OnceLock::new(),
         }
     }
 
@@ -224,6 +227,13 @@ impl Metrics {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
+        if let Some(services) = self.services.get() {
+            // The engine's plain-atomic counters go before the end marker.
+            let end = out.rfind("# EOF").unwrap_or(out.len());
+            let tail = out.split_off(end);
+            services.render(&mut out);
+            out.push_str(&tail);
+        }
         out
     }
 
@@ -317,6 +327,15 @@ pub async fn serve(addr: SocketAddr, metrics: std::sync::Arc<Metrics>) -> std::i
                     "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()
                 )
+            } else if head.starts_with("GET /conntrack ") {
+                match conntrack(&metrics).await {
+                    Some(body) => format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    ),
+                    None => "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        .to_owned(),
+                }
             } else {
                 "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
                     .to_owned()
@@ -324,4 +343,12 @@ pub async fn serve(addr: SocketAddr, metrics: std::sync::Arc<Metrics>) -> std::i
             let _ = stream.write_all(response.as_bytes()).await;
         });
     }
+}
+
+/// The live flows, one `conntrack -L`-style line each, from the packet
+/// loop; `None` when Services are not balanced here or the loop did not
+/// answer.
+async fn conntrack(metrics: &Metrics) -> Option<String> {
+    let services = metrics.services.get()?;
+    services.dump.request().await
 }

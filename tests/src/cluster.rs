@@ -71,6 +71,17 @@ impl Cluster {
     /// plane in each, and waits until every data plane routes to every
     /// other node.
     pub async fn start(bin: &Path, nodes: usize) -> anyhow::Result<Self> {
+        Self::start_with(bin, nodes, &[], &[]).await
+    }
+
+    /// [`Cluster::start`] with extra `skiff server` flags and extra flags
+    /// for every `skiff dataplane`.
+    pub async fn start_with(
+        bin: &Path,
+        nodes: usize,
+        server_args: &[&str],
+        dataplane_args: &[&str],
+    ) -> anyhow::Result<Self> {
         let serial = CLUSTERS.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         // Short: interface names stay well under 15 characters.
@@ -88,7 +99,7 @@ impl Cluster {
             nodes: Vec::new(),
             underlay,
             remote_kubeconfig: PathBuf::new(),
-            dataplane_args: Vec::new(),
+            dataplane_args: dataplane_args.iter().map(|a| a.to_string()).collect(),
             pods_made: 0,
         };
         for index in 0..nodes {
@@ -96,19 +107,16 @@ impl Cluster {
         }
         let first = &cluster.nodes[0];
         let node_ip = first.underlay_ip.to_string();
-        let server = Server::start_in_netns(
-            bin,
-            first.netns.name(),
-            &[
-                "--node-ip",
-                &node_ip,
-                "--node-name",
-                &first.name,
-                "--disable",
-                "network",
-            ],
-        )
-        .await?;
+        let mut args = vec![
+            "--node-ip",
+            &node_ip,
+            "--node-name",
+            &first.name,
+            "--disable",
+            "network",
+        ];
+        args.extend_from_slice(server_args);
+        let server = Server::start_in_netns(bin, first.netns.name(), &args).await?;
         // The other nodes reach the API over the underlay.
         let kubeconfig = std::fs::read_to_string(server.kubeconfig())?;
         let remote = kubeconfig.replace(
@@ -125,8 +133,12 @@ impl Cluster {
             cluster.wait_pod_cidr(index).await?;
             cluster.start_dataplane(index)?;
         }
+        // Each other node's podCIDR, and the Service network if routed.
+        let service_routes = usize::from(dataplane_args.contains(&"--service-cidr"));
         for index in 0..nodes {
-            cluster.wait_routes(index, nodes - 1).await?;
+            cluster
+                .wait_routes(index, nodes - 1 + service_routes)
+                .await?;
         }
         Ok(cluster)
     }

@@ -28,7 +28,23 @@ const K3S_SERVER_RSS_MB: f64 = 1600.0;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let bin = skiff_binary()?;
-    let server = Server::start(&bin, &[]).await?;
+    // The API server alone: the scheduler would write an event and a
+    // status for every unschedulable bench pod, and the controllers and
+    // DNS would watch them, so what is measured would not be the API.
+    let server = Server::start(
+        &bin,
+        &[
+            "--disable-scheduler",
+            "--disable-controller-manager",
+            "--disable",
+            "dns",
+            "--disable",
+            "ingress",
+            "--disable",
+            "metrics-server",
+        ],
+    )
+    .await?;
     let config = kube::Config::from_custom_kubeconfig(
         kube::config::Kubeconfig::read_from(server.kubeconfig())?,
         &kube::config::KubeConfigOptions::default(),
@@ -43,7 +59,7 @@ async fn main() -> anyhow::Result<()> {
     let pods = pods_in(&clients, "default");
 
     println!(
-        "API benchmark: skiff server (embedded store) over HTTPS, {CLIENTS} concurrent kube-rs clients"
+        "API benchmark: skiff server (embedded store, API only: scheduler, controllers, DNS, ingress off) over HTTPS, {CLIENTS} concurrent kube-rs clients"
     );
     let creates = run(CLIENTS, 6_400, move |i| {
         let api = pods(i);

@@ -249,7 +249,7 @@ async fn create_object(
         reply.warnings.append(&mut warnings);
         return Ok(reply);
     }
-    let stored = objects::encode(&object)?;
+    let stored = objects::encode_for(rt, &object)?;
     let key = rt.key(ns, &name);
     match state
         .store
@@ -259,7 +259,7 @@ async fn create_object(
         Ok(kv) => {
             let mut reply = Reply::json(
                 StatusCode::CREATED,
-                objects::with_version(&kv.value, kv.mod_revision),
+                objects::served_with_version(rt, kv.value, kv.mod_revision),
             );
             reply.warnings = warnings;
             Ok(reply)
@@ -423,25 +423,26 @@ pub async fn write_update(
         }
         let allocations =
             services::allocate(state, rt, &mut desired, Some(&current), dry_run).await?;
-        let stored = objects::encode(&desired)?;
-        if stored == current_kv.value || dry_run {
+        let stored = Bytes::from(objects::encode_for(rt, &desired)?);
+        // `current_kv` holds the served shape (see `read`).
+        if objects::served(rt, stored.clone()) == current_kv.value || dry_run {
             // Nothing changed: no write, and the resourceVersion stays.
             services::release(state, &allocations).await;
             return Ok(Reply::json(
                 StatusCode::OK,
-                objects::with_version(&stored, current_kv.mod_revision),
+                objects::served_with_version(rt, stored, current_kv.mod_revision),
             ));
         }
         let written = state
             .store
-            .update(key.as_bytes(), Bytes::from(stored), current_kv.mod_revision)
+            .update(key.as_bytes(), stored, current_kv.mod_revision)
             .await;
         match written {
             Ok(kv) => {
                 services::settle(state, &allocations).await;
                 return Ok(Reply::json(
                     StatusCode::OK,
-                    objects::with_version(&kv.value, kv.mod_revision),
+                    objects::served_with_version(rt, kv.value, kv.mod_revision),
                 ));
             }
             Err(StoreError::Conflict { .. }) if precondition.is_none() => {
@@ -559,7 +560,7 @@ async fn delete_one(
         if options.dry_run {
             return Ok(Reply::value(StatusCode::OK, &object));
         }
-        let stored = objects::encode(&object)?;
+        let stored = objects::encode_for(rt, &object)?;
         match state
             .store
             .update(key.as_bytes(), Bytes::from(stored), kv.mod_revision)
@@ -573,7 +574,7 @@ async fn delete_one(
                 };
                 return Ok(Reply::json(
                     status,
-                    objects::with_version(&kv.value, kv.mod_revision),
+                    objects::served_with_version(rt, kv.value, kv.mod_revision),
                 ));
             }
             Err(StoreError::Conflict { .. }) => continue,
@@ -634,7 +635,7 @@ async fn bind(
                 "lastProbeTime": null, "lastTransitionTime": super::now()
             }));
         }
-        let stored = objects::encode(&pod)?;
+        let stored = objects::encode_for(rt, &pod)?;
         match state
             .store
             .update(key.as_bytes(), Bytes::from(stored), kv.mod_revision)
@@ -844,12 +845,14 @@ pub async fn read(
     name: &str,
 ) -> Result<KeyValue, ApiError> {
     let key = rt.key(ns, name);
-    state
+    let mut kv = state
         .store
         .get(key.as_bytes())
         .await
         .map_err(|e| ApiError::from_store(e, rt, name))?
-        .ok_or_else(|| ApiError::not_found(rt, name))
+        .ok_or_else(|| ApiError::not_found(rt, name))?;
+    kv.value = objects::served(rt, kv.value);
+    Ok(kv)
 }
 
 /// `apiVersion` and `kind` must name this resource; absent ones are set.

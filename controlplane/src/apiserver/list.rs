@@ -134,8 +134,9 @@ pub async fn read(
                 break;
             }
             last_key = Some(kv.key.clone());
+            let value = objects::served(rt, kv.value.clone());
             if !filter.is_everything() {
-                let object: Value = match serde_json::from_slice(&kv.value) {
+                let object: Value = match serde_json::from_slice(&value) {
                     Ok(v) => v,
                     Err(_) => continue,
                 };
@@ -143,7 +144,7 @@ pub async fn read(
                     continue;
                 }
             }
-            page.items.push((kv.value.clone(), kv.mod_revision));
+            page.items.push((value, kv.mod_revision));
             if limit.is_some_and(|l| page.items.len() >= l) {
                 full = true;
             }

@@ -10,6 +10,7 @@ pub mod apply;
 pub mod authn;
 pub mod client;
 pub mod compaction;
+pub mod conversion;
 mod defaults;
 pub mod discovery;
 mod handlers;

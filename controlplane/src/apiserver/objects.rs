@@ -7,8 +7,10 @@
 //! in after `{"metadata":{`. Gets, lists and watch events are thus served
 //! without parsing the objects at all.
 
+use bytes::Bytes;
 use serde_json::{Map, Value};
 
+use super::resources::ResourceType;
 use super::status::ApiError;
 
 const METADATA_OPEN: &[u8] = b"{\"metadata\":{";
@@ -43,6 +45,33 @@ pub fn encode(object: &Value) -> Result<Vec<u8>, ApiError> {
     // keep the growth slack with them.
     out.shrink_to_fit();
     Ok(out)
+}
+
+/// Encodes an object of `rt` for the store, in the shape of the kind
+/// whose storage holds it.
+pub fn encode_for(rt: &ResourceType, object: &Value) -> Result<Vec<u8>, ApiError> {
+    match rt.stored_as {
+        Some(storage) => encode(&(storage.to_stored)(object.clone())),
+        None => encode(object),
+    }
+}
+
+/// Stored bytes in `rt`'s served shape: the same bytes unless another
+/// kind's storage holds `rt`. Bytes that do not parse are passed on as
+/// they are; every reader already handles those.
+pub fn served(rt: &ResourceType, stored: Bytes) -> Bytes {
+    let Some(storage) = rt.stored_as else {
+        return stored;
+    };
+    match serde_json::from_slice(&stored) {
+        Ok(object) => encode(&(storage.from_stored)(object)).map_or(stored, Bytes::from),
+        Err(_) => stored,
+    }
+}
+
+/// A store write's result as a response body of `rt`.
+pub fn served_with_version(rt: &ResourceType, stored: Bytes, revision: i64) -> Vec<u8> {
+    with_version(&served(rt, stored), revision)
 }
 
 /// Appends the stored object to `out` with its resourceVersion set.

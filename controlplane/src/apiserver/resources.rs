@@ -10,6 +10,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use super::conversion::{EVENTS_AS_CORE, StoredAs};
+
 /// One served resource (one kind in one group-version).
 pub struct ResourceType {
     pub group: &'static str,
@@ -32,6 +34,8 @@ pub struct ResourceType {
     pub schema_name: String,
     /// Adds the kind's schema (and everything it refers to) to a generator.
     pub schema: fn(&mut schemars::SchemaGenerator) -> schemars::Schema,
+    /// Set when another kind's storage holds this kind's objects.
+    pub stored_as: Option<&'static StoredAs>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,7 +149,7 @@ impl Registry {
             of::<autoscaling::v2::HorizontalPodAutoscaler>(&["hpa"], ALL, &[Status]),
             of::<batch::v1::Job>(&[], ALL, &[Status]),
             of::<batch::v1::CronJob>(&["cj"], ALL, &[Status]),
-            of::<events::v1::Event>(&["ev"], &[], &[]),
+            of::<events::v1::Event>(&["ev"], &[], &[]).stored_as(&EVENTS_AS_CORE),
             of::<policy::v1::PodDisruptionBudget>(&["pdb"], &[], &[Status]),
             of::<rbac::v1::Role>(&[], &[], &[]),
             of::<rbac::v1::RoleBinding>(&[], &[], &[]),
@@ -199,15 +203,20 @@ impl ResourceType {
     /// The store key prefix holding every object of this resource, or of
     /// one namespace: `/registry/<group>/<plural>/[<namespace>/]`.
     pub fn key_prefix(&self, namespace: Option<&str>) -> String {
-        let group = if self.group.is_empty() {
-            "core"
-        } else {
-            self.group
+        let (group, plural) = match self.stored_as {
+            Some(storage) => (storage.group, storage.plural),
+            None => (self.group, self.plural),
         };
+        let group = if group.is_empty() { "core" } else { group };
         match namespace {
-            Some(ns) if self.namespaced => format!("/registry/{group}/{}/{ns}/", self.plural),
-            _ => format!("/registry/{group}/{}/", self.plural),
+            Some(ns) if self.namespaced => format!("/registry/{group}/{plural}/{ns}/"),
+            _ => format!("/registry/{group}/{plural}/"),
         }
+    }
+
+    fn stored_as(mut self, storage: &'static StoredAs) -> Self {
+        self.stored_as = Some(storage);
+        self
     }
 
     pub fn key(&self, namespace: Option<&str>, name: &str) -> String {
@@ -250,6 +259,7 @@ where
         typed_round_trip: round_trip::<T>,
         schema_name: T::schema_name().into_owned(),
         schema: |generator| generator.subschema_for::<T>(),
+        stored_as: None,
     }
 }
 

@@ -188,27 +188,30 @@ fn translate(plan: &Plan, event: &Event) -> Result<Option<Bytes>, ApiError> {
                 .map(|o| plan.filter.matches(plan.rt, &o))
                 .unwrap_or(false)
     };
+    let served = |bytes: &Bytes| objects::served(plan.rt, bytes.clone());
     match event.kind {
         EventKind::Put => {
-            let now = matches(&event.kv.value);
-            let before = event.prev.as_ref().map(|p| matches(&p.value));
+            let value = served(&event.kv.value);
+            let now = matches(&value);
+            let before = event.prev.as_ref().map(|p| matches(&served(&p.value)));
             let kind = match (before, now) {
                 (None, true) | (Some(false), true) => "ADDED",
                 (Some(true), true) => "MODIFIED",
                 (Some(true), false) => "DELETED",
                 (_, false) => return Ok(None),
             };
-            let chunk = encode_event(plan, kind, &event.kv.value, event.kv.mod_revision)?;
+            let chunk = encode_event(plan, kind, &value, event.kv.mod_revision)?;
             Ok(Some(chunk))
         }
         EventKind::Delete => {
             let Some(prev) = &event.prev else {
                 return Ok(None);
             };
-            if !matches(&prev.value) {
+            let prev = served(&prev.value);
+            if !matches(&prev) {
                 return Ok(None);
             }
-            let chunk = encode_event(plan, "DELETED", &prev.value, event.kv.mod_revision)?;
+            let chunk = encode_event(plan, "DELETED", &prev, event.kv.mod_revision)?;
             Ok(Some(chunk))
         }
     }

@@ -8,6 +8,7 @@
 //! and the same conformance suite holds both to it.
 
 pub mod embedded;
+pub mod encrypted;
 pub mod etcd;
 
 use std::pin::Pin;

@@ -17,13 +17,13 @@ pub mod worker;
 
 use std::collections::BTreeMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
 use kube::runtime::WatchStreamExt;
@@ -31,6 +31,8 @@ use kube::runtime::watcher::{self, watcher};
 
 use crate::device::{tun, udp};
 use crate::metrics::Metrics;
+use crate::service::{Engine, EngineConfig, TableConfig};
+use crate::services::Services;
 
 use nodes::{NodeInfo, Plan};
 use peers::{Reader, Shared};
@@ -59,8 +61,12 @@ pub struct OverlayConfig {
     /// IPv4, UDP and overlay headers (1450 under a 1500-byte underlay,
     /// as VXLAN).
     pub mtu: u16,
-    /// Also routed into the device, for the service load balancer.
+    /// Also routed into the device, for the service load balancer; an
+    /// IPv4 range turns the Service engine on.
     pub service_cidr: Option<IpNet>,
+    /// The whole pod network: sources outside it reaching a Service are
+    /// SNATed so replies come back through this node.
+    pub cluster_cidr: Option<IpNet>,
     /// Worker threads and TUN queues; 0 means one per CPU.
     pub workers: usize,
     /// Largest super-packet the kernel hands the device (`gso_max_size`).
@@ -85,6 +91,7 @@ impl OverlayConfig {
             tun_name: DEFAULT_TUN.into(),
             mtu: 1450,
             service_cidr: None,
+            cluster_cidr: None,
             workers: 0,
             max_super_packet: 64 * 1024,
             socket_buffer: 8 << 20,
@@ -107,6 +114,8 @@ pub enum Error {
     Config(String),
     #[error("the Node watch ended")]
     WatchEnded,
+    #[error(transparent)]
+    Services(#[from] crate::services::WatchError),
 }
 
 /// Runs the overlay for `config.node_name` until the future is dropped,
@@ -129,9 +138,21 @@ pub async fn run_with_metrics(
             }
         }))
     });
+    let services = service_net(&config).map(|_| {
+        metrics
+            .services
+            .get_or_init(|| Arc::new(Services::new(table_config(&config))))
+            .clone()
+    });
     let result = async {
-        let running = start(&config, metrics.clone()).await?;
-        watch(client, &config, &running, &metrics).await
+        let running = start(&config, metrics.clone(), services.clone()).await?;
+        match services {
+            Some(services) => tokio::select! {
+                result = watch(client.clone(), &config, &running, &metrics) => result,
+                result = crate::services::watch(client, services) => result.map_err(Error::from),
+            },
+            None => watch(client, &config, &running, &metrics).await,
+        }
     }
     .await;
     if result.is_err() {
@@ -167,11 +188,21 @@ impl Drop for Running {
     }
 }
 
-async fn start(config: &OverlayConfig, metrics: Arc<Metrics>) -> Result<Running, Error> {
+async fn start(
+    config: &OverlayConfig,
+    metrics: Arc<Metrics>,
+    services: Option<Arc<Services>>,
+) -> Result<Running, Error> {
     if usize::from(config.mtu) < 576 {
         return Err(Error::Config(format!("MTU {} is below 576", config.mtu)));
     }
     let workers = match config.workers {
+        // The engine's flow table belongs to one packet loop, and a flow's
+        // two directions (different addresses after NAT, or one from the
+        // TUN and one from the underlay) would land on different queues:
+        // with Services, one loop owns the device until flows are steered
+        // per queue.
+        _ if services.is_some() => 1,
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
@@ -226,6 +257,18 @@ async fn start(config: &OverlayConfig, metrics: Arc<Metrics>) -> Result<Running,
             stop: stop.clone(),
             chunk: usize::from(config.mtu),
             mtu: usize::from(config.mtu),
+            services: services.as_ref().map(|services| worker::ServiceSetup {
+                engine: Engine::new(
+                    engine_config(config),
+                    services.published(),
+                    services.metrics.clone(),
+                ),
+                services: services.clone(),
+                cluster_cidr: match config.cluster_cidr {
+                    Some(IpNet::V4(net)) => Some(net),
+                    _ => None,
+                },
+            }),
         });
         std::thread::Builder::new()
             .name(format!("overlay-{i}"))
@@ -332,6 +375,43 @@ async fn watch(
         }
         applied = Some(plan);
     }
+}
+
+/// The IPv4 Service network, if Services are balanced here.
+fn service_net(config: &OverlayConfig) -> Option<Ipv4Net> {
+    match config.service_cidr {
+        Some(IpNet::V4(net)) => Some(net.trunc()),
+        _ => None,
+    }
+}
+
+fn table_config(config: &OverlayConfig) -> TableConfig {
+    let node_ips = match config.underlay_ip {
+        IpAddr::V4(ip) if !ip.is_unspecified() => vec![ip],
+        _ => Vec::new(),
+    };
+    TableConfig {
+        node_name: config.node_name.clone(),
+        node_ips,
+    }
+}
+
+fn engine_config(config: &OverlayConfig) -> EngineConfig {
+    let services = service_net(config);
+    // The Service network's broadcast address is never a ClusterIP and is
+    // routed into this node's device: flows to local endpoints are SNATed
+    // to it so their replies come back through the engine (see DESIGN.md
+    // §5). Until the node watch tells the podCIDR it is the SNAT address
+    // for everything.
+    let local_snat = services.map_or(Ipv4Addr::UNSPECIFIED, |net| net.broadcast());
+    let mut engine = EngineConfig::new(local_snat);
+    engine.service_cidr = services;
+    engine.local_snat_ip = services.map(|net| net.broadcast());
+    engine.cluster_cidr = match config.cluster_cidr {
+        Some(IpNet::V4(net)) => Some(net),
+        _ => None,
+    };
+    engine
 }
 
 /// Decapsulated packets are forwarded from the TUN device to the pods'

@@ -80,6 +80,14 @@ impl PeerTable {
         self.local.iter().any(|net| net.contains(&dst))
     }
 
+    /// Our IPv4 podCIDR.
+    pub fn local_v4(&self) -> Option<ipnet::Ipv4Net> {
+        self.local.iter().find_map(|net| match net {
+            IpNet::V4(net) => Some(*net),
+            IpNet::V6(_) => None,
+        })
+    }
+
     pub fn peer_count(&self) -> usize {
         self.sources.len()
     }

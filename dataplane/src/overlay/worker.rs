@@ -25,10 +25,15 @@ use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use ipnet::Ipv4Net;
 
 use crate::device::tun::Queue;
 use crate::device::udp::{MAX_PARTS, RecvBatch, SendBatch, UdpSocket};
 use crate::metrics::{Drop, Io, Local, Metrics};
+use crate::service::{Engine, PacketMeta, Verdict};
+use crate::services::Services;
 use crate::wire::overlay::{
     self, FLAG_CSUM_PARTIAL, FLAG_VNET, HEADER_LEN, Header, MAX_FRAGMENTS, MAX_PAYLOAD,
 };
@@ -69,6 +74,16 @@ pub struct Setup {
     /// Fragment size: the TUN MTU, so that a lone packet is one datagram.
     pub chunk: usize,
     pub mtu: usize,
+    /// The Service engine, when this node balances Services.
+    pub services: Option<ServiceSetup>,
+}
+
+pub struct ServiceSetup {
+    pub engine: Engine,
+    pub services: Arc<Services>,
+    /// The pod network: translated packets to an address outside it (a
+    /// host process's) go back to the kernel, not to a peer.
+    pub cluster_cidr: Option<Ipv4Net>,
 }
 
 pub struct Worker {
@@ -81,6 +96,43 @@ pub struct Worker {
     local: Local,
     out: Outbound,
     inbound: Inbound,
+    svc: Option<Svc>,
+}
+
+/// The Service engine inside the packet loop.
+///
+/// Out (read from the TUN): every packet goes through the engine first.
+/// Translated packets go on by their new destination — to a peer, or back
+/// into the device for an endpoint on this node; rejects go back into the
+/// device to the client.
+///
+/// In (from a peer): only packets of tracked flows (replies to translated
+/// flows) are for the engine; `Engine::tracks` checks the headers in
+/// place, so other traffic is not copied. Those are gathered into
+/// `scratch` (a super-packet arrives as fragments), translated there and
+/// written from it.
+struct Svc {
+    engine: Engine,
+    services: Arc<Services>,
+    cluster_cidr: Option<Ipv4Net>,
+    local_pods: Option<Ipv4Net>,
+    reject: Box<[u8]>,
+    scratch: Box<[u8]>,
+    epoch: Instant,
+    now: u64,
+}
+
+/// Flow-table slots the engine sweeps for expired flows per poll round.
+const SWEEP_BUDGET: usize = 256;
+/// The reject buffer: a virtio-net header and the largest reject.
+const REJECT_LEN: usize = 576;
+
+/// Where a packet read from the TUN goes after the engine.
+enum Out {
+    /// To the peer owning its (possibly new) destination.
+    Encapsulate,
+    /// Written back to the device or dropped: done with.
+    Done,
 }
 
 struct Outbound {
@@ -130,6 +182,16 @@ impl Worker {
                 reassembly: Reassembly::new(),
                 mtu: setup.mtu,
             },
+            svc: setup.services.map(|s| Svc {
+                engine: s.engine,
+                services: s.services,
+                cluster_cidr: s.cluster_cidr,
+                local_pods: None,
+                reject: vec![0; vnet::HEADER_LEN + REJECT_LEN].into_boxed_slice(),
+                scratch: vec![0; MAX_PAYLOAD + vnet::HEADER_LEN].into_boxed_slice(),
+                epoch: Instant::now(),
+                now: 0,
+            }),
         }
     }
 
@@ -153,10 +215,13 @@ impl Worker {
             }
             // SAFETY: two valid pollfds.
             let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, POLL_MS) };
+            let table = self.peers.refresh();
+            if let Some(svc) = &mut self.svc {
+                svc.tick(table);
+            }
             if ready <= 0 {
                 continue;
             }
-            self.peers.refresh();
             if fds[0].revents != 0 {
                 self.pump_tun();
             }
@@ -187,6 +252,11 @@ impl Worker {
                     break;
                 }
             };
+            if let Some(svc) = &mut self.svc
+                && let Out::Done = svc.outbound(&mut out.bufs[slot][..len], &self.queue, table)
+            {
+                continue;
+            }
             let headers = &mut out.headers[slot * MAX_SEGMENTS..(slot + 1) * MAX_SEGMENTS];
             let queued = encapsulate(
                 &mut out.bufs[slot][..len],
@@ -249,6 +319,7 @@ impl Worker {
                 table,
                 local: &mut self.local,
                 mtu: inbound.mtu,
+                svc: self.svc.as_mut(),
             };
             decapsulate(
                 message.data,
@@ -462,6 +533,7 @@ struct Decap<'a> {
     table: &'a PeerTable,
     local: &'a mut Local,
     mtu: usize,
+    svc: Option<&'a mut Svc>,
 }
 
 /// Delivers every packet in one received message: `data` holds datagrams
@@ -629,6 +701,16 @@ impl<'a> Run<'a> {
             l.ip_len as u16,
             tcp::CSUM_OFFSET as u16,
         );
+        if let Some(svc) = d.svc.as_deref_mut()
+            && svc.engine.tracks(first.packet)
+        {
+            let mut parts: [&[u8]; MAX_SEGMENTS + 2] = [&[]; MAX_SEGMENTS + 2];
+            parts[0] = &vnet_header;
+            parts[1] = &head[..hdr_len];
+            parts[2..count + 2].copy_from_slice(&self.payloads[..count]);
+            svc.inbound(&parts[..count + 2], true, d.queue, d.local);
+            return;
+        }
         let mut iov = [IoSlice::new(&[]); MAX_SEGMENTS + 2];
         iov[0] = IoSlice::new(&vnet_header);
         iov[1] = IoSlice::new(&head[..hdr_len]);
@@ -702,6 +784,30 @@ fn deliver(parts: &[&[u8]], has_vnet: bool, partial: bool, d: &mut Decap<'_>) {
     } else {
         (first, total, false)
     };
+    if let Some(svc) = d.svc.as_deref_mut()
+        && svc.engine.tracks(head)
+    {
+        if partial && !has_vnet {
+            // The engine learns from a virtio-net header that the TCP
+            // checksum is partial.
+            let Some(l) = tcp::layout(first) else {
+                d.local.drop(Drop::Malformed, 1);
+                return;
+            };
+            let vnet_header = vnet::header(
+                vnet::F_NEEDS_CSUM,
+                vnet::GSO_NONE,
+                0,
+                0,
+                l.ip_len as u16,
+                tcp::CSUM_OFFSET as u16,
+            );
+            svc.inbound(&[&vnet_header, first], true, d.queue, d.local);
+        } else {
+            svc.inbound(parts, has_vnet, d.queue, d.local);
+        }
+        return;
+    }
     let dst = match ip::destination(head, ip_len) {
         Ok(dst) => dst,
         Err(err) => {
@@ -764,6 +870,124 @@ fn flush(batch: &mut SendBatch, tx: &UdpSocket, local: &mut Local) {
     let sent = batch.flush(tx);
     local.drop(Drop::Io, sent.skipped as u64);
     local.io(Io::UdpSend, sent.bytes, sent.datagrams);
+}
+
+impl Svc {
+    /// Once per poll round: the clock, this node's podCIDR when the node
+    /// watch changed it, expired flows, a pending flow dump.
+    fn tick(&mut self, table: &PeerTable) {
+        self.now = self.epoch.elapsed().as_millis() as u64;
+        let pods = table.local_v4();
+        if pods != self.local_pods
+            && let Some(net) = pods
+        {
+            self.engine.set_local_pods(net);
+            self.local_pods = pods;
+        }
+        self.engine.sweep(self.now, SWEEP_BUDGET);
+        if self.services.dump.take_request() {
+            let mut lines = String::new();
+            for flow in self.engine.flows(self.now) {
+                lines.push_str(&flow.to_string());
+                lines.push('\n');
+            }
+            self.services.dump.answer(lines);
+        }
+    }
+
+    /// A packet read from the TUN (virtio-net header first).
+    fn outbound(&mut self, buf: &mut [u8], queue: &Queue, table: &PeerTable) -> Out {
+        let len = buf.len();
+        let header = vnet::Packet::new_unchecked(&*buf);
+        if header.check(len).is_err() {
+            // `encapsulate` counts it.
+            return Out::Encapsulate;
+        }
+        let meta = PacketMeta {
+            checksum_partial: header.needs_csum(),
+        };
+        let (vnet_header, packet) = buf.split_at_mut(vnet::HEADER_LEN);
+        let (reject_header, reject) = self.reject.split_at_mut(vnet::HEADER_LEN);
+        match self.engine.process(self.now, packet, meta, reject) {
+            Verdict::NotService => Out::Encapsulate,
+            Verdict::Forward { next_hop } => {
+                if self.for_kernel(next_hop, table) {
+                    write(queue, &[IoSlice::new(vnet_header), IoSlice::new(packet)]);
+                    Out::Done
+                } else {
+                    Out::Encapsulate
+                }
+            }
+            Verdict::Reject { len } => {
+                reject_header.copy_from_slice(&PLAIN_VNET);
+                write(
+                    queue,
+                    &[IoSlice::new(&self.reject[..vnet::HEADER_LEN + len])],
+                );
+                Out::Done
+            }
+            // Counted by the engine.
+            Verdict::Drop(_) => Out::Done,
+        }
+    }
+
+    /// A packet from a peer that may belong to a tracked flow, in `parts`.
+    fn inbound(&mut self, parts: &[&[u8]], has_vnet: bool, queue: &Queue, local: &mut Local) {
+        let start = if has_vnet { 0 } else { vnet::HEADER_LEN };
+        let mut end = start;
+        for part in parts {
+            let Some(slot) = self.scratch.get_mut(end..end + part.len()) else {
+                local.drop(Drop::Oversized, 1);
+                return;
+            };
+            slot.copy_from_slice(part);
+            end += part.len();
+        }
+        let checksum_partial = if has_vnet {
+            let header = vnet::Packet::new_unchecked(&self.scratch[..end]);
+            if let Err(err) = header.check(end) {
+                local.drop(reason(err), 1);
+                return;
+            }
+            header.needs_csum()
+        } else {
+            self.scratch[..vnet::HEADER_LEN].copy_from_slice(&PLAIN_VNET);
+            false
+        };
+        let (packet, reject) = (
+            &mut self.scratch[vnet::HEADER_LEN..end],
+            &mut self.reject[vnet::HEADER_LEN..],
+        );
+        let verdict =
+            self.engine
+                .process(self.now, packet, PacketMeta { checksum_partial }, reject);
+        match verdict {
+            Verdict::NotService | Verdict::Forward { .. } => {
+                write(queue, &[IoSlice::new(&self.scratch[..end])]);
+                local.packets_in += 1;
+                local.bytes_in += (end - vnet::HEADER_LEN) as u64;
+            }
+            // A client behind another node is never refused here: its
+            // node's engine opened the flow.
+            Verdict::Reject { .. } | Verdict::Drop(_) => {}
+        }
+    }
+
+    /// Whether a translated packet to `next_hop` goes back to the kernel:
+    /// for a pod on this node, or for an address outside the pod network
+    /// (a host process that reached a Service).
+    fn for_kernel(&self, next_hop: std::net::Ipv4Addr, table: &PeerTable) -> bool {
+        table.is_local(next_hop.into())
+            || self
+                .cluster_cidr
+                .is_some_and(|net| !net.contains(&next_hop))
+    }
+}
+
+fn write(queue: &Queue, parts: &[IoSlice<'_>]) {
+    if let Err(e) = queue.write(parts) {
+        tracing::debug!(error = %e, "TUN write failed");
+    }
 }
 
 fn reason(err: wire::Error) -> Drop {

@@ -45,6 +45,14 @@ pub struct EngineConfig {
     /// The Service network: packets to an address in it that no Service
     /// holds are dropped (and counted) instead of routed on.
     pub service_cidr: Option<Ipv4Net>,
+    /// This node's podCIDR. A flow to an endpoint in it is SNATed to
+    /// `local_snat_ip`: the endpoint's reply to a pod on the same bridge
+    /// would be bridged past the data plane, never reverse-translated.
+    pub local_pods: Option<Ipv4Net>,
+    /// An address routed into this node's TUN device that no pod or Service
+    /// holds (the data plane uses the Service network's broadcast address,
+    /// which the ClusterIP allocator never hands out).
+    pub local_snat_ip: Option<Ipv4Addr>,
     /// Flows tracked at most; a full table evicts the flow idle longest.
     pub max_flows: usize,
     /// Clients pinned by `sessionAffinity: ClientIP` at most.
@@ -60,6 +68,8 @@ impl EngineConfig {
             snat_ip,
             cluster_cidr: None,
             service_cidr: None,
+            local_pods: None,
+            local_snat_ip: None,
             max_flows: 262_144,
             max_affinity: 65_536,
             timeouts: Timeouts::default(),
@@ -132,6 +142,45 @@ impl Engine {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Sets this node's podCIDR once the node watch knows it: flows to
+    /// endpoints in it are SNATed to `local_snat_ip`, flows from sources
+    /// outside the pod network to remote endpoints to the podCIDR's
+    /// gateway address (replies to it are tunnelled back to this node).
+    /// Open flows keep the addresses they were opened with.
+    pub fn set_local_pods(&mut self, pods: Ipv4Net) {
+        self.config.local_pods = Some(pods);
+        if let Some(gateway) = pods.hosts().next() {
+            self.config.snat_ip = gateway;
+        }
+    }
+
+    /// Whether the packet starting in `head` (its headers suffice) may be
+    /// for the engine: a tracked flow's packet or an ICMP error. Lets a
+    /// caller skip gathering packets that only pass through.
+    pub fn tracks(&self, head: &[u8]) -> bool {
+        let Ok(ip) = Ipv4Packet::new_quoted(head) else {
+            return false;
+        };
+        if ip.is_fragment() {
+            return false;
+        }
+        let payload = ip.payload();
+        match ip.protocol() {
+            protocol @ (PROTO_TCP | PROTO_UDP) if payload.len() >= 4 => {
+                let tuple = Tuple {
+                    src: ip.src(),
+                    dst: ip.dst(),
+                    src_port: u16::from_be_bytes([payload[0], payload[1]]),
+                    dst_port: u16::from_be_bytes([payload[2], payload[3]]),
+                    protocol,
+                };
+                self.flows.lookup(&tuple).is_some()
+            }
+            PROTO_ICMP => payload.first().is_some_and(|&t| is_icmp_error(t)),
+            _ => false,
+        }
     }
 
     /// Handles one IPv4 packet at time `now` (ms). `reject` receives a
@@ -291,7 +340,15 @@ impl Engine {
             return self.reject(ip, reject);
         };
         let backend = frontend.port.backends[index];
-        let snat = if frontend.local_only() {
+        let backend_local = self
+            .config
+            .local_pods
+            .is_some_and(|net| net.contains(&Ipv4Addr::from(backend.ip)));
+        let local_snat = match self.config.local_snat_ip {
+            Some(ip) if backend_local && !frontend.local_only() => Some(ip),
+            _ => None,
+        };
+        let snat = if local_snat.is_some() || frontend.local_only() {
             false
         } else if frontend.kind == super::table::FrontendKind::ClusterIp {
             // Hairpin, or a source the endpoint's reply would not route
@@ -304,10 +361,10 @@ impl Engine {
         } else {
             true
         };
-        let client_side = if snat {
-            u32::from(self.config.snat_ip)
-        } else {
-            tuple.src
+        let client_side = match local_snat {
+            Some(ip) => u32::from(ip),
+            None if snat => u32::from(self.config.snat_ip),
+            None => tuple.src,
         };
         let Some(reply) = self.reply_tuple(&tuple, backend.ip, backend.port, client_side) else {
             return self.drop(DropReason::NatPortExhausted);

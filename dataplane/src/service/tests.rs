@@ -845,6 +845,37 @@ fn hairpin_is_snated_to_the_node() {
 }
 
 #[test]
+fn flows_to_local_endpoints_are_snated_into_the_device() {
+    // A pod's reply to a pod on the same bridge is bridged past the data
+    // plane, so flows to this node's endpoints take the Service network's
+    // broadcast address as source; flows to other nodes keep theirs.
+    let local_snat = "10.43.255.255";
+    let mut h = Harness::with(|c| c.local_snat_ip = Some(ip(local_snat)));
+    h.engine
+        .set_local_pods("10.42.0.0/24".parse().expect("cidr"));
+    h.table.upsert(&web(vec![backend("10.42.0.9", 8080)]));
+    let client = sock("10.42.0.5", 40000);
+    let mut syn = tcp(client, sock(VIP, 80), SYN, 1, 0, &[]);
+    forwarded_to(h.send(&mut syn), "10.42.0.9");
+    let (src, dst) = checked(&syn);
+    assert_eq!((*src.ip(), dst), (ip(local_snat), sock("10.42.0.9", 8080)));
+    assert!(h.engine.tracks(&tcp(dst, src, SYN | ACK, 1, 2, &[])));
+    let mut reply = tcp(dst, src, SYN | ACK, 1, 2, &[]);
+    forwarded_to(h.send(&mut reply), "10.42.0.5");
+    assert_eq!(checked(&reply), (sock(VIP, 80), client));
+
+    h.table.upsert(&web(vec![backend("10.42.1.9", 8080)]));
+    let other = sock("10.42.0.5", 40001);
+    let mut syn = tcp(other, sock(VIP, 80), SYN, 1, 0, &[]);
+    forwarded_to(h.send(&mut syn), "10.42.1.9");
+    assert_eq!(
+        checked(&syn).0,
+        other,
+        "a remote endpoint's reply is tunnelled back"
+    );
+}
+
+#[test]
 fn host_sources_reaching_a_clusterip_are_snated() {
     let mut h = Harness::new();
     h.table.upsert(&web(three()));

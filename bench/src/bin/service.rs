@@ -1,0 +1,404 @@
+//! Service benchmark: HTTP through a ClusterIP (Skiff's data-plane NAT)
+//! against the same requests straight to the pod IP, and against the two
+//! named peers doing the same job, in one run: a kernel nftables DNAT rule
+//! (kube-proxy nftables mode's verdict-map shape, on the client's node)
+//! and HAProxy in TCP mode (a userspace L4 proxy on the client's node).
+//!
+//! Two nodes (network namespaces from the test harness) run `skiff server`
+//! (node 1) and `skiff dataplane` with Services on (both). nginx (one
+//! worker, a fixed 2-byte body) runs in a server pod on node 2 (cross-node)
+//! and in one on node 1 (same-node); wrk runs in a client pod on node 1.
+//! Every path is measured with keep-alive (requests/s, p99) and with a new
+//! connection per request (connections/s), interleaved over `--runs`
+//! rounds; the median is reported with the ratio to the pod IP.
+//!
+//! `cargo build --release -p skiff -p skiff-bench && target/release/service
+//!  [--seconds 5] [--runs 3] [--connections 16]`
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use serde_json::json;
+use skiff_e2e::cluster::Cluster;
+use skiff_e2e::netns::Netns;
+
+const SERVICE_CIDR: &str = "10.43.0.0/16";
+/// The address the nftables peer translates (outside every other range).
+const NFT_VIP: &str = "10.45.0.1";
+const HAPROXY_PORT: u16 = 8083;
+
+struct Args {
+    seconds: u32,
+    runs: usize,
+    connections: u32,
+}
+
+/// One measured wrk run.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sample {
+    rps: f64,
+    p99_us: f64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    let bin = skiff_binary()?;
+    let cluster = Cluster::start_with(
+        &bin,
+        2,
+        &["--disable", "agent"],
+        &[
+            "--service-cidr",
+            SERVICE_CIDR,
+            "--cluster-cidr",
+            "10.42.0.0/16",
+        ],
+    )
+    .await?;
+    let mut cluster = cluster;
+    cluster.add_pod(0, "client")?;
+    cluster.add_pod(1, "remote")?;
+    cluster.add_pod(0, "local")?;
+    let work = tempfile::tempdir()?;
+    let _nginx = [
+        Nginx::start(&cluster.pod("remote").netns, &work.path().join("remote"))?,
+        Nginx::start(&cluster.pod("local").netns, &work.path().join("local"))?,
+    ];
+    cluster.server().kubectl_stdin(
+        &["apply", "-f", "-"],
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: remote}
+spec: {selector: {app: remote}, ports: [{port: 80, targetPort: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: local}
+spec: {selector: {app: local}, ports: [{port: 80, targetPort: 80}]}
+"#,
+    )?;
+    for (name, node) in [("remote", 2), ("local", 1)] {
+        let manifest = format!(
+            r#"{{"apiVersion": "v1", "kind": "Pod",
+                "metadata": {{"name": "{name}", "labels": {{"app": "{name}"}}}},
+                "spec": {{"nodeName": "node-{node}", "containers": [{{"name": "nginx", "image": "nginx"}}]}}}}"#
+        );
+        cluster
+            .server()
+            .kubectl_stdin(&["create", "-f", "-"], &manifest)?;
+        set_ready(&cluster, name, cluster.pod(name).ip)?;
+    }
+    let client_ns = &cluster.pod("client").netns;
+    let node1 = &cluster.node(0).netns;
+    let gateway = cluster
+        .node(0)
+        .pod_cidr
+        .hosts()
+        .next()
+        .context("no gateway")?;
+
+    println!(
+        "service benchmark: 2 nodes (netns), client pod on node 1, nginx (1 worker) in a pod on \
+         node 2 (cross-node) and on node 1 (same-node); wrk -t1 -c{} {} s per run, median of {} \
+         interleaved runs",
+        args.connections, args.seconds, args.runs
+    );
+    let mut scopes = [("same-node", "local"), ("cross-node", "remote")];
+    if std::env::var_os("SERVICE_BENCH_CROSS_FIRST").is_some() {
+        scopes.reverse();
+    }
+    for (scope, pod) in scopes {
+        let pod_ip = cluster.pod(pod).ip;
+        let vip = cluster_ip(&cluster, pod)?;
+        let _nft = NftDnat::load(node1, pod_ip)?;
+        let _haproxy = Haproxy::start(node1, gateway, pod_ip, &work.path().join(pod))?;
+        let targets = [
+            ("pod IP", format!("{pod_ip}:80")),
+            ("ClusterIP", format!("{vip}:80")),
+            ("nftables DNAT", format!("{NFT_VIP}:80")),
+            ("HAProxy TCP", format!("{gateway}:{HAPROXY_PORT}")),
+        ];
+        for (name, target) in &targets {
+            if let Err(e) = wait_for_http(client_ns, target) {
+                let metrics = cluster.metrics(0).unwrap_or_default();
+                for line in metrics.lines().filter(|l| l.starts_with("skiff_")) {
+                    eprintln!("  node 1 {line}");
+                }
+                return Err(e.context(format!("{scope} {name}")));
+            }
+        }
+        for close in [false, true] {
+            let mut samples = vec![Vec::new(); targets.len()];
+            for _ in 0..args.runs {
+                for (i, (_, target)) in targets.iter().enumerate() {
+                    samples[i].push(wrk(client_ns, target, &args, close)?);
+                }
+            }
+            let medians: Vec<Sample> = samples.iter().map(|s| median(s)).collect();
+            let base = medians[0];
+            let what = if close {
+                "new connections/s"
+            } else {
+                "keep-alive req/s"
+            };
+            let mut line = format!("service HTTP {scope} {what}:");
+            for ((name, _), m) in targets.iter().zip(&medians) {
+                line.push_str(&format!(
+                    " | {name} {:.0}/s p99 {:.0} µs ({:.2}x, p99 {:+.0} µs)",
+                    m.rps,
+                    m.p99_us,
+                    m.rps / base.rps.max(1.0),
+                    m.p99_us - base.p99_us
+                ));
+            }
+            println!("{line}");
+        }
+    }
+    let metrics = cluster.metrics(0)?;
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("skiff_service_flows_created_total")
+            || l.starts_with("skiff_service_new_flows_total")
+            || (l.starts_with("skiff_service_dropped_packets_total") && !l.ends_with(" 0"))
+    }) {
+        println!("  node 1 {line}");
+    }
+    Ok(())
+}
+
+/// nginx with the peers' backend configuration, listening on port 80 in
+/// the pod's namespace.
+struct Nginx(Child);
+
+impl Nginx {
+    fn start(netns: &Netns, dir: &Path) -> anyhow::Result<Self> {
+        for sub in ["logs", "tmp", "run"] {
+            std::fs::create_dir_all(dir.join(sub))?;
+        }
+        let conf = dir.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            "worker_processes 1;\ndaemon off;\npid run/nginx.pid;\nerror_log logs/error.log warn;\n\
+             events { worker_connections 16384; }\n\
+             http {\n  access_log off;\n  keepalive_requests 10000000;\n  keepalive_timeout 75s;\n\
+               client_body_temp_path tmp/b; proxy_temp_path tmp/p; fastcgi_temp_path tmp/f;\n\
+               uwsgi_temp_path tmp/u; scgi_temp_path tmp/s;\n\
+               server { listen 0.0.0.0:80 backlog=4096; location / { default_type text/plain; return 200 \"ok\"; } }\n}\n",
+        )?;
+        let child = netns
+            .command("nginx")
+            .arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting nginx")?;
+        Ok(Nginx(child))
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// HAProxy in TCP mode on node 1 (the pods' gateway address), one thread.
+struct Haproxy(Child);
+
+impl Haproxy {
+    fn start(netns: &Netns, bind: Ipv4Addr, backend: Ipv4Addr, dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let conf = dir.join("haproxy.cfg");
+        std::fs::write(
+            &conf,
+            format!(
+                "global\n  nbthread 1\n  maxconn 9000\ndefaults\n  mode tcp\n  timeout connect 5s\n  \
+                 timeout client 30s\n  timeout server 30s\nfrontend fe_tcp\n  bind {bind}:{HAPROXY_PORT} backlog 4096\n  \
+                 default_backend be_tcp\nbackend be_tcp\n  server s1 {backend}:80\n"
+            ),
+        )?;
+        let child = netns
+            .command("haproxy")
+            .args(["-db", "-f"])
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting haproxy")?;
+        Ok(Haproxy(child))
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A kube-proxy-nftables-style DNAT of `NFT_VIP:80` to the pod on node 1,
+/// in prerouting (the client pod's packets arrive from the bridge).
+struct NftDnat<'a>(&'a Netns);
+
+impl<'a> NftDnat<'a> {
+    fn load(netns: &'a Netns, pod: Ipv4Addr) -> anyhow::Result<Self> {
+        let rules = format!(
+            "table ip skiff_bench {{\n  map service-ips {{\n    type ipv4_addr . inet_proto . inet_service : verdict\n    \
+             elements = {{ {NFT_VIP} . tcp . 80 : goto svc }}\n  }}\n  chain svc {{\n    meta l4proto tcp dnat to {pod}:80\n  }}\n  \
+             chain prerouting {{\n    type nat hook prerouting priority -100; policy accept;\n    \
+             ip daddr . meta l4proto . th dport vmap @service-ips\n  }}\n}}\n"
+        );
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("dnat.nft");
+        std::fs::write(&file, rules)?;
+        netns.run("nft", &["-f", &file.to_string_lossy()])?;
+        // The client pod reaches the address through its default route.
+        Ok(NftDnat(netns))
+    }
+}
+
+impl Drop for NftDnat<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.run("nft", &["delete", "table", "ip", "skiff_bench"]);
+    }
+}
+
+fn wrk(netns: &Netns, target: &str, args: &Args, close: bool) -> anyhow::Result<Sample> {
+    let url = format!("http://{target}/");
+    let seconds = format!("{}s", args.seconds);
+    let connections = args.connections.to_string();
+    let mut wrk_args = vec!["-t1", "-c", &connections, "-d", &seconds, "--latency", &url];
+    if close {
+        wrk_args.extend(["-H", "Connection: close"]);
+    }
+    let out = netns.run("wrk", &wrk_args)?;
+    let rps = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no Requests/sec from wrk:\n{out}"))?;
+    let p99 = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("99%"))
+        .and_then(|v| duration_us(v.trim()))
+        .with_context(|| format!("no 99% latency from wrk:\n{out}"))?;
+    if out.contains("Non-2xx") || out.contains("Socket errors") {
+        eprintln!("  wrk {target} reported errors:\n{out}");
+    }
+    Ok(Sample { rps, p99_us: p99 })
+}
+
+/// wrk's `123.45us` / `1.23ms` / `1.00s`, in microseconds.
+fn duration_us(v: &str) -> Option<f64> {
+    let (number, scale) = if let Some(n) = v.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1_000.0)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1_000_000.0)
+    } else {
+        return None;
+    };
+    number.parse::<f64>().ok().map(|n| n * scale)
+}
+
+fn median(samples: &[Sample]) -> Sample {
+    let mut rps: Vec<f64> = samples.iter().map(|s| s.rps).collect();
+    let mut p99: Vec<f64> = samples.iter().map(|s| s.p99_us).collect();
+    rps.sort_by(f64::total_cmp);
+    p99.sort_by(f64::total_cmp);
+    Sample {
+        rps: rps.get(rps.len() / 2).copied().unwrap_or_default(),
+        p99_us: p99.get(p99.len() / 2).copied().unwrap_or_default(),
+    }
+}
+
+fn wait_for_http(netns: &Netns, target: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let url = format!("http://{target}/");
+    loop {
+        match netns.run("curl", &["-sf", "-m", "2", &url]) {
+            Ok(body) if body == "ok" => return Ok(()),
+            other if Instant::now() > deadline => bail!("{url} does not answer: {other:?}"),
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+fn set_ready(cluster: &Cluster, pod: &str, ip: Ipv4Addr) -> anyhow::Result<()> {
+    let patch = json!({"status": {
+        "phase": "Running",
+        "podIP": ip.to_string(),
+        "podIPs": [{"ip": ip.to_string()}],
+        "conditions": [{"type": "Ready", "status": "True"}],
+    }});
+    cluster
+        .server()
+        .kubectl_ok(&[
+            "patch",
+            "pod",
+            pod,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &patch.to_string(),
+        ])
+        .with_context(|| format!("setting the status of pod {pod}"))?;
+    Ok(())
+}
+
+fn cluster_ip(cluster: &Cluster, service: &str) -> anyhow::Result<Ipv4Addr> {
+    let out = cluster.server().kubectl_ok(&[
+        "get",
+        "service",
+        service,
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ])?;
+    out.trim()
+        .parse()
+        .with_context(|| format!("cluster IP of {service}: {out:?}"))
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut args = Args {
+        seconds: 5,
+        runs: 3,
+        connections: 16,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--seconds" => args.seconds = it.next().context("--seconds N")?.parse()?,
+            "--runs" => args.runs = it.next().context("--runs N")?.parse()?,
+            "--connections" => args.connections = it.next().context("--connections N")?.parse()?,
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    ensure!(args.seconds > 0 && args.runs > 0 && args.connections > 0);
+    Ok(args)
+}
+
+/// The `skiff` built next to this benchmark's own binary (release for
+/// results; a debug pair runs too, and says so in its numbers).
+fn skiff_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let bin = exe
+        .parent()
+        .context("bench binary has no folder")?
+        .join("skiff");
+    ensure!(
+        bin.exists(),
+        "{} is missing: run `cargo build --release -p skiff` first",
+        bin.display()
+    );
+    Ok(bin)
+}

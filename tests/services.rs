@@ -1,0 +1,429 @@
+//! Services through the data plane's own engine, across three nodes, each
+//! a network namespace running `skiff dataplane`: the real EndpointSlice
+//! controller builds the slices from Pod objects (the test plays the node
+//! agent and reports each pod's address and readiness), every node's
+//! engine watches them, and clients in pod namespaces reach the ClusterIPs
+//! with real sockets.
+//!
+//! Backends: `web-1` on node 1, `web-2` on node 2, `web-3` on node 3, each
+//! a TCP server answering with its name and a UDP echo server; the client
+//! pod runs on node 1, so its flows reach one endpoint on its own node and
+//! two across the overlay. Node 1's own namespace is a client too (a
+//! host process).
+
+use std::collections::BTreeMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use serde_json::json;
+use skiff_e2e::cluster::{Cluster, Pod};
+
+const SKIFF: &str = env!("CARGO_BIN_EXE_skiff");
+const HTTP_PORT: u16 = 8080;
+const ECHO_PORT: u16 = 5353;
+const REQUESTS: usize = 3_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_ips_balance_pin_hairpin_and_refuse() -> anyhow::Result<()> {
+    // No node agent: the test reports pod status itself, and a real one
+    // would try to run the Pod objects below.
+    let mut cluster = Cluster::start_with(
+        SKIFF.as_ref(),
+        3,
+        &["--disable", "agent"],
+        &[
+            "--service-cidr",
+            "10.43.0.0/16",
+            "--cluster-cidr",
+            "10.42.0.0/16",
+        ],
+    )
+    .await?;
+    for (name, node) in [("web-1", 0), ("web-2", 1), ("web-3", 2)] {
+        cluster.add_pod(node, name)?;
+        serve(cluster.pod(name))?;
+    }
+    cluster.add_pod(0, "client")?;
+    cluster.add_pod(1, "client-2")?;
+
+    cluster
+        .server()
+        .kubectl_stdin(&["apply", "-f", "-"], MANIFESTS)?;
+    for (name, node) in [("web-1", 1), ("web-2", 2), ("web-3", 3)] {
+        create_pod_object(&cluster, name, node)?;
+        set_status(&cluster, name, cluster.pod(name).ip, true)?;
+    }
+    let web = cluster_ip(&cluster, "web")?;
+    let sticky = cluster_ip(&cluster, "web-sticky")?;
+    let echo = cluster_ip(&cluster, "echo")?;
+    let hairpin = cluster_ip(&cluster, "hairpin")?;
+    let empty = cluster_ip(&cluster, "empty")?;
+    let vip = |ip: Ipv4Addr, port: u16| SocketAddr::from((ip, port));
+
+    // Every node's engine knows the Service and its three endpoints.
+    wait_until(
+        &cluster,
+        "all three endpoints answer through the ClusterIP",
+        || {
+            let seen = spread(cluster.pod("client"), vip(web, 80), 60)?;
+            Ok(seen.len() == 3)
+        },
+    )
+    .await?;
+
+    // 3,000 fresh connections from node 1: one endpoint is local, two are
+    // across the overlay; each gets close to a third.
+    for client_pod in ["client", "client-2"] {
+        let seen = spread(cluster.pod(client_pod), vip(web, 80), REQUESTS)?;
+        eprintln!("{client_pod}: {REQUESTS} requests through {web}:80 went to {seen:?}");
+        ensure!(
+            seen.len() == 3,
+            "{client_pod}: not every endpoint served: {seen:?}"
+        );
+        for (name, n) in &seen {
+            ensure!(
+                (700..=1300).contains(n),
+                "{client_pod}: {name} served {n} of {REQUESTS}, far from a third: {seen:?}"
+            );
+        }
+    }
+
+    // ClientIP affinity: one client, one endpoint, connection after
+    // connection.
+    let pinned = spread(cluster.pod("client"), vip(sticky, 80), 100)?;
+    ensure!(
+        pinned.len() == 1,
+        "ClientIP affinity did not pin: {pinned:?}"
+    );
+
+    // Hairpin: web-1 reaches a Service whose only endpoint is itself.
+    let own = spread(cluster.pod("web-1"), vip(hairpin, 80), 20)?;
+    ensure!(
+        own.len() == 1 && own.contains_key("web-1"),
+        "hairpin went elsewhere: {own:?}"
+    );
+
+    // A host process on node 1 (source outside the pod network) reaches
+    // endpoints on its own node and across the overlay.
+    let url = format!("http://{web}/");
+    let mut from_host = BTreeMap::new();
+    for _ in 0..60 {
+        let name = cluster
+            .node(0)
+            .netns
+            .run("curl", &["-sf", "-m", "5", &url])
+            .context("curl from node 1's host namespace")?;
+        *from_host.entry(name).or_insert(0) += 1;
+    }
+    ensure!(from_host.len() == 3, "from the host: {from_host:?}");
+
+    // UDP: the echo comes back from the ClusterIP (reverse-translated).
+    for client_pod in ["client", "client-2"] {
+        let (from, answer) = udp_exchange(cluster.pod(client_pod), vip(echo, 53), b"ping")?;
+        ensure!(
+            from == vip(echo, 53),
+            "the echo came from {from}, not the ClusterIP"
+        );
+        ensure!(answer.ends_with(":ping"), "echo answered {answer:?}");
+    }
+
+    // No endpoints: refused at once, TCP with a reset, UDP with ICMP.
+    let refused = cluster
+        .pod("client")
+        .netns
+        .enter(move || TcpStream::connect_timeout(&vip(empty, 80), Duration::from_secs(5)))?;
+    match refused {
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
+        other => bail!("a Service without endpoints answered {other:?}, not a refusal"),
+    }
+    let udp_refused = cluster
+        .pod("client")
+        .netns
+        .enter(move || -> std::io::Result<()> {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+            socket.connect(vip(empty, 53))?;
+            socket.send(b"anyone?")?;
+            let mut buf = [0u8; 64];
+            socket.recv(&mut buf).map(|_| ())
+        })?;
+    match udp_refused {
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
+        other => bail!("UDP to a Service without endpoints: {other:?}, not a refusal"),
+    }
+
+    // Observability: counters and the flow listing.
+    let metrics = cluster.metrics(0)?;
+    ensure!(
+        counter(
+            &metrics,
+            "skiff_service_new_flows_total{namespace=\"default\",service=\"web\"}"
+        ) >= REQUESTS as f64,
+        "{metrics}"
+    );
+    ensure!(
+        counter(&metrics, "skiff_service_rejected_total") >= 2.0,
+        "{metrics}"
+    );
+    ensure!(
+        counter(&metrics, "skiff_service_flows_tracked") > 0.0,
+        "{metrics}"
+    );
+    let flows = cluster.node(0).netns.run(
+        SKIFF,
+        &["dataplane", "conntrack", "--addr", "127.0.0.1:9469"],
+    )?;
+    ensure!(
+        flows.lines().any(|l| l.starts_with("tcp ")
+            && l.contains(&format!("dst={web} "))
+            && l.contains("service=default/web")),
+        "no flow to {web} listed:\n{flows}"
+    );
+
+    // An endpoint leaves (web-3 stops being ready): the Service keeps
+    // answering, no request fails, and web-3 gets no new flows.
+    let started = Instant::now();
+    set_status(&cluster, "web-3", cluster.pod("web-3").ip, false)?;
+    let mut failures = 0;
+    let mut clean_run = 0;
+    while clean_run < 200 {
+        match request(cluster.pod("client"), vip(web, 80)) {
+            Ok(name) if name == "web-3" => clean_run = 0,
+            Ok(_) => clean_run += 1,
+            Err(e) => {
+                failures += 1;
+                eprintln!("request failed while web-3 left: {e:#}");
+            }
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("web-3 still got new flows 30 s after it became not ready");
+        }
+    }
+    eprintln!("web-3 out of rotation after {:?}", started.elapsed());
+    ensure!(
+        failures == 0,
+        "{failures} requests failed while an endpoint left"
+    );
+    let after = spread(cluster.pod("client"), vip(web, 80), 300)?;
+    ensure!(
+        after.len() == 2 && !after.contains_key("web-3"),
+        "after web-3 left: {after:?}"
+    );
+    Ok(())
+}
+
+const MANIFESTS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-sticky}
+spec:
+  selector: {app: web}
+  sessionAffinity: ClientIP
+  ports: [{name: http, port: 80, targetPort: http}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo}
+spec:
+  selector: {app: web}
+  ports: [{name: echo, port: 53, targetPort: 5353, protocol: UDP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: hairpin}
+spec:
+  selector: {hairpin: "yes"}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty}
+spec:
+  selector: {app: nobody}
+  ports: [{name: tcp, port: 80, targetPort: 8080}, {name: udp, port: 53, targetPort: 5353, protocol: UDP}]
+"#;
+
+/// The Pod object standing for a pod namespace; web-1 also backs the
+/// hairpin Service.
+fn create_pod_object(cluster: &Cluster, name: &str, node: usize) -> anyhow::Result<()> {
+    let hairpin = if name == "web-1" { "yes" } else { "no" };
+    let manifest = format!(
+        r#"{{"apiVersion": "v1", "kind": "Pod",
+            "metadata": {{"name": "{name}", "labels": {{"app": "web", "hairpin": "{hairpin}"}}}},
+            "spec": {{"nodeName": "node-{node}", "containers": [{{"name": "app", "image": "busybox",
+                "ports": [{{"name": "http", "containerPort": {HTTP_PORT}}},
+                          {{"name": "echo", "containerPort": {ECHO_PORT}, "protocol": "UDP"}}]}}]}}}}"#
+    );
+    cluster
+        .server()
+        .kubectl_stdin(&["create", "-f", "-"], &manifest)?;
+    Ok(())
+}
+
+/// Plays the node agent: the pod runs at `ip`, ready or not.
+fn set_status(cluster: &Cluster, pod: &str, ip: Ipv4Addr, ready: bool) -> anyhow::Result<()> {
+    let status = if ready { "True" } else { "False" };
+    let patch = json!({"status": {
+        "phase": "Running",
+        "podIP": ip.to_string(),
+        "podIPs": [{"ip": ip.to_string()}],
+        "conditions": [{"type": "Ready", "status": status}],
+    }});
+    cluster
+        .server()
+        .kubectl_ok(&[
+            "patch",
+            "pod",
+            pod,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &patch.to_string(),
+        ])
+        .with_context(|| format!("setting the status of pod {pod}"))?;
+    Ok(())
+}
+
+fn cluster_ip(cluster: &Cluster, service: &str) -> anyhow::Result<Ipv4Addr> {
+    let out = cluster.server().kubectl_ok(&[
+        "get",
+        "service",
+        service,
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ])?;
+    out.trim()
+        .parse()
+        .with_context(|| format!("cluster IP of {service}: {out:?}"))
+}
+
+/// Starts the pod's servers: TCP answering every connection with the
+/// pod's name, UDP echoing `name:payload`. The sockets live in the pod's
+/// namespace; they are served from threads of the test process.
+fn serve(pod: &Pod) -> anyhow::Result<()> {
+    let name = pod.name.clone();
+    let (listener, udp) = pod.netns.enter(|| -> std::io::Result<_> {
+        Ok((
+            TcpListener::bind(("0.0.0.0", HTTP_PORT))?,
+            UdpSocket::bind(("0.0.0.0", ECHO_PORT))?,
+        ))
+    })??;
+    let tcp_name = name.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let _ = answer(stream, &tcp_name);
+        }
+    });
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = udp.recv_from(&mut buf) {
+            let mut reply = format!("{name}:").into_bytes();
+            reply.extend_from_slice(&buf[..n]);
+            let _ = udp.send_to(&reply, from);
+        }
+    });
+    Ok(())
+}
+
+/// One HTTP/1.0 exchange on the server side.
+fn answer(mut stream: TcpStream, name: &str) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        request.extend_from_slice(&buf[..n]);
+    }
+    write!(
+        stream,
+        "HTTP/1.0 200 OK\r\ncontent-length: {}\r\n\r\n{name}",
+        name.len()
+    )
+}
+
+/// One request on a fresh connection from `pod`; the name that answered.
+fn request(pod: &Pod, to: SocketAddr) -> anyhow::Result<String> {
+    pod.netns.enter(move || get(to))?
+}
+
+fn get(to: SocketAddr) -> anyhow::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))
+        .with_context(|| format!("connecting to {to}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no HTTP response from {to}: {response:?}"))?;
+    ensure!(head.starts_with("HTTP/1.0 200"), "{head}");
+    Ok(body.to_owned())
+}
+
+/// `count` requests from `pod`, each on its own connection: how many each
+/// endpoint served. Fails on the first failed request.
+fn spread(pod: &Pod, to: SocketAddr, count: usize) -> anyhow::Result<BTreeMap<String, usize>> {
+    pod.netns.enter(move || -> anyhow::Result<_> {
+        let mut seen = BTreeMap::new();
+        for i in 0..count {
+            let name = get(to).with_context(|| format!("request {i} to {to}"))?;
+            *seen.entry(name).or_insert(0) += 1;
+        }
+        Ok(seen)
+    })?
+}
+
+fn udp_exchange(pod: &Pod, to: SocketAddr, payload: &[u8]) -> anyhow::Result<(SocketAddr, String)> {
+    let payload = payload.to_vec();
+    pod.netns.enter(move || -> anyhow::Result<_> {
+        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+        socket.send_to(&payload, to)?;
+        let mut buf = [0u8; 1500];
+        let (n, from) = socket.recv_from(&mut buf).context("no echo")?;
+        Ok((from, String::from_utf8_lossy(&buf[..n]).into_owned()))
+    })?
+}
+
+/// Retries `check` until it holds (errors count as not yet) for 30 s.
+async fn wait_until(
+    cluster: &Cluster,
+    what: &str,
+    mut check: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let last = match check() {
+            Ok(true) => return Ok(()),
+            Ok(false) => "not yet".to_owned(),
+            Err(e) => format!("{e:#}"),
+        };
+        if Instant::now() > deadline {
+            bail!(
+                "{what}: {last}\nnode 1 data plane log:\n{}",
+                cluster.dataplane_log(0)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A sample's value in Prometheus text, 0 when absent.
+fn counter(metrics: &str, sample: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
