@@ -68,6 +68,40 @@ impl Drop {
     }
 }
 
+/// A system call on the packet path; the `op` label of the I/O counters,
+/// which show how many bytes each call moves (the point of the offloads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Io {
+    TunRead,
+    TunWrite,
+    /// One `sendmmsg`.
+    UdpSend,
+    /// One `recvmmsg`.
+    UdpRecv,
+}
+
+impl Io {
+    pub const ALL: [Io; 4] = [Io::TunRead, Io::TunWrite, Io::UdpSend, Io::UdpRecv];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Io::TunRead => "tun_read",
+            Io::TunWrite => "tun_write",
+            Io::UdpSend => "udp_send",
+            Io::UdpRecv => "udp_recv",
+        }
+    }
+}
+
+/// What one op's counters count.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IoCount {
+    pub calls: u64,
+    pub bytes: u64,
+    /// TUN: super-packets (GSO); UDP: datagrams.
+    pub units: u64,
+}
+
 type Labels = Vec<(&'static str, &'static str)>;
 
 pub struct Metrics {
@@ -77,6 +111,7 @@ pub struct Metrics {
     packets_out: Counter,
     bytes_in: Counter,
     bytes_out: Counter,
+    io: Vec<[Counter; 3]>,
     pub peers: Gauge,
     pub routes: Gauge,
     pub route_errors: Counter,
@@ -118,6 +153,35 @@ impl Metrics {
             "Bytes of inner packets tunnelled out and delivered in",
             bytes,
         );
+        let calls = Family::<Labels, Counter>::default();
+        let io_bytes = Family::<Labels, Counter>::default();
+        let units = Family::<Labels, Counter>::default();
+        let io = Io::ALL
+            .iter()
+            .map(|op| {
+                let label = vec![("op", op.label())];
+                [
+                    calls.get_or_create(&label).clone(),
+                    io_bytes.get_or_create(&label).clone(),
+                    units.get_or_create(&label).clone(),
+                ]
+            })
+            .collect();
+        registry.register(
+            "skiff_dataplane_io_calls",
+            "System calls on the packet path, by op (a UDP op is one sendmmsg/recvmmsg)",
+            calls,
+        );
+        registry.register(
+            "skiff_dataplane_io_bytes",
+            "Bytes those calls moved (TUN: with the virtio-net header; UDP: payload)",
+            io_bytes,
+        );
+        registry.register(
+            "skiff_dataplane_io_units",
+            "TUN ops: GSO super-packets among the packets; UDP ops: datagrams",
+            units,
+        );
         let peers = Gauge::default();
         registry.register(
             "skiff_dataplane_peers",
@@ -149,6 +213,7 @@ impl Metrics {
             packets_out,
             bytes_in,
             bytes_out,
+            io,
             peers,
             routes,
             route_errors,
@@ -191,9 +256,18 @@ pub struct Local {
     pub packets_out: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    io: [IoCount; Io::ALL.len()],
 }
 
 impl Local {
+    /// Counts one call of `op` that moved `bytes` in `units`.
+    pub fn io(&mut self, op: Io, bytes: usize, units: usize) {
+        let count = &mut self.io[op as usize];
+        count.calls += 1;
+        count.bytes += bytes as u64;
+        count.units += units as u64;
+    }
+
     pub fn drop(&mut self, reason: Drop, packets: u64) {
         self.dropped[reason.index()] += packets;
     }
@@ -213,6 +287,14 @@ impl Local {
         ] {
             if *n > 0 {
                 counter.inc_by(std::mem::take(n));
+            }
+        }
+        for (counters, count) in metrics.io.iter().zip(&mut self.io) {
+            let count = std::mem::take(count);
+            for (counter, n) in counters.iter().zip([count.calls, count.bytes, count.units]) {
+                if n > 0 {
+                    counter.inc_by(n);
+                }
             }
         }
     }

@@ -178,7 +178,45 @@ async fn main() -> anyhow::Result<()> {
         .filter(|l| l.starts_with("skiff_dataplane_dropped_packets_total") && !l.ends_with(" 0"))
         .collect();
     println!("node 1 data plane drops: {drops:?}");
+    for node in 0..2 {
+        println!(
+            "node {} data plane I/O: {}",
+            node + 1,
+            io_summary(&cluster.metrics(node)?)
+        );
+    }
     Ok(())
+}
+
+/// Bytes per system call (and super-packets or datagrams per call) of each
+/// packet-path op, from a data plane's `/metrics`: whether the offloads
+/// work shows here.
+fn io_summary(metrics: &str) -> String {
+    let value = |name: &str, op: &str| -> f64 {
+        let key = format!("{name}{{op=\"{op}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&key)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    ["tun_read", "tun_write", "udp_send", "udp_recv"]
+        .iter()
+        .map(|op| {
+            let calls = value("skiff_dataplane_io_calls_total", op);
+            let per = |x: f64| if calls > 0.0 { x / calls } else { 0.0 };
+            format!(
+                "{op} {calls:.0} calls {:.0} B/call {:.2} {}/call",
+                per(value("skiff_dataplane_io_bytes_total", op)),
+                per(value("skiff_dataplane_io_units_total", op)),
+                if op.starts_with("tun") {
+                    "gso"
+                } else {
+                    "dgrams"
+                },
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// A kernel VXLAN between the two nodes, with a pod bridge and one pod on

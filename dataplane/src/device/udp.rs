@@ -180,12 +180,28 @@ impl RecvBatch {
 }
 
 /// Preallocated `sendmmsg` state: messages made of up to [`MAX_PARTS`]
-/// slices each, sent together by [`SendBatch::flush`].
+/// slices each, sent together by [`SendBatch::flush`]. Each message has
+/// its own GSO segment size (a `UDP_SEGMENT` control message), so trains
+/// of different datagram sizes share one system call.
 pub struct SendBatch {
     iovs: Vec<libc::iovec>,
     addrs: Vec<libc::sockaddr_storage>,
+    controls: Vec<[u64; 4]>,
     msgs: Vec<libc::mmsghdr>,
+    /// Bytes and datagrams of each queued message.
+    sizes: Vec<(usize, usize)>,
     len: usize,
+}
+
+/// What one [`SendBatch::flush`] did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Sent {
+    /// `sendmmsg` calls.
+    pub calls: usize,
+    /// Messages the kernel refused.
+    pub skipped: usize,
+    pub bytes: usize,
+    pub datagrams: usize,
 }
 
 // SAFETY: see `RecvBatch`; the slices a message points at belong to the
@@ -199,7 +215,9 @@ impl SendBatch {
             // SAFETY: as in `RecvBatch::new`.
             iovs: vec![unsafe { mem::zeroed() }; capacity * MAX_PARTS],
             addrs: vec![unsafe { mem::zeroed() }; capacity],
+            controls: vec![[0; 4]; capacity],
             msgs: vec![unsafe { mem::zeroed() }; capacity],
+            sizes: vec![(0, 0); capacity],
             len: 0,
         }
     }
@@ -212,32 +230,52 @@ impl SendBatch {
         self.len == 0
     }
 
-    /// Queues one message to `to` made of `parts`. Returns `false` (and
-    /// queues nothing) when the batch is full or there are too many parts.
+    /// Queues one message to `to` made of `parts`, which the kernel cuts
+    /// into datagrams of `segment` bytes (the last may be shorter). Returns
+    /// `false` (and queues nothing) when the batch is full or there are too
+    /// many parts.
     ///
     /// # Safety
     /// The memory behind `parts` must stay valid and unchanged until the
     /// next [`SendBatch::flush`] or [`SendBatch::clear`].
-    pub unsafe fn push(&mut self, to: SocketAddr, parts: &[IoSlice<'_>]) -> bool {
+    pub unsafe fn push(&mut self, to: SocketAddr, parts: &[IoSlice<'_>], segment: usize) -> bool {
         if self.is_full() || parts.len() > MAX_PARTS {
             return false;
         }
         let i = self.len;
         let iovs = &mut self.iovs[i * MAX_PARTS..i * MAX_PARTS + parts.len()];
+        let mut bytes = 0;
         for (iov, part) in iovs.iter_mut().zip(parts) {
             *iov = libc::iovec {
                 iov_base: part.as_ptr() as *mut libc::c_void,
                 iov_len: part.len(),
             };
+            bytes += part.len();
         }
+        let segment = segment.clamp(1, usize::from(u16::MAX));
         let namelen = write_sockaddr(&mut self.addrs[i], to);
         let hdr = &mut self.msgs[i].msg_hdr;
         hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
         hdr.msg_namelen = namelen;
         hdr.msg_iov = iovs.as_mut_ptr();
         hdr.msg_iovlen = parts.len() as _;
-        hdr.msg_control = std::ptr::null_mut();
-        hdr.msg_controllen = 0;
+        if bytes > segment {
+            hdr.msg_control = self.controls[i].as_mut_ptr().cast();
+            // SAFETY: the control buffer has room for one cmsg of a u16
+            // (CMSG_SPACE(2) = 24 bytes on 64-bit Linux).
+            unsafe {
+                hdr.msg_controllen = libc::CMSG_SPACE(mem::size_of::<u16>() as u32) as _;
+                let cmsg = libc::CMSG_FIRSTHDR(hdr);
+                (*cmsg).cmsg_level = libc::SOL_UDP;
+                (*cmsg).cmsg_type = libc::UDP_SEGMENT;
+                (*cmsg).cmsg_len = libc::CMSG_LEN(mem::size_of::<u16>() as u32) as _;
+                std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), segment as u16);
+            }
+        } else {
+            hdr.msg_control = std::ptr::null_mut();
+            hdr.msg_controllen = 0;
+        }
+        self.sizes[i] = (bytes, bytes.div_ceil(segment).max(1));
         self.len += 1;
         true
     }
@@ -248,10 +286,10 @@ impl SendBatch {
 
     /// Sends every queued message. A message the kernel refuses (no route,
     /// too big) is skipped; when the socket buffer is full it waits for
-    /// room. Returns how many messages were skipped.
-    pub fn flush(&mut self, socket: &UdpSocket) -> usize {
+    /// room.
+    pub fn flush(&mut self, socket: &UdpSocket) -> Sent {
+        let mut sent = Sent::default();
         let mut done = 0;
-        let mut skipped = 0;
         while done < self.len {
             // SAFETY: headers `done..len` were filled by `push`, whose
             // caller keeps their slices alive until now.
@@ -263,7 +301,12 @@ impl SendBatch {
                     libc::MSG_DONTWAIT,
                 )
             };
+            sent.calls += 1;
             if n > 0 {
+                for &(bytes, datagrams) in &self.sizes[done..done + n as usize] {
+                    sent.bytes += bytes;
+                    sent.datagrams += datagrams;
+                }
                 done += n as usize;
                 continue;
             }
@@ -274,12 +317,12 @@ impl SendBatch {
                 _ => {
                     tracing::trace!(error = %err, "underlay send failed");
                     done += 1;
-                    skipped += 1;
+                    sent.skipped += 1;
                 }
             }
         }
         self.len = 0;
-        skipped
+        sent
     }
 }
 
@@ -402,11 +445,13 @@ mod tests {
         unsafe {
             assert!(batch.push(
                 to,
-                &[IoSlice::new(&payload[..50]), IoSlice::new(&payload[50..])]
+                &[IoSlice::new(&payload[..50]), IoSlice::new(&payload[50..])],
+                100,
             ));
-            assert!(batch.push(to, &[IoSlice::new(&payload[..30])]));
+            assert!(batch.push(to, &[IoSlice::new(&payload[..30])], 100));
         }
-        assert_eq!(batch.flush(&tx), 0);
+        let sent = batch.flush(&tx);
+        assert_eq!((sent.skipped, sent.bytes, sent.datagrams), (0, 280, 4));
         let mut recv = RecvBatch::new(4);
         let mut sizes = Vec::new();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);

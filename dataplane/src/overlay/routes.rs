@@ -52,10 +52,12 @@ impl Routes {
         })
     }
 
-    /// Brings the device up and caps the super-packets the kernel builds
-    /// for it (`gso_max_size`): the size one GSO send can carry, and how
-    /// much one lost datagram costs a TCP flow.
-    pub async fn configure(&self, gso_max_size: u32) -> Result<(), Error> {
+    /// Brings the device up and sets the largest super-packet it takes
+    /// (`gso_max_size`, `gso_max_segs`). The kernel cuts a bigger one into
+    /// MTU-sized packets in software before the device sees it, so the
+    /// size must not be below what the pods' own interfaces build (64 KiB
+    /// on a veth).
+    pub async fn configure(&self, gso_max_size: u32, gso_max_segs: u32) -> Result<(), Error> {
         self.handle
             .link()
             .set(LinkUnspec::new_with_index(self.index).up().build())
@@ -63,6 +65,7 @@ impl Routes {
             .await?;
         let cap = LinkUnspec::new_with_index(self.index)
             .append_extra_attribute(LinkAttribute::GsoMaxSize(gso_max_size))
+            .append_extra_attribute(LinkAttribute::GsoMaxSegs(gso_max_segs))
             .build();
         self.handle.link().set(cap).execute().await?;
         Ok(())

@@ -4,15 +4,18 @@
 //! ways:
 //!
 //! - out: read a packet or super-packet from the TUN queue, find the node
-//!   that owns its destination, cut it into fragments behind overlay
-//!   headers and queue it as one GSO message; after a batch of reads, send
-//!   every queued message with one `sendmmsg`. The fragments are iovecs
-//!   pointing into the read buffer: nothing is copied.
+//!   that owns its destination and queue it as one GSO message: a TCP
+//!   super-packet cut into self-contained segments, one per datagram (their
+//!   headers written into per-read scratch, their payloads iovecs into the
+//!   read buffer: no payload is copied); anything else whole, or in
+//!   fragments behind overlay headers. After a batch of reads, send every
+//!   queued message with one `sendmmsg`.
 //! - in: receive a batch of GRO messages with one `recvmmsg`, drop what
-//!   comes from unknown nodes, check every datagram's header, and write
-//!   each whole packet to the TUN queue with one `writev` over its
-//!   fragments (or, when its fragments were split across messages, through
-//!   the reassembly slots).
+//!   comes from unknown nodes, check every datagram's header, join
+//!   consecutive TCP segments of a flow into one super-packet and write it
+//!   to the TUN queue with one `writev`; other packets are written one by
+//!   one (a fragmented one with one `writev` over its fragments, or through
+//!   the reassembly slots when its fragments were split across messages).
 //!
 //! All buffers are allocated when the worker starts; the loop allocates,
 //! locks and spawns nothing. The peer table is re-read only when the node
@@ -28,11 +31,13 @@ use ipnet::Ipv4Net;
 
 use crate::device::tun::Queue;
 use crate::device::udp::{MAX_PARTS, RecvBatch, SendBatch, UdpSocket};
-use crate::metrics::{Drop, Local, Metrics};
+use crate::metrics::{Drop, Io, Local, Metrics};
 use crate::service::{Engine, PacketMeta, Verdict};
 use crate::services::Services;
-use crate::wire::overlay::{self, FLAG_VNET, HEADER_LEN, Header, MAX_FRAGMENTS, MAX_PAYLOAD};
-use crate::wire::{self, checksum, ip, vnet};
+use crate::wire::overlay::{
+    self, FLAG_CSUM_PARTIAL, FLAG_VNET, HEADER_LEN, Header, MAX_FRAGMENTS, MAX_PAYLOAD,
+};
+use crate::wire::{self, checksum, ip, tcp, vnet};
 
 use super::peers::{PeerTable, Reader};
 use super::reassembly::Reassembly;
@@ -46,16 +51,16 @@ const MAX_GSO_SEGMENTS: usize = 64;
 /// How long a poll waits before the worker checks whether to stop.
 const POLL_MS: libc::c_int = 100;
 
-/// Fragments of `chunk` bytes that fit in one GSO send.
-fn per_message(chunk: usize) -> usize {
-    (MAX_GSO_BYTES / (HEADER_LEN + chunk.max(1))).clamp(1, MAX_GSO_SEGMENTS)
-}
+/// Most segments of one TCP super-packet; the TUN device's
+/// `gso_max_segs`, so the kernel never hands over more.
+pub const MAX_SEGMENTS: usize = 64;
+/// Room for one datagram's headers: overlay header, then (for a TCP
+/// segment) the inner IP and TCP headers.
+const HEAD_ROOM: usize = HEADER_LEN + tcp::MAX_HEADERS;
 
-/// The largest IP packet that still leaves in one GSO send when fragments
-/// are `mtu` bytes: the cap for the TUN device's super-packets.
-pub fn largest_payload(mtu: u16) -> u32 {
-    let chunk = usize::from(mtu);
-    (per_message(chunk) * chunk - vnet::HEADER_LEN) as u32
+/// Datagrams of `size` bytes that fit in one GSO send.
+fn per_message(size: usize) -> usize {
+    (MAX_GSO_BYTES / size.max(1)).clamp(1, MAX_GSO_SEGMENTS)
 }
 
 /// What `Worker::new` needs.
@@ -132,8 +137,8 @@ enum Out {
 
 struct Outbound {
     bufs: Vec<Box<[u8]>>,
-    /// `MAX_FRAGMENTS` overlay headers per read buffer.
-    headers: Vec<[u8; HEADER_LEN]>,
+    /// `MAX_SEGMENTS` datagram headers per read buffer.
+    headers: Vec<[u8; HEAD_ROOM]>,
     batch: SendBatch,
     next_id: u32,
     chunk: usize,
@@ -153,7 +158,7 @@ const PLAIN_VNET: [u8; vnet::HEADER_LEN] = [0; vnet::HEADER_LEN];
 impl Worker {
     pub fn new(setup: Setup) -> Self {
         let chunk = setup.chunk.max(1);
-        let per_message = per_message(chunk);
+        let per_message = per_message(HEADER_LEN + chunk);
         Worker {
             queue: setup.queue,
             rx: setup.rx,
@@ -166,7 +171,7 @@ impl Worker {
                 bufs: (0..BATCH)
                     .map(|_| vec![0; MAX_PAYLOAD].into_boxed_slice())
                     .collect(),
-                headers: vec![[0; HEADER_LEN]; BATCH * usize::from(MAX_FRAGMENTS)],
+                headers: vec![[0; HEAD_ROOM]; BATCH * MAX_SEGMENTS],
                 batch: SendBatch::new(BATCH * 2),
                 next_id: 0,
                 chunk,
@@ -234,7 +239,12 @@ impl Worker {
         let mut slot = 0;
         while slot < BATCH {
             let len = match self.queue.read(&mut out.bufs[slot]) {
-                Ok(Some(len)) => len,
+                Ok(Some(len)) => {
+                    let gso = len >= vnet::HEADER_LEN
+                        && vnet::Packet::new_unchecked(&out.bufs[slot][..len]).is_gso();
+                    self.local.io(Io::TunRead, len, usize::from(gso));
+                    len
+                }
                 Ok(None) => break,
                 Err(e) => {
                     tracing::debug!(error = %e, "TUN read failed");
@@ -247,8 +257,7 @@ impl Worker {
             {
                 continue;
             }
-            let headers = &mut out.headers
-                [slot * usize::from(MAX_FRAGMENTS)..(slot + 1) * usize::from(MAX_FRAGMENTS)];
+            let headers = &mut out.headers[slot * MAX_SEGMENTS..(slot + 1) * MAX_SEGMENTS];
             let queued = encapsulate(
                 &mut out.bufs[slot][..len],
                 headers,
@@ -266,8 +275,7 @@ impl Worker {
                 slot += 1;
             }
         }
-        let skipped = out.batch.flush(&self.tx);
-        self.local.drop(Drop::Io, skipped as u64);
+        flush(&mut out.batch, &self.tx, &mut self.local);
     }
 
     /// In: underlay → TUN.
@@ -282,6 +290,14 @@ impl Worker {
             }
         };
         let table = self.peers.table();
+        if received > 0 {
+            let (bytes, datagrams) = (0..received)
+                .filter_map(|i| inbound.batch.get(i))
+                .fold((0, 0), |(b, d), m| {
+                    (b + m.data.len(), d + m.data.len().div_ceil(m.segment))
+                });
+            self.local.io(Io::UdpRecv, bytes, datagrams);
+        }
         for i in 0..received {
             let Some(message) = inbound.batch.get(i) else {
                 break;
@@ -329,7 +345,7 @@ struct Encap<'a> {
 /// Queues the packet in `buf` (virtio-net header first) for its node.
 /// Returns whether the batch now refers to `buf` and `headers`, which must
 /// then stay untouched until the batch is flushed.
-fn encapsulate(buf: &mut [u8], headers: &mut [[u8; HEADER_LEN]], e: Encap<'_>) -> bool {
+fn encapsulate(buf: &mut [u8], headers: &mut [[u8; HEAD_ROOM]], mut e: Encap<'_>) -> bool {
     let len = buf.len();
     let header = vnet::Packet::new_unchecked(&*buf);
     if let Err(err) = header.check(len) {
@@ -352,6 +368,21 @@ fn encapsulate(buf: &mut [u8], headers: &mut [[u8; HEADER_LEN]], e: Encap<'_>) -
         e.local.drop(Drop::UnknownDestination, 1);
         return false;
     };
+    if gso && needs_csum {
+        let gso_type = header.gso_type() & !vnet::GSO_ECN;
+        let mss = usize::from(header.gso_size());
+        if let Some(queued) = queue_segments(
+            &buf[vnet::HEADER_LEN..],
+            gso_type,
+            mss,
+            csum_start,
+            headers,
+            to,
+            &mut e,
+        ) {
+            return queued;
+        }
+    }
     // A super-packet travels with its virtio-net header so the receiving
     // kernel can segment it; a lone packet travels bare, its checksum
     // finished here as a NIC would.
@@ -373,6 +404,9 @@ fn encapsulate(buf: &mut [u8], headers: &mut [[u8; HEADER_LEN]], e: Encap<'_>) -
     let packet_id = *e.next_id;
     *e.next_id = e.next_id.wrapping_add(1);
     for (index, head) in headers[..count].iter_mut().enumerate() {
+        let Some(head) = head.first_chunk_mut::<HEADER_LEN>() else {
+            return false;
+        };
         Header {
             flags,
             frag_index: index as u8,
@@ -390,17 +424,16 @@ fn encapsulate(buf: &mut [u8], headers: &mut [[u8; HEADER_LEN]], e: Encap<'_>) -
             let index = first + k;
             let start = index * e.chunk;
             let end = (start + e.chunk).min(payload.len());
-            parts[2 * k] = IoSlice::new(&headers[index]);
+            parts[2 * k] = IoSlice::new(&headers[index][..HEADER_LEN]);
             parts[2 * k + 1] = IoSlice::new(&payload[start..end]);
         }
         // SAFETY: `parts` point into `buf` and `headers`, which the caller
         // leaves alone until the batch is flushed.
-        let mut queued = unsafe { e.batch.push(to, &parts[..2 * n]) };
+        let mut queued = unsafe { e.batch.push(to, &parts[..2 * n], HEADER_LEN + e.chunk) };
         if !queued {
-            let skipped = e.batch.flush(e.tx);
-            e.local.drop(Drop::Io, skipped as u64);
+            flush(e.batch, e.tx, e.local);
             // SAFETY: as above.
-            queued = unsafe { e.batch.push(to, &parts[..2 * n]) };
+            queued = unsafe { e.batch.push(to, &parts[..2 * n], HEADER_LEN + e.chunk) };
         }
         if !queued {
             e.local.drop(Drop::Io, 1);
@@ -413,6 +446,88 @@ fn encapsulate(buf: &mut [u8], headers: &mut [[u8; HEADER_LEN]], e: Encap<'_>) -
     true
 }
 
+/// Cuts the TCP super-packet `inner` into segments of `mss` bytes, each a
+/// whole TCP/IP packet in its own datagram, and queues them as GSO trains
+/// to `to`. `None` when it is not a super-packet this can cut (the caller
+/// then sends it whole, in fragments).
+fn queue_segments(
+    inner: &[u8],
+    gso_type: u8,
+    mss: usize,
+    csum_start: usize,
+    headers: &mut [[u8; HEAD_ROOM]],
+    to: SocketAddr,
+    e: &mut Encap<'_>,
+) -> Option<bool> {
+    let l = tcp::layout(inner)?;
+    let expected = if l.v6 {
+        vnet::GSO_TCPV6
+    } else {
+        vnet::GSO_TCPV4
+    };
+    let data = inner.len() - l.hdr_len;
+    let count = data.div_ceil(mss.max(1));
+    if gso_type != expected
+        || csum_start != l.ip_len
+        || mss == 0
+        || l.hdr_len + mss > e.chunk
+        || count == 0
+        || count > headers.len().min(MAX_SEGMENTS)
+    {
+        return None;
+    }
+    let head_len = HEADER_LEN + l.hdr_len;
+    for (index, room) in headers[..count].iter_mut().enumerate() {
+        let start = index * mss;
+        let payload = (data - start).min(mss);
+        let (overlay_head, rest) = room.split_at_mut(HEADER_LEN);
+        let segment = &mut rest[..l.hdr_len];
+        segment.copy_from_slice(&inner[..l.hdr_len]);
+        tcp::fix_segment(segment, &l, index, count, mss, payload);
+        let packet_id = *e.next_id;
+        *e.next_id = e.next_id.wrapping_add(1);
+        let head = overlay_head.first_chunk_mut::<HEADER_LEN>()?;
+        Header {
+            flags: FLAG_CSUM_PARTIAL,
+            frag_index: 0,
+            frag_count: 1,
+            packet_id,
+            payload_len: (l.hdr_len + payload) as u32,
+        }
+        .emit(head);
+    }
+    let size = head_len + mss;
+    let per_message = per_message(size).min(MAX_PARTS / 2);
+    let payload = &inner[l.hdr_len..];
+    let mut parts = [IoSlice::new(&[]); MAX_PARTS];
+    let mut first = 0;
+    while first < count {
+        let n = (count - first).min(per_message);
+        for k in 0..n {
+            let start = (first + k) * mss;
+            let end = (start + mss).min(payload.len());
+            parts[2 * k] = IoSlice::new(&headers[first + k][..head_len]);
+            parts[2 * k + 1] = IoSlice::new(&payload[start..end]);
+        }
+        // SAFETY: `parts` point into the read buffer and `headers`, which
+        // the caller leaves alone until the batch is flushed.
+        let mut queued = unsafe { e.batch.push(to, &parts[..2 * n], size) };
+        if !queued {
+            flush(e.batch, e.tx, e.local);
+            // SAFETY: as above.
+            queued = unsafe { e.batch.push(to, &parts[..2 * n], size) };
+        }
+        if !queued {
+            e.local.drop(Drop::Io, 1);
+            return Some(false);
+        }
+        first += n;
+    }
+    e.local.packets_out += 1;
+    e.local.bytes_out += inner.len() as u64;
+    Some(true)
+}
+
 struct Decap<'a> {
     queue: &'a Queue,
     table: &'a PeerTable,
@@ -422,7 +537,8 @@ struct Decap<'a> {
 }
 
 /// Delivers every packet in one received message: `data` holds datagrams
-/// of `segment` bytes (the last may be shorter).
+/// of `segment` bytes (the last may be shorter). Consecutive TCP segments
+/// of one flow are joined into one super-packet.
 fn decapsulate(
     data: &[u8],
     segment: usize,
@@ -431,6 +547,7 @@ fn decapsulate(
     d: &mut Decap<'_>,
 ) {
     let mut fragments: [&[u8]; MAX_FRAGMENTS as usize] = [&[]; MAX_FRAGMENTS as usize];
+    let mut run = Run::default();
     let mut at = 0;
     while at < data.len() {
         let end = (at + segment).min(data.len());
@@ -444,15 +561,30 @@ fn decapsulate(
             }
         };
         if packet.frag_count() == 1 {
-            deliver(&[packet.fragment()], packet.has_vnet(), d);
+            let partial = packet.has_csum_partial();
+            if !packet.has_vnet()
+                && let Some(tcp) = tcp::Segment::joinable(packet.fragment_slice())
+            {
+                if run.push(tcp, partial, d.mtu) {
+                    continue;
+                }
+                run.deliver(d);
+                if run.push(tcp, partial, d.mtu) {
+                    continue;
+                }
+            }
+            run.deliver(d);
+            deliver(&[packet.fragment()], packet.has_vnet(), partial, d);
             continue;
         }
+        run.deliver(d);
         if packet.frag_index() == 0
             && let Some(next) = whole_train(data, at, segment, &packet, &mut fragments)
         {
             deliver(
                 &fragments[..usize::from(packet.frag_count())],
                 packet.has_vnet(),
+                false,
                 d,
             );
             at = next;
@@ -460,7 +592,141 @@ fn decapsulate(
         }
         if let Some(whole) = reassembly.push(from, &packet, d.local) {
             let vnet = whole.vnet;
-            deliver(&[whole.payload], vnet, d);
+            deliver(&[whole.payload], vnet, false, d);
+        }
+    }
+    run.deliver(d);
+}
+
+/// Consecutive segments of one TCP flow from one received message, to be
+/// written to the TUN device as one super-packet (what GRO does for a
+/// NIC). Borrows the message; allocates nothing.
+struct Run<'a> {
+    first: Option<tcp::Segment<'a>>,
+    /// The first segment's checksum is partial (matters when it stays
+    /// alone; a joined packet's checksum is always left to the kernel).
+    partial: bool,
+    payloads: [&'a [u8]; MAX_SEGMENTS],
+    count: usize,
+    bytes: usize,
+    next_seq: u32,
+    last_len: usize,
+    last_flags: u8,
+    ended: bool,
+}
+
+impl Default for Run<'_> {
+    fn default() -> Self {
+        Run {
+            first: None,
+            partial: false,
+            payloads: [&[]; MAX_SEGMENTS],
+            count: 0,
+            bytes: 0,
+            next_seq: 0,
+            last_len: 0,
+            last_flags: 0,
+            ended: false,
+        }
+    }
+}
+
+impl<'a> Run<'a> {
+    /// Adds `s` to the run if it continues it (or starts the run when
+    /// empty); `false` when it does not fit.
+    fn push(&mut self, s: tcp::Segment<'a>, partial: bool, mtu: usize) -> bool {
+        let len = s.payload_len();
+        if s.packet.len() > mtu {
+            return false;
+        }
+        let Some(first) = &self.first else {
+            self.first = Some(s);
+            self.partial = partial;
+            self.payloads[0] = s.payload();
+            self.count = 1;
+            self.bytes = len;
+            self.next_seq = s.seq().wrapping_add(len as u32);
+            self.last_len = len;
+            self.last_flags = s.flags();
+            self.ended = s.ends_run();
+            return true;
+        };
+        let gso_size = self.payloads[0].len();
+        if self.ended
+            || self.count == MAX_SEGMENTS
+            || first.layout.hdr_len + self.bytes + len > usize::from(u16::MAX)
+            || self.last_len != gso_size
+            || len > gso_size
+            || s.seq() != self.next_seq
+            || !first.same_flow(&s)
+        {
+            return false;
+        }
+        self.payloads[self.count] = s.payload();
+        self.count += 1;
+        self.bytes += len;
+        self.next_seq = self.next_seq.wrapping_add(len as u32);
+        self.last_len = len;
+        self.last_flags = s.flags();
+        self.ended = s.ends_run();
+        true
+    }
+
+    /// Writes the run to the TUN device and empties it.
+    fn deliver(&mut self, d: &mut Decap<'_>) {
+        let Some(first) = self.first.take() else {
+            return;
+        };
+        let count = std::mem::take(&mut self.count);
+        if count == 1 {
+            deliver(&[first.packet], false, self.partial, d);
+            return;
+        }
+        if !d.table.is_local(first.destination()) {
+            d.local.drop(Drop::UnknownDestination, count as u64);
+            return;
+        }
+        let l = first.layout;
+        let mut head = [0u8; tcp::MAX_HEADERS];
+        let hdr_len = tcp::join_headers(&mut head, &first, self.bytes, self.last_flags);
+        let vnet_header = vnet::header(
+            vnet::F_NEEDS_CSUM,
+            if l.v6 {
+                vnet::GSO_TCPV6
+            } else {
+                vnet::GSO_TCPV4
+            },
+            hdr_len as u16,
+            self.payloads[0].len() as u16,
+            l.ip_len as u16,
+            tcp::CSUM_OFFSET as u16,
+        );
+        if let Some(svc) = d.svc.as_deref_mut()
+            && svc.engine.tracks(first.packet)
+        {
+            let mut parts: [&[u8]; MAX_SEGMENTS + 2] = [&[]; MAX_SEGMENTS + 2];
+            parts[0] = &vnet_header;
+            parts[1] = &head[..hdr_len];
+            parts[2..count + 2].copy_from_slice(&self.payloads[..count]);
+            svc.inbound(&parts[..count + 2], true, d.queue, d.local);
+            return;
+        }
+        let mut iov = [IoSlice::new(&[]); MAX_SEGMENTS + 2];
+        iov[0] = IoSlice::new(&vnet_header);
+        iov[1] = IoSlice::new(&head[..hdr_len]);
+        for (slot, payload) in iov[2..].iter_mut().zip(&self.payloads[..count]) {
+            *slot = IoSlice::new(payload);
+        }
+        match d.queue.write(&iov[..count + 2]) {
+            Ok(written) => {
+                d.local.io(Io::TunWrite, written, 1);
+                d.local.packets_in += 1;
+                d.local.bytes_in += (hdr_len + self.bytes) as u64;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "TUN write failed");
+                d.local.drop(Drop::Io, count as u64);
+            }
         }
     }
 }
@@ -499,8 +765,9 @@ fn whole_train<'a>(
 }
 
 /// Checks one whole payload (its parts in order) and writes it to the TUN
-/// queue.
-fn deliver(parts: &[&[u8]], has_vnet: bool, d: &mut Decap<'_>) {
+/// queue. A bare packet whose TCP checksum is `partial` is handed over
+/// with a virtio-net header that asks the kernel to finish it.
+fn deliver(parts: &[&[u8]], has_vnet: bool, partial: bool, d: &mut Decap<'_>) {
     let total: usize = parts.iter().map(|p| p.len()).sum();
     let first = parts.first().copied().unwrap_or_default();
     let (head, ip_len, gso) = if has_vnet {
@@ -520,7 +787,25 @@ fn deliver(parts: &[&[u8]], has_vnet: bool, d: &mut Decap<'_>) {
     if let Some(svc) = d.svc.as_deref_mut()
         && svc.engine.tracks(head)
     {
-        svc.inbound(parts, has_vnet, d.queue, d.local);
+        if partial && !has_vnet {
+            // The engine learns from a virtio-net header that the TCP
+            // checksum is partial.
+            let Some(l) = tcp::layout(first) else {
+                d.local.drop(Drop::Malformed, 1);
+                return;
+            };
+            let vnet_header = vnet::header(
+                vnet::F_NEEDS_CSUM,
+                vnet::GSO_NONE,
+                0,
+                0,
+                l.ip_len as u16,
+                tcp::CSUM_OFFSET as u16,
+            );
+            svc.inbound(&[&vnet_header, first], true, d.queue, d.local);
+        } else {
+            svc.inbound(parts, has_vnet, d.queue, d.local);
+        }
         return;
     }
     let dst = match ip::destination(head, ip_len) {
@@ -538,10 +823,26 @@ fn deliver(parts: &[&[u8]], has_vnet: bool, d: &mut Decap<'_>) {
         d.local.drop(Drop::Oversized, 1);
         return;
     }
+    let needs_csum = if partial && !has_vnet {
+        let Some(l) = tcp::layout(first) else {
+            d.local.drop(Drop::Malformed, 1);
+            return;
+        };
+        vnet::header(
+            vnet::F_NEEDS_CSUM,
+            vnet::GSO_NONE,
+            0,
+            0,
+            l.ip_len as u16,
+            tcp::CSUM_OFFSET as u16,
+        )
+    } else {
+        PLAIN_VNET
+    };
     let mut iov = [IoSlice::new(&[]); MAX_FRAGMENTS as usize + 1];
     let mut n = 0;
     if !has_vnet {
-        iov[0] = IoSlice::new(&PLAIN_VNET);
+        iov[0] = IoSlice::new(&needs_csum);
         n = 1;
     }
     for part in parts {
@@ -549,7 +850,8 @@ fn deliver(parts: &[&[u8]], has_vnet: bool, d: &mut Decap<'_>) {
         n += 1;
     }
     match d.queue.write(&iov[..n]) {
-        Ok(_) => {
+        Ok(written) => {
+            d.local.io(Io::TunWrite, written, usize::from(gso));
             d.local.packets_in += 1;
             d.local.bytes_in += ip_len as u64;
         }
@@ -558,6 +860,16 @@ fn deliver(parts: &[&[u8]], has_vnet: bool, d: &mut Decap<'_>) {
             d.local.drop(Drop::Io, 1);
         }
     }
+}
+
+/// Sends what `batch` holds and counts it.
+fn flush(batch: &mut SendBatch, tx: &UdpSocket, local: &mut Local) {
+    if batch.is_empty() {
+        return;
+    }
+    let sent = batch.flush(tx);
+    local.drop(Drop::Io, sent.skipped as u64);
+    local.io(Io::UdpSend, sent.bytes, sent.datagrams);
 }
 
 impl Svc {

@@ -7,6 +7,7 @@
 pub mod checksum;
 pub mod ip;
 pub mod overlay;
+pub mod tcp;
 pub mod vnet;
 
 /// Why a buffer is not a valid packet of some format.

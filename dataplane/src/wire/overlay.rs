@@ -19,16 +19,22 @@
 //! |                    fragment of the payload                    |
 //! ```
 //!
-//! The payload is either a bare IP packet, or — with flag `VNET` — a
-//! virtio-net header followed by an IP packet of up to 64 KiB: a TCP/UDP
-//! "super-packet" that the sending kernel handed to its TUN device
-//! unsegmented. Such a payload is split into fragments of equal size (the
-//! last may be shorter) that go out in one `sendmsg` with UDP GSO and
-//! usually arrive in one `recvmsg` with UDP GRO; the receiver writes the
-//! payload whole to its own TUN device, and its kernel segments it only if
-//! it must. Fragments of one packet share the packet id; a receiver that
-//! misses one drops the whole packet, which the TCP stacks at both ends
-//! repair like any other loss.
+//! The payload is a bare IP packet; with flag `CSUM_PARTIAL` a TCP
+//! segment whose checksum field holds only the pseudo-header sum, for the
+//! receiving kernel to finish. That is how a TCP super-packet crosses:
+//! the sender cuts it into self-contained segments, one per datagram,
+//! which leave in one `sendmsg` with UDP GSO and usually arrive in one
+//! `recvmsg` with UDP GRO; the receiver joins consecutive segments into a
+//! super-packet again for its TUN device (see `wire::tcp`). A lost datagram
+//! costs TCP one segment, as any lost packet would.
+//!
+//! Other super-packets (UDP GSO, IPv6 with extension headers) travel with
+//! flag `VNET`: a virtio-net header followed by the IP packet of up to
+//! 64 KiB as the sending kernel handed it to its TUN device, split into
+//! fragments of equal size (the last may be shorter) that share a packet
+//! id. The receiver writes the payload whole to its own TUN device, whose
+//! kernel segments it if it must; missing one fragment drops the whole
+//! packet.
 //!
 //! The auth tag length is there so that a later version can authenticate
 //! datagrams (a MAC over header and fragment) without a new layout; version
@@ -43,7 +49,9 @@ pub const HEADER_LEN: usize = 16;
 /// The payload starts with a virtio-net header (a GSO super-packet or a
 /// packet that still needs its checksum).
 pub const FLAG_VNET: u8 = 0x01;
-const KNOWN_FLAGS: u8 = FLAG_VNET;
+/// The payload is a lone TCP segment with a partial checksum (see above).
+pub const FLAG_CSUM_PARTIAL: u8 = 0x02;
+const KNOWN_FLAGS: u8 = FLAG_VNET | FLAG_CSUM_PARTIAL;
 /// Most fragments of one packet: 64 KiB payload in fragments of at least
 /// 1 KiB.
 pub const MAX_FRAGMENTS: u8 = 64;
@@ -93,6 +101,8 @@ impl<T: AsRef<[u8]>> Packet<T> {
         }
         let count = self.frag_count();
         if self.flags() & !KNOWN_FLAGS != 0
+            || self.flags() == FLAG_VNET | FLAG_CSUM_PARTIAL
+            || (self.has_csum_partial() && count != 1)
             || data[field::RESERVED].iter().any(|&b| b != 0)
             // Version 1 has no keys, so it cannot check a tag.
             || data[field::TAG_LEN] != 0
@@ -125,6 +135,10 @@ impl<T: AsRef<[u8]>> Packet<T> {
 
     pub fn has_vnet(&self) -> bool {
         self.flags() & FLAG_VNET != 0
+    }
+
+    pub fn has_csum_partial(&self) -> bool {
+        self.flags() & FLAG_CSUM_PARTIAL != 0
     }
 
     pub fn frag_index(&self) -> u8 {
