@@ -3,30 +3,46 @@
 //! query file (90 % hits, 10 % NXDOMAIN), measured with dnsperf.
 //!
 //! Skiff's names come through the API: a real `skiff server` (its own DNS
-//! disabled) gets 1,000 ClusterIP Services, and `skiff dns` (one UDP
-//! worker) serves them from its watch. unbound and NSD are configured from
-//! `shared/peers/dns-conf` with the same names and the ClusterIPs the API
-//! server allocated. Each server is pinned to CPU 0, dnsperf to CPU 1;
-//! runs are interleaved; the median of several 10 s runs is reported with
-//! the server's CPU time per query (from /proc, whole process tree).
+//! disabled) gets 1,000 ClusterIP Services plus headless Services with
+//! EndpointSlices, and `skiff dns` (one UDP worker) serves them from its
+//! watch. unbound and NSD are configured from `shared/peers/dns-conf` with
+//! the same names and the ClusterIPs the API server allocated. Each server
+//! is pinned to CPU 0, dnsperf to CPU 1; runs are interleaved; the median
+//! of several 10 s runs is reported with the server's CPU time per query
+//! (from /proc, whole process tree) and dnsperf's average latency.
 //!
-//! `cargo build --release --bin skiff -p skiff-bench --bin dns &&
+//! Then Skiff alone: a run while EndpointSlices of the queried headless
+//! Services change through the API at 1,000 changes/s (lost queries and
+//! wrong answer codes counted, the last change checked visible), and the
+//! memory the objects cost (`skiff dns` RSS before and after they exist).
+//!
+//! `cargo build --release -p skiff --bin skiff -p skiff-bench --bin dns &&
 //!  target/release/dns [ROUNDS]`
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use k8s_openapi::api::core::v1::Service;
-use kube::api::{Api, PostParams};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use skiff_e2e::server::Server;
 
+/// ClusterIP Services, the names all three servers answer.
 const NAMES: usize = 1_000;
+/// Headless Services with one EndpointSlice each, changed during churn.
+const HEADLESS: usize = 100;
 const QUERIES: usize = 10_000;
 const RUN_SECONDS: u32 = 10;
+/// Endpoint changes per second during the churn run (the issue's rate).
+const CHANGES_PER_SECOND: u64 = 1_000;
+/// Concurrent API writers during churn; each owns `HEADLESS / WRITERS`
+/// slices, so a slice's changes are applied in order.
+const WRITERS: u64 = 50;
 const PORT_SKIFF: u16 = 5300;
 const PORT_UNBOUND: u16 = 5301;
 const PORT_NSD: u16 = 5302;
@@ -44,11 +60,27 @@ impl Drop for Peer {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
+/// One dnsperf run against one server.
+#[derive(Clone, Debug, Default)]
 struct Run {
     qps: f64,
     cpu_us_per_query: f64,
+    latency_us: f64,
+    sent: u64,
+    completed: u64,
     lost: u64,
+    /// (rcode name, count) as dnsperf prints them.
+    rcodes: Vec<(String, u64)>,
+}
+
+impl Run {
+    fn rcode(&self, name: &str) -> u64 {
+        self.rcodes
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, c)| c)
+            .sum()
+    }
 }
 
 #[tokio::main]
@@ -64,17 +96,27 @@ async fn main() -> anyhow::Result<()> {
     let work = tempfile::Builder::new()
         .prefix("skiff-bench-dns-")
         .tempdir()?;
-    for dir in ["conf", "zones", "run", "run/knot"] {
+    for dir in ["conf", "zones", "run"] {
         std::fs::create_dir_all(work.path().join(dir))?;
     }
 
     let server = Server::start(&bin, &["--disable", "dns"]).await?;
-    let names = create_services(&server).await?;
+    let client = client(&server).await?;
+    // skiff dns starts on the (nearly) empty cluster, so its memory can be
+    // compared before and after the objects exist.
+    let skiff = start_skiff_dns(&bin, &server.kubeconfig())?;
+    wait_answering(&skiff, "dns-version.cluster.local", "TXT")?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_empty = rss_kib(skiff.child.id())?;
+
+    let names = create_services(&client).await?;
+    create_headless(&client).await?;
     write_peer_configs(&peers_conf, work.path(), &names)?;
     let queries = work.path().join("queries.txt");
-    std::fs::write(&queries, query_file())?;
+    std::fs::write(&queries, query_file(false))?;
+    let churn_queries = work.path().join("churn-queries.txt");
+    std::fs::write(&churn_queries, query_file(true))?;
 
-    let skiff = start_skiff_dns(&bin, &server.kubeconfig())?;
     let unbound = start_peer(
         "unbound",
         PORT_UNBOUND,
@@ -90,12 +132,17 @@ async fn main() -> anyhow::Result<()> {
             .arg(work.path().join("conf/nsd.conf")),
     )?;
     let servers = [&skiff, &unbound, &nsd];
+    let last = format!("svc-{}.default.svc.cluster.local", NAMES - 1);
     for peer in servers {
-        wait_answering(
-            peer,
-            &format!("svc-{}.default.svc.cluster.local", NAMES - 1),
-        )?;
+        wait_answering(peer, &last, "A")?;
     }
+    wait_answering(
+        &skiff,
+        &format!("hl-{}.default.svc.cluster.local", HEADLESS - 1),
+        "A",
+    )?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_full = rss_kib(skiff.child.id())?;
 
     println!(
         "DNS benchmark: {NAMES} A records, {QUERIES} queries (90% hits, 10% NXDOMAIN), dnsperf -l {RUN_SECONDS} -T 1 -c 4 -q 200 on CPU 1, server on CPU 0, {rounds} interleaved rounds, median"
@@ -108,33 +155,35 @@ async fn main() -> anyhow::Result<()> {
         for (i, peer) in servers.iter().enumerate() {
             let run = dnsperf(peer, &queries)?;
             println!(
-                "  round {} {:8} {:>9.0} QPS {:>6.2} µs CPU/query lost {}",
+                "  round {} {:8} {:>9.0} QPS {:>6.2} µs CPU/query {:>7.1} µs avg latency lost {}",
                 round + 1,
                 peer.name,
                 run.qps,
                 run.cpu_us_per_query,
+                run.latency_us,
                 run.lost
             );
             results[i].push(run);
         }
     }
-    let median = |runs: &[Run], f: fn(&Run) -> f64| {
-        let mut v: Vec<f64> = runs.iter().map(f).collect();
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    };
     let qps: Vec<f64> = results.iter().map(|r| median(r, |r| r.qps)).collect();
     let cpu: Vec<f64> = results
         .iter()
         .map(|r| median(r, |r| r.cpu_us_per_query))
         .collect();
+    let latency: Vec<f64> = results
+        .iter()
+        .map(|r| median(r, |r| r.latency_us))
+        .collect();
     for (i, peer) in servers.iter().enumerate() {
         println!(
-            "dns {:8} QPS {:>9.0}  server CPU {:>6.2} µs/query  lost {}",
+            "dns {:8} QPS {:>9.0}  server CPU {:>6.2} µs/query  avg latency {:>7.1} µs  lost {}  RSS {} KiB",
             peer.name,
             qps[i],
             cpu[i],
-            results[i].iter().map(|r| r.lost).sum::<u64>()
+            latency[i],
+            results[i].iter().map(|r| r.lost).sum::<u64>(),
+            rss_kib(peer.child.id()).unwrap_or(0)
         );
     }
     println!(
@@ -147,18 +196,141 @@ async fn main() -> anyhow::Result<()> {
         cpu[0] / cpu[2],
         cpu[0] / cpu[1]
     );
+    println!(
+        "dns skiff/unbound latency ratio {:.2}; skiff/nsd latency ratio {:.2}",
+        latency[0] / latency[1],
+        latency[0] / latency[2]
+    );
+    drop(unbound);
+    drop(nsd);
+
+    churn(&client, &skiff, &churn_queries).await?;
+
+    let objects = NAMES + 2 * HEADLESS;
+    let per_object = (rss_full as f64 - rss_empty as f64) * 1024.0 / objects as f64;
+    println!(
+        "dns skiff memory: RSS {rss_empty} KiB on an empty cluster, {rss_full} KiB with {objects} more objects ({NAMES} Services, {HEADLESS} headless Services, {HEADLESS} EndpointSlices): {per_object:.0} B per object (goal <= 1024; CoreDNS per the issue: ~860 B per object + 49 MB)"
+    );
     Ok(())
 }
 
-/// 1,000 ClusterIP Services through the API; returns (name, ClusterIP).
-async fn create_services(server: &Server) -> anyhow::Result<Vec<(String, String)>> {
+/// Skiff under dnsperf while the queried headless Services' endpoints
+/// change through the API: a run without changes, then one with them.
+async fn churn(client: &kube::Client, skiff: &Peer, queries: &Path) -> anyhow::Result<()> {
+    let quiet = dnsperf(skiff, queries)?;
+    let api: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let changes = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(AtomicU64::new(0));
+    // The address each slice's changing endpoint was last given.
+    let last: Arc<Vec<AtomicU64>> = Arc::new((0..HEADLESS).map(|_| AtomicU64::new(0)).collect());
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..WRITERS {
+        let (api, stop, changes, failures, last) = (
+            api.clone(),
+            stop.clone(),
+            changes.clone(),
+            failures.clone(),
+            last.clone(),
+        );
+        writers.spawn(async move {
+            let period = Duration::from_micros(1_000_000 * WRITERS / CHANGES_PER_SECOND);
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let mut n: u64 = 0;
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let j = (w + WRITERS * (n % (HEADLESS as u64 / WRITERS))) as usize;
+                n += 1;
+                let version = n % 250 + 1;
+                let patch = serde_json::json!({ "endpoints": endpoints(j, version) });
+                match api
+                    .patch(
+                        &format!("hl-{j}"),
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
+                    .await
+                {
+                    Ok(_) => {
+                        last[j].store(version, Ordering::Relaxed);
+                        changes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+    }
+    // dnsperf blocks its thread; the writers run on the runtime's others.
+    let started = Instant::now();
+    let loaded = tokio::task::block_in_place(|| dnsperf(skiff, queries))?;
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    while writers.join_next().await.is_some() {}
+    let changed = changes.load(Ordering::Relaxed);
+
+    // The last change to every slice must be what skiff answers.
+    let check = Instant::now();
+    let mut stale = 0;
+    for (j, version) in last.iter().enumerate() {
+        let version = version.load(Ordering::Relaxed);
+        if version == 0 {
+            continue;
+        }
+        let want = changing_address(j, version);
+        let name = format!("hl-{j}.default.svc.cluster.local");
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while !dig(skiff.port, &name, "A")?.lines().any(|l| l == want) {
+            if Instant::now() > deadline {
+                stale += 1;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let expected_nx = loaded.sent / 10;
+    println!(
+        "dns skiff churn: {changed} endpoint changes in {:.1} s = {:.0}/s through the API (goal {CHANGES_PER_SECOND}/s, {} failed writes)",
+        elapsed.as_secs_f64(),
+        changed as f64 / elapsed.as_secs_f64(),
+        failures.load(Ordering::Relaxed)
+    );
+    println!(
+        "dns skiff churn: {} queries, lost {}, NOERROR {}, NXDOMAIN {} (query file has {expected_nx}±1), other rcodes {}; last change visible for {}/{} slices within 1 s (checked in {:?})",
+        loaded.sent,
+        loaded.lost,
+        loaded.rcode("NOERROR"),
+        loaded.rcode("NXDOMAIN"),
+        loaded.completed - loaded.rcode("NOERROR") - loaded.rcode("NXDOMAIN"),
+        HEADLESS - stale,
+        HEADLESS,
+        check.elapsed()
+    );
+    println!(
+        "dns skiff churn: QPS {:.0} with changes vs {:.0} without (ratio {:.2}); avg latency {:.1} µs vs {:.1} µs",
+        loaded.qps,
+        quiet.qps,
+        loaded.qps / quiet.qps,
+        loaded.latency_us,
+        quiet.latency_us
+    );
+    Ok(())
+}
+
+async fn client(server: &Server) -> anyhow::Result<kube::Client> {
     let config = kube::Config::from_custom_kubeconfig(
         kube::config::Kubeconfig::read_from(server.kubeconfig())?,
         &kube::config::KubeConfigOptions::default(),
     )
     .await?;
-    let client = kube::Client::try_from(config)?;
-    let api: Arc<Api<Service>> = Arc::new(Api::namespaced(client, "default"));
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// 1,000 ClusterIP Services through the API; returns (name, ClusterIP).
+async fn create_services(client: &kube::Client) -> anyhow::Result<Vec<(String, String)>> {
+    let api: Arc<Api<Service>> = Arc::new(Api::namespaced(client.clone(), "default"));
     let started = Instant::now();
     let mut out = Vec::with_capacity(NAMES);
     let mut tasks = tokio::task::JoinSet::new();
@@ -178,15 +350,17 @@ async fn create_services(server: &Server) -> anyhow::Result<Vec<(String, String)
                     .spec
                     .and_then(|s| s.cluster_ip)
                     .context("no ClusterIP allocated")?;
-                made.push((name, ip));
+                made.push((i, name, ip));
             }
             anyhow::Ok(made)
         });
     }
-    while let Some(made) = tasks.join_next().await {
-        out.extend(made??);
+    let mut made = Vec::with_capacity(NAMES);
+    while let Some(chunk) = tasks.join_next().await {
+        made.extend(chunk??);
     }
-    out.sort_by_key(|(n, _)| n.trim_start_matches("svc-").parse::<usize>().unwrap_or(0));
+    made.sort_by_key(|(i, _, _)| *i);
+    out.extend(made.into_iter().map(|(_, name, ip)| (name, ip)));
     println!(
         "created {} Services through the API in {:?}",
         out.len(),
@@ -195,11 +369,50 @@ async fn create_services(server: &Server) -> anyhow::Result<Vec<(String, String)
     Ok(out)
 }
 
-fn query_file() -> String {
+/// Headless Services without a selector, each with an EndpointSlice of
+/// two ready endpoints: one fixed, one the churn keeps moving.
+async fn create_headless(client: &kube::Client) -> anyhow::Result<()> {
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
+    for j in 0..HEADLESS {
+        let name = format!("hl-{j}");
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {"clusterIP": "None", "ports": [{"name": "http", "port": 80}]}
+        }))?;
+        services.create(&PostParams::default(), &svc).await?;
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
+            "endpoints": endpoints(j, 0),
+        }))?;
+        slices.create(&PostParams::default(), &slice).await?;
+    }
+    Ok(())
+}
+
+fn endpoints(j: usize, version: u64) -> serde_json::Value {
+    serde_json::json!([
+        {"addresses": [format!("10.50.{}.{}", j / 250, j % 250 + 1)], "conditions": {"ready": true}},
+        {"addresses": [changing_address(j, version)], "conditions": {"ready": true}},
+    ])
+}
+
+/// The address of slice `j`'s moving endpoint after change `version`.
+fn changing_address(j: usize, version: u64) -> String {
+    format!("10.51.{}.{}", j % 250, version % 250 + 1)
+}
+
+/// 90 % names that exist, 10 % that do not; with `headless`, half of the
+/// hits are the headless names the churn changes.
+fn query_file(headless: bool) -> String {
     let mut out = String::new();
     for i in 0..QUERIES {
         if i % 10 == 9 {
             let _ = writeln!(out, "nx-{i}.default.svc.cluster.local A");
+        } else if headless && i % 2 == 0 {
+            let _ = writeln!(out, "hl-{}.default.svc.cluster.local A", (i * 7) % HEADLESS);
         } else {
             let _ = writeln!(out, "svc-{}.default.svc.cluster.local A", (i * 7) % NAMES);
         }
@@ -246,6 +459,8 @@ fn start_skiff_dns(bin: &Path, kubeconfig: &Path) -> anyhow::Result<Peer> {
     start_peer("skiff", PORT_SKIFF, &mut command)
 }
 
+/// Starts `command` pinned to CPU 0 (`taskset` execs it, so the child's
+/// pid is the server's).
 fn start_peer(name: &'static str, port: u16, command: &mut Command) -> anyhow::Result<Peer> {
     let program = command.get_program().to_owned();
     let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
@@ -265,30 +480,36 @@ fn start_peer(name: &'static str, port: u16, command: &mut Command) -> anyhow::R
     Ok(Peer { name, port, child })
 }
 
-fn wait_answering(peer: &Peer, name: &str) -> anyhow::Result<()> {
+fn wait_answering(peer: &Peer, name: &str, rtype: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let out = Command::new("dig")
-            .args([
-                "@127.0.0.1",
-                "-p",
-                &peer.port.to_string(),
-                "+short",
-                "+tries=1",
-                "+time=1",
-                name,
-                "A",
-            ])
-            .output()
-            .context("running dig")?;
-        if out.status.success() && !out.stdout.is_empty() {
-            return Ok(());
-        }
+    while dig(peer.port, name, rtype)?.is_empty() {
         if Instant::now() > deadline {
-            bail!("{} does not answer {name}", peer.name);
+            bail!("{} does not answer {name} {rtype}", peer.name);
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    Ok(())
+}
+
+/// `dig +short`'s output (empty when there is no answer).
+fn dig(port: u16, name: &str, rtype: &str) -> anyhow::Result<String> {
+    let out = Command::new("dig")
+        .args([
+            "@127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "+short",
+            "+tries=1",
+            "+time=1",
+            name,
+            rtype,
+        ])
+        .output()
+        .context("running dig")?;
+    if !out.status.success() {
+        return Ok(String::new());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn dnsperf(peer: &Peer, queries: &Path) -> anyhow::Result<Run> {
@@ -321,31 +542,65 @@ fn dnsperf(peer: &Peer, queries: &Path) -> anyhow::Result<Run> {
     let after = tree_cpu_ticks(pid)?;
     let text = String::from_utf8_lossy(&out.stdout);
     ensure!(out.status.success(), "dnsperf failed: {text}");
-    let field = |label: &str| -> anyhow::Result<f64> {
+    let mut run = parse_dnsperf(&text)?;
+    let ticks_per_second = 100.0; // USER_HZ on Linux
+    let cpu_us = (after - before) as f64 * 1e6 / ticks_per_second;
+    run.cpu_us_per_query = cpu_us / (run.completed.max(1) as f64);
+    Ok(run)
+}
+
+/// The figures of dnsperf's statistics block.
+fn parse_dnsperf(text: &str) -> anyhow::Result<Run> {
+    let value = |label: &str| -> anyhow::Result<&str> {
         let line = text
             .lines()
             .find(|l| l.trim_start().starts_with(label))
             .with_context(|| format!("no {label:?} in dnsperf output: {text}"))?;
-        let value = line[line.find(':').context("no colon")? + 1..]
+        Ok(line[line.find(':').context("no colon")? + 1..].trim())
+    };
+    let number = |label: &str| -> anyhow::Result<f64> {
+        let v = value(label)?
             .split_whitespace()
             .next()
             .context("no value")?;
-        value
-            .parse()
-            .with_context(|| format!("bad {label} {value:?}"))
+        v.parse()
+            .with_context(|| format!("bad {label} {v:?} in dnsperf output"))
     };
-    let completed = field("Queries completed")?;
-    let lost = field("Queries lost")? as u64;
-    let qps = field("Queries per second")?;
-    let ticks_per_second = 100.0; // USER_HZ on Linux
-    let cpu_us = (after - before) as f64 * 1e6 / ticks_per_second;
+    // "NOERROR 900 (90.00%), NXDOMAIN 100 (10.00%)"
+    let rcodes = value("Response codes")?
+        .split(',')
+        .filter_map(|part| {
+            let mut words = part.split_whitespace();
+            Some((words.next()?.to_owned(), words.next()?.parse().ok()?))
+        })
+        .collect();
     Ok(Run {
-        qps,
-        cpu_us_per_query: cpu_us / completed.max(1.0),
-        lost,
+        qps: number("Queries per second")?,
+        cpu_us_per_query: 0.0,
+        latency_us: number("Average Latency (s)")? * 1e6,
+        sent: number("Queries sent")? as u64,
+        completed: number("Queries completed")? as u64,
+        lost: number("Queries lost")? as u64,
+        rcodes,
     })
 }
 
+fn median(runs: &[Run], f: fn(&Run) -> f64) -> f64 {
+    let mut v: Vec<f64> = runs.iter().map(f).collect();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Resident memory of `pid`, from /proc.
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS")
+}
 /// utime + stime of `pid` and all its descendants, in clock ticks.
 fn tree_cpu_ticks(pid: u32) -> anyhow::Result<u64> {
     let mut stats: Vec<(u32, u32, u64)> = Vec::new();
@@ -414,4 +669,34 @@ fn peers_conf_dir() -> anyhow::Result<PathBuf> {
         .into_iter()
         .find(|p| p.join("nsd.conf").exists())
         .context("cannot find shared/peers/dns-conf")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_dnsperf_statistics() {
+        let text = "[Status] Testing complete (time limit)\n\nStatistics:\n\n  Queries sent:         1000\n  Queries completed:    998 (99.80%)\n  Queries lost:         2 (0.20%)\n\n  Response codes:       NOERROR 898 (89.98%), NXDOMAIN 100 (10.02%)\n  Average packet size:  request 47, response 63\n  Run time (s):         10.000120\n  Queries per second:   99.798800\n\n  Average Latency (s):  0.000076 (min 0.000010, max 0.001234)\n  Latency StdDev (s):   0.000040\n";
+        let run = parse_dnsperf(text).unwrap();
+        assert_eq!((run.sent, run.completed, run.lost), (1000, 998, 2));
+        assert_eq!(run.rcode("NOERROR"), 898);
+        assert_eq!(run.rcode("NXDOMAIN"), 100);
+        assert_eq!(run.rcode("SERVFAIL"), 0);
+        assert!((run.qps - 99.7988).abs() < 1e-9);
+        assert!((run.latency_us - 76.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn query_files_have_one_miss_in_ten() {
+        for headless in [false, true] {
+            let file = query_file(headless);
+            let lines: Vec<&str> = file.lines().collect();
+            assert_eq!(lines.len(), QUERIES);
+            let misses = lines.iter().filter(|l| l.starts_with("nx-")).count();
+            assert_eq!(misses, QUERIES / 10);
+            let churned = lines.iter().filter(|l| l.starts_with("hl-")).count();
+            assert_eq!(churned > 0, headless);
+        }
+    }
 }
