@@ -167,10 +167,14 @@ impl SlowPath {
         }
         self.metrics.cache_misses.inc();
         let answer = forward::resolve(&self.upstreams, query, &self.metrics).await?;
-        self.cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .put(&answer, Instant::now());
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.put(&answer, Instant::now());
+        for (kind, label) in [(Kind::Success, "success"), (Kind::Denial, "denial")] {
+            self.metrics
+                .cache_entries
+                .get_or_create(&vec![("server", "dns://"), ("type", label)])
+                .set(cache.entries(kind) as i64);
+        }
         Some(answer)
     }
 
