@@ -7,9 +7,10 @@
 //! EndpointSlices, and `skiff dns` (one UDP worker) serves them from its
 //! watch. unbound and NSD are configured from `shared/peers/dns-conf` with
 //! the same names and the ClusterIPs the API server allocated. Each server
-//! is pinned to CPU 0, dnsperf to CPU 1; runs are interleaved; the median
-//! of several 10 s runs is reported with the server's CPU time per query
-//! (from /proc, whole process tree) and dnsperf's average latency.
+//! is pinned to CPU 0, dnsperf (and the API server) to CPU 1; runs are
+//! interleaved; the median of several 10 s runs is reported with the
+//! server's CPU time per query (from /proc, whole process tree) and
+//! dnsperf's average latency.
 //!
 //! Then Skiff alone: a run while EndpointSlices of the queried headless
 //! Services change through the API at 1,000 changes/s (lost queries and
@@ -93,6 +94,9 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or(3);
     let bin = skiff_binary()?;
     let peers_conf = peers_conf_dir()?;
+    // CPU 0 is the DNS server's alone: this process (the churn's API
+    // writers) and the API server it starts share CPU 1 with dnsperf.
+    pin_to_cpu1(std::process::id())?;
     let work = tempfile::Builder::new()
         .prefix("skiff-bench-dns-")
         .tempdir()?;
@@ -589,6 +593,18 @@ fn median(runs: &[Run], f: fn(&Run) -> f64) -> f64 {
     let mut v: Vec<f64> = runs.iter().map(f).collect();
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Moves every thread of `pid` to CPU 1 (children started later inherit
+/// it).
+fn pin_to_cpu1(pid: u32) -> anyhow::Result<()> {
+    let status = Command::new("taskset")
+        .args(["-a", "-p", "-c", "1", &pid.to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .context("running taskset")?;
+    ensure!(status.success(), "taskset -p {pid} failed");
+    Ok(())
 }
 
 /// Resident memory of `pid`, from /proc.
