@@ -15,16 +15,19 @@
 //! Then Skiff alone: a run while EndpointSlices of the queried headless
 //! Services change through the API at 1,000 changes/s (lost queries and
 //! wrong answer codes counted, the last change checked visible), and the
-//! memory the objects cost (`skiff dns` RSS before and after they exist).
+//! memory the objects cost (`skiff dns` RSS before and after they exist,
+//! and, in this process with a counting allocator, the bytes the zone's
+//! builder and index hold per ClusterIP Service).
 //!
 //! `cargo build --release -p skiff --bin skiff -p skiff-bench --bin dns &&
 //!  target/release/dns [ROUNDS]`
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
@@ -47,6 +50,36 @@ const WRITERS: u64 = 50;
 const PORT_SKIFF: u16 = 5300;
 const PORT_UNBOUND: u16 = 5301;
 const PORT_NSD: u16 = 5302;
+
+/// Counts the bytes this process holds, to weigh the zone in memory.
+struct Counting;
+
+static LIVE_BYTES: AtomicI64 = AtomicI64::new(0);
+
+// SAFETY: every call is passed on to the system allocator unchanged; the
+// counter is only bookkeeping.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE_BYTES.fetch_add(layout.size() as i64, Ordering::Relaxed);
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE_BYTES.fetch_sub(layout.size() as i64, Ordering::Relaxed);
+        // SAFETY: `ptr` came from `alloc`/`realloc` above with `layout`.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE_BYTES.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
+        // SAFETY: as for `dealloc`, and `new_size` is the caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
 
 struct Peer {
     name: &'static str,
@@ -212,6 +245,11 @@ async fn main() -> anyhow::Result<()> {
 
     let objects = NAMES + 2 * HEADLESS;
     let per_object = (rss_full as f64 - rss_empty as f64) * 1024.0 / objects as f64;
+    let (builder, index) = zone_bytes_per_service()?;
+    println!(
+        "dns skiff zone memory (in process, counted allocator, {NAMES} ClusterIP Services with one named port): {:.0} B per Service = index {index:.0} + builder {builder:.0}",
+        builder + index
+    );
     println!(
         "dns skiff memory: RSS {rss_empty} KiB on an empty cluster, {rss_full} KiB with {objects} more objects ({NAMES} Services, {HEADLESS} headless Services, {HEADLESS} EndpointSlices): {per_object:.0} B per object (goal <= 1024; CoreDNS per the issue: ~860 B per object + 49 MB)"
     );
@@ -593,6 +631,50 @@ fn median(runs: &[Run], f: fn(&Run) -> f64) -> f64 {
     let mut v: Vec<f64> = runs.iter().map(f).collect();
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Bytes per ClusterIP Service that the zone's builder and its published
+/// index hold, built here exactly as `skiff dns` builds them.
+fn zone_bytes_per_service() -> anyhow::Result<(f64, f64)> {
+    use dns::records::{PortInfo, ServiceInfo, ServiceKind, service_records};
+    let mut builder = dns::zone::ZoneBuilder::new("cluster.local", 5, None, false)?;
+    let published = dns::index::Published::new(dns::index::Index::empty(builder.zone()));
+    builder.publish(&published);
+    let empty = LIVE_BYTES.load(Ordering::Relaxed);
+    for i in 0..NAMES {
+        let svc = ServiceInfo {
+            kind: ServiceKind::ClusterIp(vec![std::net::IpAddr::from([
+                10,
+                43,
+                (i / 250) as u8,
+                (i % 250 + 1) as u8,
+            ])]),
+            ports: vec![PortInfo {
+                name: "http".into(),
+                protocol: "tcp".into(),
+                port: 80,
+            }],
+            publish_not_ready: false,
+        };
+        let name = format!("svc-{i}");
+        let records = service_records(
+            builder.apex(),
+            "default",
+            &name,
+            &svc,
+            std::iter::empty(),
+            std::iter::empty(),
+        );
+        builder.set_owner(dns::zone::Owner::Service("default".into(), name), records);
+    }
+    builder.publish(&published);
+    let full = LIVE_BYTES.load(Ordering::Relaxed);
+    drop(builder);
+    let index_only = LIVE_BYTES.load(Ordering::Relaxed);
+    drop(published);
+    let per = |bytes: i64| bytes as f64 / NAMES as f64;
+    // The empty zone's own bytes are split between the two; negligible.
+    Ok((per(full - index_only), per(index_only - empty)))
 }
 
 /// Moves every thread of `pid` to CPU 1 (children started later inherit
