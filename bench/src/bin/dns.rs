@@ -20,7 +20,8 @@
 //! builder and index hold per ClusterIP Service).
 //!
 //! `cargo build --release -p skiff --bin skiff -p skiff-bench --bin dns &&
-//!  target/release/dns [ROUNDS]`
+//!  target/release/dns [ROUNDS]`; `target/release/dns zone` prints only
+//! the in-process zone figure.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::fmt::Write as _;
@@ -119,6 +120,10 @@ impl Run {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("zone") {
+        print_zone_memory()?;
+        return Ok(());
+    }
     let rounds: usize = std::env::args()
         .nth(1)
         .map(|r| r.parse())
@@ -245,11 +250,7 @@ async fn main() -> anyhow::Result<()> {
 
     let objects = NAMES + 2 * HEADLESS;
     let per_object = (rss_full as f64 - rss_empty as f64) * 1024.0 / objects as f64;
-    let (builder, index) = zone_bytes_per_service()?;
-    println!(
-        "dns skiff zone memory (in process, counted allocator, {NAMES} ClusterIP Services with one named port): {:.0} B per Service = index {index:.0} + builder {builder:.0}",
-        builder + index
-    );
+    print_zone_memory()?;
     println!(
         "dns skiff memory: RSS {rss_empty} KiB on an empty cluster, {rss_full} KiB with {objects} more objects ({NAMES} Services, {HEADLESS} headless Services, {HEADLESS} EndpointSlices): {per_object:.0} B per object (goal <= 1024; CoreDNS per the issue: ~860 B per object + 49 MB)"
     );
@@ -631,6 +632,15 @@ fn median(runs: &[Run], f: fn(&Run) -> f64) -> f64 {
     let mut v: Vec<f64> = runs.iter().map(f).collect();
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn print_zone_memory() -> anyhow::Result<()> {
+    let (builder, index) = zone_bytes_per_service()?;
+    println!(
+        "dns skiff zone memory (in process, counted allocator, {NAMES} ClusterIP Services with one named port): {:.0} B per Service = index {index:.0} + builder {builder:.0}",
+        builder + index
+    );
+    Ok(())
 }
 
 /// Bytes per ClusterIP Service that the zone's builder and its published
