@@ -34,6 +34,13 @@ spec:
 ---
 apiVersion: v1
 kind: Service
+metadata: {name: alias, namespace: kube-public}
+spec:
+  type: ExternalName
+  externalName: web.default.svc.cluster.local
+---
+apiVersion: v1
+kind: Service
 metadata: {name: db}
 spec:
   clusterIP: None
@@ -282,10 +289,23 @@ async fn cluster_dns_with_kubectl_and_dig() -> anyhow::Result<()> {
         |d| d.status == "NXDOMAIN",
     )?;
 
-    // ExternalName: a CNAME, for A questions too.
+    // ExternalName: a CNAME, with the target's addresses for A
+    // questions, as CoreDNS: from upstream for an outside name, from the
+    // zone for a cluster name (`dig` lists the answers sorted).
     let d = dig(p, &["ext.default.svc.cluster.local", "A"])?;
     ensure!(
-        d.answers.first().map(String::as_str) == Some("CNAME www.example.org."),
+        d.answers == ["A 192.0.2.80", "CNAME www.example.org."],
+        "{d:?}"
+    );
+    let d = dig(p, &["ext.default.svc.cluster.local", "TXT"])?;
+    ensure!(d.answers == ["CNAME www.example.org."], "{d:?}");
+    let d = dig(p, &["alias.kube-public.svc.cluster.local", "A"])?;
+    ensure!(
+        d.answers
+            == [
+                format!("A {ip}"),
+                "CNAME web.default.svc.cluster.local.".to_owned()
+            ],
         "{d:?}"
     );
 

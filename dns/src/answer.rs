@@ -21,9 +21,20 @@ pub enum Outcome {
     Drop(Reject),
 }
 
-/// Answers `packet` into `out`. `limit` is the largest answer the
-/// transport takes (the client's EDNS size over UDP, 65535 over TCP).
+/// Answers `packet` into `out`, over UDP (the client's EDNS size limits
+/// the answer) or TCP.
 pub fn answer(packet: &[u8], out: &mut [u8], index: &Index, udp: bool) -> Outcome {
+    answer_with(packet, out, index, udp, true)
+}
+
+/// As `answer`, but an ExternalName answer whose target lies outside the
+/// zone is written as it is (the CNAME chain) instead of being handed to
+/// the slow path, which uses this to get the chain it then completes.
+pub fn answer_local(packet: &[u8], out: &mut [u8], index: &Index, udp: bool) -> Outcome {
+    answer_with(packet, out, index, udp, false)
+}
+
+fn answer_with(packet: &[u8], out: &mut [u8], index: &Index, udp: bool, chase: bool) -> Outcome {
     let mut query = match wire::parse(packet) {
         Ok(q) => q,
         Err(Reject::Malformed) => return formerr(packet, out),
@@ -47,6 +58,9 @@ pub fn answer(packet: &[u8], out: &mut [u8], index: &Index, udp: bool) -> Outcom
         return reply(len, wire::RCODE_REFUSED);
     }
     if let Some(found) = index.get(query.key_for(qtype)) {
+        if found.external && chase && index.zone.forwarding {
+            return Outcome::Slow;
+        }
         let len = write_answer(&query, packet, out, found, limit);
         return reply(len, found.rcode());
     }

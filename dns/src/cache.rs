@@ -13,8 +13,9 @@ use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
 pub const MAX_POSITIVE_TTL: u32 = 3600;
 /// Longest time a negative answer is kept (CoreDNS's default).
 pub const MAX_NEGATIVE_TTL: u32 = 1800;
-/// Negative answers without an SOA are kept this long.
-const DEFAULT_NEGATIVE_TTL: u32 = 30;
+/// Negative answers without an SOA are kept this long (CoreDNS's
+/// `MinimalDefaultTTL`).
+const DEFAULT_NEGATIVE_TTL: u32 = 5;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Key {
@@ -27,6 +28,7 @@ struct Entry {
     message: Message,
     stored: Instant,
     expires: Instant,
+    kind: Kind,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +40,8 @@ pub enum Kind {
 pub struct Cache {
     entries: HashMap<Key, Entry>,
     capacity: usize,
+    /// Entries per kind (`Kind as usize`), for `coredns_cache_entries`.
+    counts: [usize; 2],
 }
 
 impl Cache {
@@ -45,6 +49,7 @@ impl Cache {
         Cache {
             entries: HashMap::new(),
             capacity,
+            counts: [0; 2],
         }
     }
 
@@ -54,6 +59,11 @@ impl Cache {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// Entries holding answers (`Kind::Success`) and denials.
+    pub fn entries(&self, kind: Kind) -> usize {
+        self.counts[kind as usize]
     }
 
     /// The cached answer, with TTLs reduced by the time it was held.
@@ -71,7 +81,7 @@ impl Cache {
         };
         let entry = self.entries.get(&key)?;
         if now >= entry.expires {
-            self.entries.remove(&key);
+            self.remove(&key);
             return None;
         }
         let held = now.duration_since(entry.stored).as_secs() as u32;
@@ -101,28 +111,43 @@ impl Cache {
         }
         if self.entries.len() >= self.capacity {
             self.entries.retain(|_, e| e.expires > now);
+            self.counts = [0; 2];
+            for entry in self.entries.values() {
+                self.counts[entry.kind as usize] += 1;
+            }
         }
         if self.entries.len() >= self.capacity {
             // Still full of live entries: make room by dropping any one.
             if let Some(victim) = self.entries.keys().next().cloned() {
-                self.entries.remove(&victim);
+                self.remove(&victim);
             }
         }
         let mut stored = message.clone();
         stored.edns = None;
         stored.signature = None;
+        let kind = kind_of(&stored);
+        let key = Key {
+            name: query.name().to_lowercase(),
+            rtype: query.query_type(),
+            class: query.query_class(),
+        };
+        self.remove(&key);
+        self.counts[kind as usize] += 1;
         self.entries.insert(
-            Key {
-                name: query.name().to_lowercase(),
-                rtype: query.query_type(),
-                class: query.query_class(),
-            },
+            key,
             Entry {
                 message: stored,
                 stored: now,
                 expires: now + Duration::from_secs(u64::from(ttl)),
+                kind,
             },
         );
+    }
+
+    fn remove(&mut self, key: &Key) {
+        if let Some(entry) = self.entries.remove(key) {
+            self.counts[entry.kind as usize] -= 1;
+        }
     }
 }
 
@@ -235,6 +260,44 @@ mod tests {
         servfail.metadata.response_code = ResponseCode::ServFail;
         cache.put(&servfail, now);
         assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn counts_entries_by_kind() {
+        let mut cache = Cache::new(2);
+        let now = Instant::now();
+        cache.put(&answer("a.example.com.", 10), now);
+        cache.put(&answer("a.example.com.", 20), now);
+        assert_eq!(
+            cache.entries(Kind::Success),
+            1,
+            "a replaced entry counts once"
+        );
+        let mut denial = Message::response(1, OpCode::Query);
+        denial.metadata.response_code = ResponseCode::NXDomain;
+        denial.add_query(Query::query(
+            Name::from_ascii("nx.example.com.").unwrap(),
+            RecordType::A,
+        ));
+        cache.put(&denial, now);
+        assert_eq!(cache.entries(Kind::Denial), 1);
+        // A denial without an SOA lives 5 s, as in CoreDNS.
+        let later = now + Duration::from_secs(5);
+        let name = Name::from_ascii("nx.example.com.").unwrap();
+        assert!(
+            cache
+                .get(&name, RecordType::A, DNSClass::IN, later)
+                .is_none()
+        );
+        assert_eq!(cache.entries(Kind::Denial), 0);
+        // Full: a third entry pushes one out and the counts follow.
+        cache.put(&answer("b.example.com.", 10), now);
+        cache.put(&answer("c.example.com.", 10), now);
+        assert_eq!(cache.len(), 2);
+        assert_eq!(
+            cache.entries(Kind::Success) + cache.entries(Kind::Denial),
+            2
+        );
     }
 
     #[test]

@@ -20,6 +20,9 @@ pub struct Answer {
     /// QD/AN/NS/AR counts.
     pub head: [u8; 10],
     pub body: Box<[u8]>,
+    /// An ExternalName answer whose CNAME chain leaves the zone: the
+    /// target's addresses come from upstream, off the hot path.
+    pub external: bool,
 }
 
 impl Answer {

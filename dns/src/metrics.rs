@@ -10,6 +10,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -93,6 +94,7 @@ pub struct Metrics {
     workers: Mutex<Vec<Arc<WorkerCounters>>>,
     pub cache_hits: Family<Vec<(&'static str, &'static str)>, Counter>,
     pub cache_misses: Counter,
+    pub cache_entries: Family<Vec<(&'static str, &'static str)>, Gauge>,
     pub forward_requests: Family<Vec<(&'static str, String)>, Counter>,
     pub forward_responses: Family<Vec<(&'static str, String)>, Counter>,
     pub forward_duration: Family<Vec<(&'static str, String)>, Histogram>,
@@ -104,6 +106,7 @@ impl Default for Metrics {
             workers: Mutex::new(Vec::new()),
             cache_hits: Family::default(),
             cache_misses: Counter::default(),
+            cache_entries: Family::default(),
             forward_requests: Family::default(),
             forward_responses: Family::default(),
             forward_duration: Family::new_with_constructor(|| {
@@ -152,6 +155,11 @@ impl Metrics {
             "coredns_cache_misses",
             "The count of cache misses.",
             self.cache_misses.clone(),
+        );
+        registry.register(
+            "coredns_cache_entries",
+            "The number of elements in the cache.",
+            self.cache_entries.clone(),
         );
         registry.register(
             "coredns_forward_requests",

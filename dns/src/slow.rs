@@ -6,15 +6,16 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::DNSClass;
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{DNSClass, RData, RecordType};
 
 use crate::answer::{self, Outcome};
 use crate::cache::{Cache, Kind};
 use crate::forward;
-use crate::index::Published;
+use crate::index::{Index, Published};
 use crate::metrics::{Metrics, WorkerCounters};
 use crate::wire;
+use crate::zone::name_key;
 
 pub struct SlowPath {
     pub published: Arc<Published>,
@@ -87,10 +88,18 @@ impl SlowPath {
         if let Ok(bytes) = clean.to_vec() {
             let index = self.published.load();
             let mut out = vec![0u8; 65535];
-            if let Outcome::Reply { len, rcode, .. } = answer::answer(&bytes, &mut out, &index, udp)
+            if let Outcome::Reply { len, rcode, .. } =
+                answer::answer_local(&bytes, &mut out, &index, udp)
             {
-                self.counters.response(rcode);
                 out.truncate(len);
+                if index.zone.forwarding
+                    && !self.upstreams.is_empty()
+                    && let Some(done) = self.complete_alias(&out, query, &index).await
+                {
+                    self.counters.response(done.metadata.response_code.low());
+                    return encode_limited(&done, udp_limit(udp, edns.as_ref()));
+                }
+                self.counters.response(rcode);
                 return Some(out);
             }
             if !index.zone.forwarding || self.upstreams.is_empty() {
@@ -107,25 +116,37 @@ impl SlowPath {
         response.metadata.checking_disabled = request.metadata.checking_disabled;
         response.edns = edns.as_ref().map(|_| our_edns());
         response.signature = None;
-        let limit = if udp {
-            edns.as_ref()
-                .map(|e| usize::from(e.max_payload().clamp(512, wire::MAX_UDP_PAYLOAD)))
-                .unwrap_or(512)
-        } else {
-            65535
-        };
-        let mut bytes = response.to_vec().ok()?;
-        if bytes.len() > limit {
-            let mut truncated = response.truncate();
-            truncated.edns = response.edns.clone();
-            bytes = truncated.to_vec().ok()?;
-        }
         self.counters
             .response(response.metadata.response_code.low());
-        Some(bytes)
+        encode_limited(&response, udp_limit(udp, edns.as_ref()))
     }
 
-    async fn forward(&self, query: &hickory_proto::op::Query) -> Option<Message> {
+    /// An ExternalName answer whose CNAME chain ends outside the zone,
+    /// completed with that name's records from upstream, as CoreDNS does
+    /// (the rcode stays NOERROR; no answer upstream leaves the chain
+    /// alone). `None` when `reply` is no such answer.
+    async fn complete_alias(&self, reply: &[u8], query: &Query, index: &Index) -> Option<Message> {
+        if !matches!(query.query_type(), RecordType::A | RecordType::AAAA) {
+            return None;
+        }
+        let mut message = Message::from_vec(reply).ok()?;
+        if message.metadata.truncation {
+            return None;
+        }
+        let RData::CNAME(target) = &message.answers.last()?.data else {
+            return None;
+        };
+        if wire::is_subdomain(&name_key(&target.0), &index.zone.apex) {
+            return None;
+        }
+        let upstream = self
+            .forward(&Query::query(target.0.clone(), query.query_type()))
+            .await?;
+        message.answers.extend(upstream.answers);
+        Some(message)
+    }
+
+    async fn forward(&self, query: &Query) -> Option<Message> {
         let now = Instant::now();
         let cached = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(
             query.name(),
@@ -146,10 +167,14 @@ impl SlowPath {
         }
         self.metrics.cache_misses.inc();
         let answer = forward::resolve(&self.upstreams, query, &self.metrics).await?;
-        self.cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .put(&answer, Instant::now());
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.put(&answer, Instant::now());
+        for (kind, label) in [(Kind::Success, "success"), (Kind::Denial, "denial")] {
+            self.metrics
+                .cache_entries
+                .get_or_create(&vec![("server", "dns://"), ("type", label)])
+                .set(cache.entries(kind) as i64);
+        }
         Some(answer)
     }
 
@@ -174,6 +199,27 @@ impl SlowPath {
             .response(if rcode.high() > 0 { 16 } else { rcode.low() });
         response.to_vec().unwrap_or_default()
     }
+}
+
+/// The largest answer the transport takes: the client's EDNS size (at
+/// least 512, at most our cap) over UDP, 64 KiB over TCP.
+fn udp_limit(udp: bool, edns: Option<&Edns>) -> usize {
+    if !udp {
+        return 65535;
+    }
+    edns.map(|e| usize::from(e.max_payload().clamp(512, wire::MAX_UDP_PAYLOAD)))
+        .unwrap_or(512)
+}
+
+/// `response` encoded, or its truncated form (TC set) when over `limit`.
+fn encode_limited(response: &Message, limit: usize) -> Option<Vec<u8>> {
+    let bytes = response.to_vec().ok()?;
+    if bytes.len() <= limit {
+        return Some(bytes);
+    }
+    let mut truncated = response.truncate();
+    truncated.edns = response.edns.clone();
+    truncated.to_vec().ok()
 }
 
 fn our_edns() -> Edns {

@@ -354,29 +354,201 @@ fn pods_with_hostname_and_subdomain() {
     assert_negative(&m, ResponseCode::NXDomain);
 }
 
+fn external(target: &str) -> ServiceInfo {
+    ServiceInfo {
+        kind: ServiceKind::ExternalName(target.into()),
+        ports: vec![],
+        publish_not_ready: false,
+    }
+}
+
+fn cname_targets(m: &Message) -> Vec<String> {
+    m.answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::CNAME(t) => Some(format!("{} -> {}", r.name, t.0)),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
 fn external_name_is_a_cname_for_every_type() {
     let mut b = builder();
-    let ext = ServiceInfo {
-        kind: ServiceKind::ExternalName("www.Example.com".into()),
-        ports: vec![],
-        publish_not_ready: false,
-    };
-    add_service(&mut b, "default", "ext", &ext, &[], &[]);
+    add_service(
+        &mut b,
+        "default",
+        "ext",
+        &external("www.Example.com"),
+        &[],
+        &[],
+    );
     let index = b.build();
-    for rtype in [
-        RecordType::A,
-        RecordType::AAAA,
-        RecordType::CNAME,
-        RecordType::MX,
-    ] {
+    for rtype in [RecordType::CNAME, RecordType::MX, RecordType::TXT] {
         let m = ask(&index, "ext.default.svc.cluster.local.", rtype);
         assert_eq!(m.answers.len(), 1, "{rtype}");
-        let RData::CNAME(target) = &m.answers[0].data else {
-            panic!("not CNAME: {m:?}");
-        };
-        assert_eq!(target.0.to_string(), "www.example.com.");
+        assert_eq!(
+            cname_targets(&m),
+            vec!["ext.default.svc.cluster.local. -> www.example.com."]
+        );
     }
+    // Addresses of an outside target come from upstream: the slow path.
+    let mut out = vec![0u8; 65535];
+    for rtype in [RecordType::A, RecordType::AAAA] {
+        let q = query("ext.default.svc.cluster.local.", rtype, None);
+        assert_eq!(
+            answer::answer(&q, &mut out, &index, true),
+            Outcome::Slow,
+            "{rtype}"
+        );
+        let Outcome::Reply { len, .. } = answer::answer_local(&q, &mut out, &index, true) else {
+            panic!("answer_local answers an ExternalName");
+        };
+        let m = Message::from_vec(&out[..len]).unwrap();
+        assert_eq!(
+            cname_targets(&m),
+            vec!["ext.default.svc.cluster.local. -> www.example.com."]
+        );
+    }
+    // Without forwarding there is no upstream to ask: the CNAME alone.
+    let mut b = ZoneBuilder::new("cluster.local", 5, None, false).unwrap();
+    b.set_ready();
+    add_service(
+        &mut b,
+        "default",
+        "ext",
+        &external("www.example.com"),
+        &[],
+        &[],
+    );
+    let index = b.build();
+    let m = ask(&index, "ext.default.svc.cluster.local.", RecordType::A);
+    assert_eq!(m.answers.len(), 1);
+    assert_eq!(
+        cname_targets(&m),
+        vec!["ext.default.svc.cluster.local. -> www.example.com."]
+    );
+}
+
+#[test]
+fn external_name_to_a_cluster_name_carries_its_addresses() {
+    let mut b = builder();
+    add_service(
+        &mut b,
+        "default",
+        "web",
+        &cluster_ip(&["10.43.1.5", "fd00::5"]),
+        &[],
+        &[],
+    );
+    let to_web = external("web.default.svc.cluster.local");
+    add_service(&mut b, "other", "alias", &to_web, &[], &[]);
+    let index = b.build();
+    let m = ask(&index, "alias.other.svc.cluster.local.", RecordType::A);
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert!(m.metadata.authoritative);
+    assert_eq!(
+        cname_targets(&m),
+        vec!["alias.other.svc.cluster.local. -> web.default.svc.cluster.local."]
+    );
+    assert_eq!(addrs(&m), vec![ip("10.43.1.5")]);
+    assert_eq!(
+        m.answers[1].name,
+        Name::from_ascii("web.default.svc.cluster.local.").unwrap()
+    );
+    let m = ask(&index, "alias.other.svc.cluster.local.", RecordType::AAAA);
+    assert_eq!(addrs(&m), vec![ip("fd00::5")]);
+    // Other types: the CNAME only.
+    let m = ask(&index, "alias.other.svc.cluster.local.", RecordType::TXT);
+    assert_eq!(m.answers.len(), 1);
+
+    // A chain of two aliases ends at the same addresses.
+    let to_alias = external("alias.other.svc.cluster.local");
+    add_service(&mut b, "default", "chain", &to_alias, &[], &[]);
+    let index = b.build();
+    let m = ask(&index, "chain.default.svc.cluster.local.", RecordType::A);
+    assert_eq!(
+        cname_targets(&m),
+        vec![
+            "chain.default.svc.cluster.local. -> alias.other.svc.cluster.local.",
+            "alias.other.svc.cluster.local. -> web.default.svc.cluster.local.",
+        ]
+    );
+    assert_eq!(addrs(&m), vec![ip("10.43.1.5")]);
+
+    // The target's change reaches both aliases without touching them.
+    add_service(
+        &mut b,
+        "default",
+        "web",
+        &cluster_ip(&["10.43.1.6"]),
+        &[],
+        &[],
+    );
+    let index = b.build();
+    for alias in ["alias.other", "chain.default"] {
+        let m = ask(
+            &index,
+            &format!("{alias}.svc.cluster.local."),
+            RecordType::A,
+        );
+        assert_eq!(addrs(&m), vec![ip("10.43.1.6")], "{alias}");
+    }
+    // The target gone: the CNAMEs remain, with no address.
+    b.set_owner(Owner::Service("default".into(), "web".into()), vec![]);
+    let index = b.build();
+    let m = ask(&index, "chain.default.svc.cluster.local.", RecordType::A);
+    assert_eq!(cname_targets(&m).len(), 2);
+    assert!(addrs(&m).is_empty());
+    // And back again.
+    add_service(
+        &mut b,
+        "default",
+        "web",
+        &cluster_ip(&["10.43.1.7"]),
+        &[],
+        &[],
+    );
+    let index = b.build();
+    let m = ask(&index, "chain.default.svc.cluster.local.", RecordType::A);
+    assert_eq!(addrs(&m), vec![ip("10.43.1.7")]);
+    // Removing an alias removes its answers.
+    b.set_owner(Owner::Service("default".into(), "chain".into()), vec![]);
+    let index = b.build();
+    assert_negative(
+        &ask(&index, "chain.default.svc.cluster.local.", RecordType::A),
+        ResponseCode::NXDomain,
+    );
+}
+
+#[test]
+fn external_name_loops_end() {
+    let mut b = builder();
+    add_service(
+        &mut b,
+        "default",
+        "a",
+        &external("b.default.svc.cluster.local"),
+        &[],
+        &[],
+    );
+    add_service(
+        &mut b,
+        "default",
+        "b",
+        &external("a.default.svc.cluster.local"),
+        &[],
+        &[],
+    );
+    let index = b.build();
+    let m = ask(&index, "a.default.svc.cluster.local.", RecordType::A);
+    assert!(!m.answers.is_empty());
+    assert!(
+        m.answers.len() <= 9,
+        "the chain is bounded: {}",
+        m.answers.len()
+    );
+    assert!(addrs(&m).is_empty());
 }
 
 #[test]

@@ -94,8 +94,16 @@ pub struct ZoneBuilder {
     names: HashMap<Vec<u8>, NameState>,
     shards: Vec<Arc<Shard>>,
     dirty: HashSet<Vec<u8>>,
+    /// CNAME target → aliases pointing at it (with a count per alias, as
+    /// several owners may hold the same alias), so an alias is re-encoded
+    /// when its in-zone target's addresses change.
+    aliases: HashMap<Vec<u8>, HashMap<Vec<u8>, u32>>,
     ready: bool,
 }
+
+/// Most CNAMEs followed inside the zone (a loop of ExternalNames stops
+/// here).
+const MAX_CHAIN: usize = 8;
 
 impl ZoneBuilder {
     /// A zone for `domain` (e.g. `cluster.local`) with record TTL `ttl`.
@@ -134,6 +142,7 @@ impl ZoneBuilder {
             names: HashMap::new(),
             shards: (0..SHARDS).map(|_| Arc::new(Shard::default())).collect(),
             dirty: HashSet::new(),
+            aliases: HashMap::new(),
             ready: false,
         };
         let mut records = vec![
@@ -200,6 +209,21 @@ impl ZoneBuilder {
             }
             self.dirty.insert(key.clone());
         }
+        for rec in &old {
+            if let Data::Cname(target) = &rec.data {
+                self.unlink_alias(&name_key(target), &name_key(&rec.name));
+            }
+        }
+        for rec in &records {
+            if let Data::Cname(target) = &rec.data {
+                *self
+                    .aliases
+                    .entry(name_key(target))
+                    .or_default()
+                    .entry(name_key(&rec.name))
+                    .or_default() += 1;
+            }
+        }
         for rec in records {
             let key = name_key(&rec.name);
             if !self.names.contains_key(&key) {
@@ -224,7 +248,21 @@ impl ZoneBuilder {
 
     /// Re-encodes what changed and returns the new index.
     pub fn build(&mut self) -> Index {
-        let dirty: Vec<Vec<u8>> = self.dirty.drain().collect();
+        // A changed name also changes the answers of the aliases that lead
+        // to it, directly or through other aliases.
+        let mut dirty: Vec<Vec<u8>> = self.dirty.drain().collect();
+        let mut seen: HashSet<Vec<u8>> = dirty.iter().cloned().collect();
+        let mut next = 0;
+        while next < dirty.len() {
+            if let Some(aliases) = self.aliases.get(&dirty[next]) {
+                for alias in aliases.keys() {
+                    if seen.insert(alias.clone()) {
+                        dirty.push(alias.clone());
+                    }
+                }
+            }
+            next += 1;
+        }
         for key in dirty {
             self.encode_name(&key);
         }
@@ -239,6 +277,21 @@ impl ZoneBuilder {
     pub fn publish(&mut self, to: &Published) {
         let index = self.build();
         to.publish(index);
+    }
+
+    fn unlink_alias(&mut self, target: &[u8], alias: &[u8]) {
+        let Some(aliases) = self.aliases.get_mut(target) else {
+            return;
+        };
+        if let Some(count) = aliases.get_mut(alias) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                aliases.remove(alias);
+            }
+        }
+        if aliases.is_empty() {
+            self.aliases.remove(target);
+        }
     }
 
     /// Creates `name` (and its missing ancestors inside the zone) with
@@ -323,11 +376,23 @@ impl ZoneBuilder {
                 answers.push((*rtype, answer));
             }
         }
+        let mut types: Vec<u16> = by_type.keys().copied().collect();
         let default = match by_type.get(&wire::TYPE_CNAME) {
-            Some(cname) => self.positive(&name, cname),
+            Some(cname) => {
+                // As CoreDNS: an address question about an ExternalName
+                // gets the CNAME chain and the addresses it ends at.
+                for rtype in [wire::TYPE_A, wire::TYPE_AAAA] {
+                    if let Some(answer) = self.alias(&name, cname, rtype) {
+                        answers.push((rtype, answer));
+                        if !types.contains(&rtype) {
+                            types.push(rtype);
+                        }
+                    }
+                }
+                self.positive(&name, cname)
+            }
             None => self.negative(&name, ResponseCode::NoError),
         };
-        let types: Vec<u16> = by_type.keys().copied().collect();
         for t in stale {
             if !types.contains(&t) {
                 self.remove(key, t);
@@ -389,6 +454,45 @@ impl ZoneBuilder {
             Vec::new(),
             additionals,
         )
+    }
+
+    /// The answer to an `rtype` (A or AAAA) question about an alias: its
+    /// CNAME, the CNAMEs it leads to inside the zone, then the final
+    /// name's addresses when that name is in the zone, or a mark that they
+    /// are to be asked upstream when it is not.
+    fn alias(&self, name: &Name, cnames: &BTreeSet<Data>, rtype: u16) -> Option<Answer> {
+        let mut answers: Vec<Record> = cnames.iter().map(|d| self.record(name, d)).collect();
+        let Some(Data::Cname(mut target)) = cnames.first().cloned() else {
+            return None;
+        };
+        let mut external = false;
+        for _ in 0..MAX_CHAIN {
+            if !self.apex.zone_of(&target) {
+                external = true;
+                break;
+            }
+            let Some(state) = self.names.get(&name_key(&target)) else {
+                break;
+            };
+            let mut datas: Vec<&Data> = state.records.iter().map(|(_, d)| d).collect();
+            datas.sort();
+            datas.dedup();
+            if let Some(Data::Cname(next)) = datas.iter().find(|d| matches!(d, Data::Cname(_))) {
+                answers.push(self.record(&target, &Data::Cname(next.clone())));
+                target = next.clone();
+                continue;
+            }
+            answers.extend(
+                datas
+                    .into_iter()
+                    .filter(|d| d.rtype() == rtype)
+                    .map(|d| self.record(&target, d)),
+            );
+            break;
+        }
+        let mut answer = encode(name, ResponseCode::NoError, answers, Vec::new(), Vec::new())?;
+        answer.external = external;
+        Some(answer)
     }
 
     fn negative(&self, name: &Name, rcode: ResponseCode) -> Option<Answer> {
@@ -478,6 +582,7 @@ fn encode(
     Some(Answer {
         head,
         body: bytes[qend..].into(),
+        external: false,
     })
 }
 

@@ -166,6 +166,26 @@ async fn start(
         std::iter::empty(),
     );
     builder.set_owner(Owner::Service("default".into(), "web".into()), records);
+    // ExternalNames: one out of the cluster, one to `web`.
+    for (name, target) in [
+        ("ext", "www.example.com"),
+        ("alias", "web.default.svc.cluster.local"),
+    ] {
+        let svc = ServiceInfo {
+            kind: ServiceKind::ExternalName(target.into()),
+            ports: vec![],
+            publish_not_ready: false,
+        };
+        let records = service_records(
+            builder.apex(),
+            "default",
+            name,
+            &svc,
+            std::iter::empty(),
+            std::iter::empty(),
+        );
+        builder.set_owner(Owner::Service("default".into(), name.into()), records);
+    }
     builder.set_ready();
     builder.publish(&server.published);
     let addr = server.local_addrs[0];
@@ -206,6 +226,23 @@ async fn answers_cluster_names_over_udp_and_tcp() {
     // Without upstreams, other names are refused.
     let m = udp(addr, &query(8, "www.example.com.", RecordType::A)).await;
     assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+    // An ExternalName to a cluster name carries its address; one to an
+    // outside name is the CNAME alone when there is no upstream.
+    let m = udp(
+        addr,
+        &query(9, "alias.default.svc.cluster.local.", RecordType::A),
+    )
+    .await;
+    assert_eq!(a_records(&m), vec!["10.43.0.20"]);
+    assert!(matches!(m.answers[0].data, RData::CNAME(_)));
+    let m = udp(
+        addr,
+        &query(10, "ext.default.svc.cluster.local.", RecordType::A),
+    )
+    .await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(m.answers.len(), 1);
+    assert!(matches!(m.answers[0].data, RData::CNAME(_)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,11 +254,19 @@ async fn forwards_with_cache_and_tcp_fallback() {
         .unwrap();
     let resolv = dir.path().join("resolv.conf");
     std::fs::write(&resolv, format!("nameserver {}\n", upstream.addr)).unwrap();
-    let (_server, addr) = start(Some(resolv), None).await;
+    let (server, addr) = start(Some(resolv), None).await;
 
     let m = udp(addr, &query(1, "www.example.com.", RecordType::A)).await;
     assert_eq!(a_records(&m), vec!["192.0.2.1"]);
     assert_eq!(m.metadata.id, 1);
+    let entries = |kind: &'static str| {
+        server
+            .metrics
+            .cache_entries
+            .get_or_create(&vec![("server", "dns://"), ("type", kind)])
+            .get()
+    };
+    assert_eq!(entries("success"), 1);
     let before = upstream.queries.load(Ordering::SeqCst);
     let m = udp(addr, &query(2, "WWW.example.com.", RecordType::A)).await;
     assert_eq!(a_records(&m), vec!["192.0.2.1"]);
@@ -249,6 +294,26 @@ async fn forwards_with_cache_and_tcp_fallback() {
         before,
         "negative answers are cached"
     );
+    assert_eq!(entries("denial"), 1);
+
+    // An ExternalName to an outside name: the CNAME, then the target's
+    // address from upstream (cached like any forwarded answer), over UDP
+    // and TCP.
+    for over_tcp in [false, true] {
+        let q = query(7, "ext.default.svc.cluster.local.", RecordType::A);
+        let m = if over_tcp {
+            tcp(addr, &q).await
+        } else {
+            udp(addr, &q).await
+        };
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        let RData::CNAME(target) = &m.answers[0].data else {
+            panic!("a CNAME first: {m:?}");
+        };
+        assert_eq!(target.0.to_string(), "www.example.com.");
+        assert_eq!(a_records(&m), vec!["192.0.2.1"]);
+        assert_eq!(m.answers[1].name.to_string(), "www.example.com.");
+    }
 
     // Cluster names never leave the node.
     let before = upstream.queries.load(Ordering::SeqCst);
