@@ -282,6 +282,30 @@ async fn node_ports_answer_on_every_node() -> anyhow::Result<()> {
     // A node's own NodePort-range listener would be shadowed, but local
     // delivery for everything else goes on: the API server on node 1.
     cluster.server().kubectl_ok(&["get", "nodes"])?;
+
+    // A data plane that stops (SIGINT) puts the kernel's rules back.
+    let pid = cluster.dataplane_pid(0).context("node 1's data plane")?;
+    std::process::Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()?;
+    let started = Instant::now();
+    while cluster.dataplane_running(0) {
+        ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "the data plane did not stop on SIGINT"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rules = cluster.node(0).netns.ip(&["rule", "show"])?;
+    ensure!(
+        rules
+            .lines()
+            .next()
+            .is_some_and(|l| l.contains("lookup local"))
+            && !rules.contains("152"),
+        "rules left after the data plane stopped:\n{rules}\n{}",
+        cluster.dataplane_log(0)
+    );
     Ok(())
 }
 
