@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use serde_json::json;
 use skiff_e2e::cluster::{Cluster, Pod};
+use skiff_e2e::netns::Netns;
 
 const SKIFF: &str = env!("CARGO_BIN_EXE_skiff");
 const HTTP_PORT: u16 = 8080;
@@ -214,6 +215,319 @@ async fn cluster_ips_balance_pin_hairpin_and_refuse() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// NodePort from outside the cluster: a client in the underlay (on no
+/// node) reaches the Service on every node's address, TCP and UDP, and
+/// each node forwards to endpoints on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_ports_answer_on_every_node() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start_with(
+        SKIFF.as_ref(),
+        3,
+        &["--disable", "agent"],
+        &[
+            "--service-cidr",
+            "10.43.0.0/16",
+            "--cluster-cidr",
+            "10.42.0.0/16",
+        ],
+    )
+    .await?;
+    for (name, node) in [("web-1", 0), ("web-2", 1), ("web-3", 2)] {
+        cluster.add_pod(node, name)?;
+        serve(cluster.pod(name))?;
+    }
+    // The outside client: an address on the underlay bridge itself.
+    let outside = Ipv4Addr::new(172, 31, cluster.subnet(), 2);
+    cluster
+        .underlay()
+        .ip(&["addr", "add", &format!("{outside}/24"), "dev", "br0"])?;
+    cluster
+        .server()
+        .kubectl_stdin(&["apply", "-f", "-"], NODE_PORT_MANIFESTS)?;
+    for (name, node) in [("web-1", 1), ("web-2", 2), ("web-3", 3)] {
+        create_pod_object(&cluster, name, node)?;
+        set_status(&cluster, name, cluster.pod(name).ip, true)?;
+    }
+
+    for index in 0..3 {
+        let node_ip = cluster.node(index).underlay_ip;
+        let tcp = SocketAddr::from((node_ip, 30080));
+        wait_until(
+            &cluster,
+            &format!("every endpoint answers on node {}'s NodePort", index + 1),
+            || Ok(spread_in(cluster.underlay(), tcp, 30)?.len() == 3),
+        )
+        .await?;
+        let seen = spread_in(cluster.underlay(), tcp, 300)?;
+        eprintln!("300 requests to {tcp} from {outside} went to {seen:?}");
+        ensure!(seen.len() == 3, "through {tcp}: {seen:?}");
+
+        let udp = SocketAddr::from((node_ip, 30053));
+        let (from, answer) = udp_exchange_in(cluster.underlay(), udp, b"ping")?;
+        ensure!(from == udp, "the UDP echo came from {from}, not {udp}");
+        ensure!(answer.ends_with(":ping"), "echo answered {answer:?}");
+    }
+
+    // The steering is Skiff's own rules, in front of the local table.
+    let rules = cluster.node(0).netns.ip(&["rule", "show"])?;
+    ensure!(
+        rules
+            .lines()
+            .next()
+            .is_some_and(|l| !l.contains("lookup local"))
+            && rules.contains("lookup 152")
+            && rules.contains("dport 30000-32767"),
+        "unexpected rules on node 1:\n{rules}"
+    );
+    // A node's own NodePort-range listener would be shadowed, but local
+    // delivery for everything else goes on: the API server on node 1.
+    cluster.server().kubectl_ok(&["get", "nodes"])?;
+
+    // A data plane that stops (SIGINT) puts the kernel's rules back.
+    let pid = cluster.dataplane_pid(0).context("node 1's data plane")?;
+    std::process::Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()?;
+    let started = Instant::now();
+    while cluster.dataplane_running(0) {
+        ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "the data plane did not stop on SIGINT"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rules = cluster.node(0).netns.ip(&["rule", "show"])?;
+    ensure!(
+        rules
+            .lines()
+            .next()
+            .is_some_and(|l| l.contains("lookup local"))
+            && !rules.contains("152"),
+        "rules left after the data plane stopped:\n{rules}\n{}",
+        cluster.dataplane_log(0)
+    );
+    Ok(())
+}
+
+/// `kubectl scale` down and back up while a client that retries nothing
+/// keeps opening connections through the ClusterIP: the pods being
+/// removed stop getting new flows (terminating endpoints) and no request
+/// fails. The test plays the node agent: it gives every pod the
+/// ReplicaSet creates a namespace with servers on node 2, and never
+/// finishes the graceful deletion itself until it has checked the
+/// Service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_scale_drops_no_request() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start_with(
+        SKIFF.as_ref(),
+        2,
+        &["--disable", "agent"],
+        &[
+            "--service-cidr",
+            "10.43.0.0/16",
+            "--cluster-cidr",
+            "10.42.0.0/16",
+        ],
+    )
+    .await?;
+    cluster.add_pod(0, "client")?;
+    cluster
+        .server()
+        .kubectl_stdin(&["apply", "-f", "-"], SCALED_MANIFESTS)?;
+    let vip = SocketAddr::from((cluster_ip(&cluster, "scaled")?, 80));
+    let mut running = Vec::new();
+    let started = Instant::now();
+    loop {
+        adopt_pods(&mut cluster, &mut running)?;
+        if running.len() == 3
+            && spread(cluster.pod("client"), vip, 30).is_ok_and(|seen| seen.len() == 3)
+        {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "three replicas did not answer: {running:?}\n{}",
+                cluster.dataplane_log(0)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Down to one: two pods are deleted gracefully and stay terminating
+    // (there is no kubelet to finish them); they keep serving, but get no
+    // new flows.
+    cluster
+        .server()
+        .kubectl_ok(&["scale", "deployment", "scaled", "--replicas=1"])?;
+    let (failures, elapsed) = requests_until(&cluster, vip, |seen| seen.len() == 1)?;
+    eprintln!("scaled to 1: one endpoint left after {elapsed:?}, {failures} failed requests");
+    ensure!(
+        failures == 0,
+        "{failures} requests failed while scaling to 1"
+    );
+    let terminating = terminating_pods(&cluster)?;
+    ensure!(
+        terminating.len() == 2,
+        "expected two terminating pods: {terminating:?}"
+    );
+    // The "kubelet" finishes them; the endpoints leave the slices.
+    for pod in &terminating {
+        cluster
+            .server()
+            .kubectl_ok(&["delete", "pod", pod, "--grace-period=0", "--force"])?;
+    }
+    running.retain(|name| !terminating.contains(name));
+
+    // And back to three: the client keeps sending while new pods join.
+    cluster
+        .server()
+        .kubectl_ok(&["scale", "deployment", "scaled", "--replicas=3"])?;
+    let started = Instant::now();
+    let mut failures = 0;
+    loop {
+        adopt_pods(&mut cluster, &mut running)?;
+        let seen = match spread(cluster.pod("client"), vip, 30) {
+            Ok(seen) => seen,
+            Err(e) => {
+                failures += 1;
+                eprintln!("request failed while scaling to 3: {e:#}");
+                BTreeMap::new()
+            }
+        };
+        if seen.len() == 3 {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("not all three replicas answered after 60 s: {seen:?}");
+        }
+    }
+    ensure!(
+        failures == 0,
+        "{failures} requests failed while scaling to 3"
+    );
+    Ok(())
+}
+
+const SCALED_MANIFESTS: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: scaled}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: scaled}}
+  template:
+    metadata: {labels: {app: scaled}}
+    spec:
+      nodeName: node-2
+      containers: [{name: app, image: busybox, ports: [{name: http, containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: scaled}
+spec:
+  selector: {app: scaled}
+  ports: [{name: http, port: 80, targetPort: http}]
+"#;
+
+/// Plays the node agent for the Deployment's pods: every new one gets a
+/// namespace on its node with the servers, and is reported running and
+/// ready. `running` holds the pods already given one.
+fn adopt_pods(cluster: &mut Cluster, running: &mut Vec<String>) -> anyhow::Result<()> {
+    let out = cluster
+        .server()
+        .kubectl_ok(&["get", "pods", "-l", "app=scaled", "-o", "json"])?;
+    let list: serde_json::Value = serde_json::from_str(&out)?;
+    for pod in list["items"].as_array().into_iter().flatten() {
+        let name = pod["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if name.is_empty()
+            || running.contains(&name)
+            || !pod["metadata"]["deletionTimestamp"].is_null()
+        {
+            continue;
+        }
+        let node = match pod["spec"]["nodeName"].as_str() {
+            Some("node-1") => 0,
+            Some("node-2") => 1,
+            _ => continue,
+        };
+        let ip = cluster.add_pod(node, &name)?.ip;
+        serve(cluster.pod(&name))?;
+        set_status(cluster, &name, ip, true)?;
+        running.push(name);
+    }
+    Ok(())
+}
+
+fn terminating_pods(cluster: &Cluster) -> anyhow::Result<Vec<String>> {
+    let out = cluster
+        .server()
+        .kubectl_ok(&["get", "pods", "-l", "app=scaled", "-o", "json"])?;
+    let list: serde_json::Value = serde_json::from_str(&out)?;
+    Ok(list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| !p["metadata"]["deletionTimestamp"].is_null())
+        .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_owned))
+        .collect())
+}
+
+/// Requests from the client pod, one connection each, none retried, until
+/// the endpoints seen in the last 200 requests satisfy `done`: how many
+/// failed, and how long it took.
+fn requests_until(
+    cluster: &Cluster,
+    vip: SocketAddr,
+    done: impl Fn(&BTreeMap<String, usize>) -> bool,
+) -> anyhow::Result<(usize, Duration)> {
+    let started = Instant::now();
+    let mut failures = 0;
+    let mut window = std::collections::VecDeque::new();
+    loop {
+        match request(cluster.pod("client"), vip) {
+            Ok(name) => window.push_back(name),
+            Err(e) => {
+                failures += 1;
+                eprintln!("request failed: {e:#}");
+            }
+        }
+        if window.len() > 200 {
+            window.pop_front();
+        }
+        let mut seen = BTreeMap::new();
+        for name in &window {
+            *seen.entry(name.clone()).or_insert(0) += 1;
+        }
+        if window.len() == 200 && done(&seen) {
+            return Ok((failures, started.elapsed()));
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("after 60 s the endpoints still answering are {seen:?}");
+        }
+    }
+}
+
+const NODE_PORT_MANIFESTS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web-np}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo-np}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports: [{name: echo, port: 53, targetPort: 5353, protocol: UDP, nodePort: 30053}]
+"#;
+
 const MANIFESTS: &str = r#"
 apiVersion: v1
 kind: Service
@@ -375,7 +689,15 @@ fn get(to: SocketAddr) -> anyhow::Result<String> {
 /// `count` requests from `pod`, each on its own connection: how many each
 /// endpoint served. Fails on the first failed request.
 fn spread(pod: &Pod, to: SocketAddr, count: usize) -> anyhow::Result<BTreeMap<String, usize>> {
-    pod.netns.enter(move || -> anyhow::Result<_> {
+    spread_in(&pod.netns, to, count)
+}
+
+fn spread_in(
+    netns: &Netns,
+    to: SocketAddr,
+    count: usize,
+) -> anyhow::Result<BTreeMap<String, usize>> {
+    netns.enter(move || -> anyhow::Result<_> {
         let mut seen = BTreeMap::new();
         for i in 0..count {
             let name = get(to).with_context(|| format!("request {i} to {to}"))?;
@@ -386,8 +708,16 @@ fn spread(pod: &Pod, to: SocketAddr, count: usize) -> anyhow::Result<BTreeMap<St
 }
 
 fn udp_exchange(pod: &Pod, to: SocketAddr, payload: &[u8]) -> anyhow::Result<(SocketAddr, String)> {
+    udp_exchange_in(&pod.netns, to, payload)
+}
+
+fn udp_exchange_in(
+    netns: &Netns,
+    to: SocketAddr,
+    payload: &[u8],
+) -> anyhow::Result<(SocketAddr, String)> {
     let payload = payload.to_vec();
-    pod.netns.enter(move || -> anyhow::Result<_> {
+    netns.enter(move || -> anyhow::Result<_> {
         let socket = UdpSocket::bind("0.0.0.0:0")?;
         socket.set_read_timeout(Some(Duration::from_secs(2)))?;
         let mut buf = [0u8; 1500];

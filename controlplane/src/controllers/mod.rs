@@ -15,6 +15,7 @@ pub mod node_ipam;
 pub mod node_lifecycle;
 pub mod replicaset;
 mod revision;
+pub mod service_lb;
 pub mod statefulset;
 pub mod volume;
 mod workload;
@@ -47,6 +48,7 @@ pub async fn run(client: kube::Client, settings: Settings) {
         statefulset::run(client.clone()),
         daemonset::run(client.clone()),
         volume::run(client.clone(), settings.storage_dir),
+        service_lb::run(client.clone()),
         autoscaler::run(client, settings.autoscaler_sync),
     );
 }

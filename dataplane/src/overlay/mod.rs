@@ -9,6 +9,7 @@
 //! workers, which closes the device and with it its routes; the next start
 //! creates both again.
 
+pub mod node_ports;
 pub mod nodes;
 pub mod peers;
 pub mod reassembly;
@@ -76,6 +77,10 @@ pub struct OverlayConfig {
     /// crosses as one datagram per segment, so its size does not change
     /// what one lost datagram costs.
     pub max_super_packet: u32,
+    /// `nodeIP:port` for ports in this range is steered into the device
+    /// for the Service engine (the API server's
+    /// `--service-node-port-range`).
+    pub node_port_range: std::ops::RangeInclusive<u16>,
     /// Send and receive buffer of each underlay socket.
     pub socket_buffer: usize,
     /// Serve `/metrics` here.
@@ -94,6 +99,7 @@ impl OverlayConfig {
             cluster_cidr: None,
             workers: 0,
             max_super_packet: 64 * 1024,
+            node_port_range: 30000..=32767,
             socket_buffer: 8 << 20,
             metrics_addr: None,
         }
@@ -180,11 +186,16 @@ struct Running {
     shared: Arc<Shared>,
     routes: Routes,
     stop: Arc<AtomicBool>,
+    /// Whether NodePort rules were installed, to be removed on the way out.
+    node_ports: bool,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        if self.node_ports {
+            node_ports::remove_blocking();
+        }
     }
 }
 
@@ -216,6 +227,13 @@ async fn start(
         .configure(config.max_super_packet, worker::MAX_SEGMENTS as u32)
         .await?;
     enable_forwarding();
+    let node_ports = match (&services, config.underlay_ip) {
+        (Some(_), IpAddr::V4(node_ip)) if !node_ip.is_unspecified() => {
+            steer_node_ports(config, &routes, node_ip).await?;
+            true
+        }
+        _ => false,
+    };
 
     let listen = SocketAddr::new(config.underlay_ip, config.port);
     let send_from = SocketAddr::new(config.underlay_ip, 0);
@@ -226,6 +244,7 @@ async fn start(
         shared: shared.clone(),
         routes,
         stop: stop.clone(),
+        node_ports,
     };
     for (i, queue) in queues.into_iter().enumerate() {
         let rx = udp::UdpSocket::bind(
@@ -412,6 +431,30 @@ fn engine_config(config: &OverlayConfig) -> EngineConfig {
         _ => None,
     };
     engine
+}
+
+/// Routes NodePort traffic for `node_ip` into the device. The engine's
+/// replies to it leave the device with the node's own address as source,
+/// which the kernel drops as martian unless the device accepts local
+/// sources.
+async fn steer_node_ports(
+    config: &OverlayConfig,
+    routes: &Routes,
+    node_ip: Ipv4Addr,
+) -> Result<(), Error> {
+    let accept_local = format!("/proc/sys/net/ipv4/conf/{}/accept_local", config.tun_name);
+    if let Err(e) = std::fs::write(&accept_local, "1") {
+        tracing::warn!(error = %e, "cannot accept local sources on the device; NodePort replies will be dropped");
+    }
+    node_ports::NodePorts::install(
+        routes.handle(),
+        routes.index(),
+        node_ip,
+        config.node_port_range.clone(),
+    )
+    .await?;
+    tracing::info!(%node_ip, ports = ?config.node_port_range, "NodePort traffic steered into the device");
+    Ok(())
 }
 
 /// Decapsulated packets are forwarded from the TUN device to the pods'

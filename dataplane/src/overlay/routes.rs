@@ -9,7 +9,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use futures::TryStreamExt;
 use ipnet::IpNet;
 use rtnetlink::packet_route::link::LinkAttribute;
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol,
+};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
 /// `ip route` shows Skiff's routes as `proto 152`.
@@ -113,8 +115,21 @@ impl Routes {
         Ok((added, removed))
     }
 
+    /// The netlink connection, for the NodePort rules.
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
+    /// The device's interface index.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Skiff's routes into the device in the main table (the NodePort
+    /// table has its own, see `node_ports`).
     fn is_ours(&self, route: &RouteMessage) -> bool {
         route.header.protocol == RouteProtocol::Other(PROTOCOL)
+            && route.header.table == RouteHeader::RT_TABLE_MAIN
             && route
                 .attributes
                 .iter()
