@@ -5,20 +5,20 @@
 //! server finds it through the Node's `daemonEndpoints`.
 
 use std::path::Path;
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use serde_json::Value;
 use skiff_e2e::images::busybox_oci_archive;
+use skiff_e2e::kubectl_async::{self, TIMEOUT as KUBECTL_TIMEOUT};
 use skiff_e2e::node::AgentNode;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 const SKIFF: &str = env!("CARGO_BIN_EXE_skiff");
 const IMAGE: &str = "skiff-test/busybox:1";
 /// Generous: the machine may be busy running other tests.
 const DEADLINE: Duration = Duration::from_secs(120);
-const KUBECTL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// `web` prints to stdout and stderr, serves /www on :8080 with httpd,
 /// then ticks; `reader` answers each line on its stdin until it closes;
@@ -99,14 +99,20 @@ async fn kubectl_logs_of_real_containers() -> anyhow::Result<()> {
         out.contains("line one\n") && out.contains("line two\n") && out.contains("tick 0\n"),
         "{out:?}"
     );
-    let out = kubectl_ok(&node, &["logs", "web", "-c", "app", "--tail=1"], &[], None).await?;
+    let out = kubectl_async::ok(
+        &node.server,
+        &["logs", "web", "-c", "app", "--tail=1"],
+        &[],
+        None,
+    )
+    .await?;
     ensure!(
         out.lines().count() == 1 && out.starts_with("tick "),
         "{out:?}"
     );
 
     // -f: new lines arrive as the container writes them, in order.
-    let mut follow = kubectl(&node, &["logs", "-f", "--tail=1", "web"], &[])
+    let mut follow = kubectl_async::command(&node.server, &["logs", "-f", "--tail=1", "web"], &[])
         .stdout(Stdio::piped())
         .spawn()?;
     let stdout = follow.stdout.take().context("kubectl stdout")?;
@@ -130,7 +136,7 @@ async fn kubectl_logs_of_real_containers() -> anyhow::Result<()> {
     follow.kill().await?;
 
     // --previous: the run before the current one, which differs from it.
-    let err = kubectl_err(&node, &["logs", "web", "--previous"]).await?;
+    let err = kubectl_async::err(&node.server, &["logs", "web", "--previous"], &[], None).await?;
     ensure!(
         err.contains(r#"previous terminated container "app" in pod "web" not found"#),
         "{err}"
@@ -143,7 +149,8 @@ async fn kubectl_logs_of_real_containers() -> anyhow::Result<()> {
         Ok((restarts >= 1).then_some(()))
     })
     .await?;
-    let previous = kubectl_ok(&node, &["logs", "crasher", "--previous"], &[], None).await?;
+    let previous =
+        kubectl_async::ok(&node.server, &["logs", "crasher", "--previous"], &[], None).await?;
     ensure!(previous.starts_with("run at "), "{previous:?}");
     let current = wait_for_output(&node, &["logs", "crasher"], |out| {
         out.starts_with("run at ")
@@ -159,15 +166,21 @@ async fn kubectl_logs_of_real_containers() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn kubectl_exec_attach_and_port_forward_on_real_containers() -> anyhow::Result<()> {
     let node = node_with_pods().await?;
-    let out = kubectl_ok(&node, &["exec", "web", "--", "echo", "hi"], &[], None).await?;
+    let out = kubectl_async::ok(
+        &node.server,
+        &["exec", "web", "--", "echo", "hi"],
+        &[],
+        None,
+    )
+    .await?;
     ensure!(out == "hi\n", "{out:?}");
 
     // WebSocket (kubectl's default) and SPDY.
     for env in [None, Some(("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false"))] {
         let env: Vec<(&str, &str)> = env.into_iter().collect();
         let script = "echo out; echo err >&2; exit 3";
-        let output = kubectl_output(
-            &node,
+        let output = kubectl_async::output(
+            &node.server,
             &["exec", "web", "--", "sh", "-c", script],
             &env,
             None,
@@ -183,8 +196,8 @@ async fn kubectl_exec_attach_and_port_forward_on_real_containers() -> anyhow::Re
             "{output:?}"
         );
         let input = "through runc exec\nand back\n";
-        let out = kubectl_ok(
-            &node,
+        let out = kubectl_async::ok(
+            &node.server,
             &["exec", "-i", "web", "--", "cat"],
             &env,
             Some(input),
@@ -214,8 +227,8 @@ async fn kubectl_exec_attach_and_port_forward_on_real_containers() -> anyhow::Re
 
     // Attach with stdin: the container answers; closing stdin (stdinOnce)
     // ends its loop and the container.
-    let output = kubectl_output(
-        &node,
+    let output = kubectl_async::output(
+        &node.server,
         &["attach", "-i", "reader"],
         &[],
         Some("first\nsecond\n"),
@@ -225,7 +238,7 @@ async fn kubectl_exec_attach_and_port_forward_on_real_containers() -> anyhow::Re
     ensure!(
         out.contains("got first\ngot second\n"),
         "{output:?}\nlogs: {:?}\n{}",
-        kubectl_ok(&node, &["logs", "reader"], &[], None).await,
+        kubectl_async::ok(&node.server, &["logs", "reader"], &[], None).await,
         node.server.log_tail()
     );
     eventually(&node, "reader to finish", || {
@@ -234,12 +247,12 @@ async fn kubectl_exec_attach_and_port_forward_on_real_containers() -> anyhow::Re
         Ok((terminated["exitCode"] == 0).then_some(()))
     })
     .await?;
-    let out = kubectl_ok(&node, &["logs", "reader"], &[], None).await?;
+    let out = kubectl_async::ok(&node.server, &["logs", "reader"], &[], None).await?;
     ensure!(out.ends_with("stdin closed\n"), "{out:?}");
 
     // httpd answers inside the pod.
-    let out = kubectl_ok(
-        &node,
+    let out = kubectl_async::ok(
+        &node.server,
         &[
             "exec",
             "web",
@@ -258,9 +271,10 @@ async fn kubectl_exec_attach_and_port_forward_on_real_containers() -> anyhow::Re
     // SPDY; the forwarded port is on the node's loopback.
     for env in [None, Some(("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false"))] {
         let env: Vec<(&str, &str)> = env.into_iter().collect();
-        let mut forward = kubectl(&node, &["port-forward", "pod/web", ":8080"], &env)
-            .stdout(Stdio::piped())
-            .spawn()?;
+        let mut forward =
+            kubectl_async::command(&node.server, &["port-forward", "pod/web", ":8080"], &env)
+                .stdout(Stdio::piped())
+                .spawn()?;
         let stdout = forward.stdout.take().context("kubectl stdout")?;
         let mut lines = BufReader::new(stdout).lines();
         let port = loop {
@@ -356,7 +370,7 @@ async fn wait_for_output(
 ) -> anyhow::Result<String> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let out = kubectl_ok(node, args, &[], None).await?;
+        let out = kubectl_async::ok(&node.server, args, &[], None).await?;
         if done(&out) {
             return Ok(out);
         }
@@ -368,74 +382,6 @@ async fn wait_for_output(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// kubectl in the node's namespace as an async process, killed if dropped.
-fn kubectl(node: &AgentNode, args: &[&str], env: &[(&str, &str)]) -> tokio::process::Command {
-    let mut command = tokio::process::Command::from(node.server.kubectl());
-    command
-        .args(args)
-        .envs(env.iter().copied())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    command
-}
-
-async fn kubectl_output(
-    node: &AgentNode,
-    args: &[&str],
-    env: &[(&str, &str)],
-    stdin: Option<&str>,
-) -> anyhow::Result<Output> {
-    let mut command = kubectl(node, args, env);
-    command.stdout(Stdio::piped());
-    command.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    });
-    let mut child = command.spawn().context("running kubectl")?;
-    if let Some(input) = stdin {
-        let mut pipe = child.stdin.take().context("kubectl stdin")?;
-        pipe.write_all(input.as_bytes()).await?;
-        drop(pipe);
-    }
-    match tokio::time::timeout(KUBECTL_TIMEOUT, child.wait_with_output()).await {
-        Ok(output) => Ok(output?),
-        Err(_) => bail!("kubectl {} timed out", args.join(" ")),
-    }
-}
-
-async fn kubectl_ok(
-    node: &AgentNode,
-    args: &[&str],
-    env: &[(&str, &str)],
-    stdin: Option<&str>,
-) -> anyhow::Result<String> {
-    let output = kubectl_output(node, args, env, stdin).await?;
-    if !output.status.success() {
-        bail!(
-            "kubectl {} failed ({}): {}{}\nserver log:\n{}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stderr),
-            String::from_utf8_lossy(&output.stdout),
-            node.server.log_tail()
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
-async fn kubectl_err(node: &AgentNode, args: &[&str]) -> anyhow::Result<String> {
-    let output = kubectl_output(node, args, &[], None).await?;
-    if output.status.success() {
-        bail!(
-            "kubectl {} succeeded but should have failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stdout)
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stderr).into_owned())
 }
 
 #[tokio::test(flavor = "multi_thread")]

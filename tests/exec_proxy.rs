@@ -11,18 +11,18 @@ mod exec_proxy {
 }
 
 use std::net::SocketAddr;
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use exec_proxy::kubelet::{FakeKubelet, Identity};
+use skiff_e2e::kubectl_async;
 use skiff_e2e::server::Server;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 const SKIFF: &str = env!("CARGO_BIN_EXE_skiff");
-const KUBECTL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A server, the fake agent registered as Node `fake-node`, and pods:
 /// `web` (one container `app`, Running), `multi` (containers `a`, `b`),
@@ -68,9 +68,9 @@ metadata: {name: pending}
 spec:
   containers: [{name: app, image: busybox}]
 "#;
-    kubectl_ok(&server, &["create", "-f", "-"], &[], Some(pods)).await?;
+    kubectl_async::ok(&server, &["create", "-f", "-"], &[], Some(pods)).await?;
     // kubectl port-forward wants a running pod; the agent would say so.
-    kubectl_ok(
+    kubectl_async::ok(
         &server,
         &[
             "patch",
@@ -108,7 +108,7 @@ status:
     kubeletEndpoint: {{Port: {port}}}
 "#
     );
-    kubectl_ok(server, &["create", "-f", "-"], &[], Some(&node)).await?;
+    kubectl_async::ok(server, &["create", "-f", "-"], &[], Some(&node)).await?;
     Ok(())
 }
 
@@ -117,9 +117,9 @@ async fn logs_stream_from_the_node_agent() -> anyhow::Result<()> {
     let c = cluster().await?;
     let s = &c.server;
 
-    let out = kubectl_ok(s, &["logs", "web"], &[], None).await?;
+    let out = kubectl_async::ok(s, &["logs", "web"], &[], None).await?;
     ensure!(out == "log line 1 of app\nlog line 2 of app\n", "{out:?}");
-    kubectl_ok(
+    kubectl_async::ok(
         s,
         &[
             "logs",
@@ -142,7 +142,7 @@ async fn logs_stream_from_the_node_agent() -> anyhow::Result<()> {
 
     // -f: lines arrive while the agent is still writing, and when kubectl
     // goes, the API server lets go of the agent's stream too.
-    let mut follow = kubectl(s, &["logs", "-f", "web"], &[])
+    let mut follow = kubectl_async::command(s, &["logs", "-f", "web"], &[])
         .stdout(Stdio::piped())
         .spawn()?;
     let stdout = follow.stdout.take().context("kubectl stdout")?;
@@ -164,7 +164,7 @@ async fn logs_stream_from_the_node_agent() -> anyhow::Result<()> {
 
     // As upstream: the API server names the choices, and an unscheduled
     // pod has no logs yet (204).
-    let err = kubectl_err(
+    let err = kubectl_async::err(
         s,
         &["get", "--raw", "/api/v1/namespaces/default/pods/multi/log"],
         &[],
@@ -175,18 +175,18 @@ async fn logs_stream_from_the_node_agent() -> anyhow::Result<()> {
         err.contains("a container name must be specified for pod multi, choose one of: [a b]"),
         "{err}"
     );
-    let err = kubectl_err(s, &["logs", "multi", "-c", "c"], &[], None).await?;
+    let err = kubectl_async::err(s, &["logs", "multi", "-c", "c"], &[], None).await?;
     ensure!(
         err.contains("container c is not valid for pod multi"),
         "{err}"
     );
-    let out = kubectl_ok(s, &["logs", "multi", "-c", "b"], &[], None).await?;
+    let out = kubectl_async::ok(s, &["logs", "multi", "-c", "b"], &[], None).await?;
     ensure!(out.contains("log line 1 of b"), "{out}");
-    let out = kubectl_ok(s, &["logs", "pending"], &[], None).await?;
+    let out = kubectl_async::ok(s, &["logs", "pending"], &[], None).await?;
     ensure!(out.is_empty(), "{out:?}");
-    let err = kubectl_err(s, &["logs", "ghost"], &[], None).await?;
+    let err = kubectl_async::err(s, &["logs", "ghost"], &[], None).await?;
     ensure!(err.contains(r#"pods "ghost" not found"#), "{err}");
-    let err = kubectl_err(
+    let err = kubectl_async::err(
         s,
         &[
             "get",
@@ -200,7 +200,7 @@ async fn logs_stream_from_the_node_agent() -> anyhow::Result<()> {
     ensure!(err.contains("tailLines: Invalid value"), "{err}");
 
     // The agent's own refusal, in plain text, reaches kubectl as a Status.
-    let err = kubectl_err(s, &["logs", "broken"], &[], None).await?;
+    let err = kubectl_async::err(s, &["logs", "broken"], &[], None).await?;
     ensure!(
         err.contains(r#"container "app" in pod "broken" is waiting to start: ContainerCreating"#),
         "{err}"
@@ -238,21 +238,21 @@ spec:
   nodeName: impostor-node
   containers: [{name: app, image: busybox}]
 "#;
-    kubectl_ok(s, &["create", "-f", "-"], &[], Some(pods)).await?;
+    kubectl_async::ok(s, &["create", "-f", "-"], &[], Some(pods)).await?;
 
-    let err = kubectl_err(s, &["logs", "orphan"], &[], None).await?;
+    let err = kubectl_async::err(s, &["logs", "orphan"], &[], None).await?;
     ensure!(err.contains("ServiceUnavailable"), "{err}");
     ensure!(err.contains("error dialing backend"), "{err}");
     ensure!(err.contains(&format!("127.0.0.1:{closed_port}")), "{err}");
 
-    let err = kubectl_err(s, &["logs", "lured"], &[], None).await?;
+    let err = kubectl_async::err(s, &["logs", "lured"], &[], None).await?;
     ensure!(err.contains("TLS handshake failed"), "{err}");
     ensure!(
         impostor.seen().is_empty(),
         "a request reached the untrusted agent: {:?}",
         impostor.seen()
     );
-    let err = kubectl_err(s, &["exec", "lured", "--", "echo", "hi"], &[], None).await?;
+    let err = kubectl_async::err(s, &["exec", "lured", "--", "echo", "hi"], &[], None).await?;
     ensure!(err.contains("TLS handshake failed"), "{err}");
     Ok(())
 }
@@ -263,7 +263,7 @@ async fn exec_and_attach_through_the_node_agent() -> anyhow::Result<()> {
     let s = &c.server;
 
     // WebSocket, v5.
-    let out = kubectl_ok(s, &["exec", "web", "--", "echo", "hi"], &[], None).await?;
+    let out = kubectl_async::ok(s, &["exec", "web", "--", "echo", "hi"], &[], None).await?;
     ensure!(out == "hi\n", "{out:?}");
     let seen = c.kubelet.seen();
     ensure!(
@@ -272,16 +272,16 @@ async fn exec_and_attach_through_the_node_agent() -> anyhow::Result<()> {
         "kubelet saw {seen:#?}"
     );
     let input = "through the splice\nand back\n";
-    let out = kubectl_ok(s, &["exec", "-i", "web", "--", "cat"], &[], Some(input)).await?;
+    let out = kubectl_async::ok(s, &["exec", "-i", "web", "--", "cat"], &[], Some(input)).await?;
     ensure!(out == input, "{out:?}");
-    let output = kubectl_output(s, &["exec", "web", "--", "false"], &[], None).await?;
+    let output = kubectl_async::output(s, &["exec", "web", "--", "false"], &[], None).await?;
     ensure!(output.status.code() == Some(1), "{output:?}");
     let err = String::from_utf8_lossy(&output.stderr);
     ensure!(err.contains("command terminated with exit code 1"), "{err}");
 
     // SPDY, as kubectl falls back to (or is told to use).
     let spdy = [("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")];
-    let out = kubectl_ok(
+    let out = kubectl_async::ok(
         s,
         &["exec", "web", "--", "echo", "over", "spdy"],
         &spdy,
@@ -289,7 +289,7 @@ async fn exec_and_attach_through_the_node_agent() -> anyhow::Result<()> {
     )
     .await?;
     ensure!(out == "over spdy\n", "{out:?}");
-    let out = kubectl_ok(s, &["exec", "-i", "web", "--", "cat"], &spdy, Some(input)).await?;
+    let out = kubectl_async::ok(s, &["exec", "-i", "web", "--", "cat"], &spdy, Some(input)).await?;
     ensure!(out == input, "{out:?}");
     let seen = c.kubelet.seen();
     ensure!(
@@ -299,7 +299,7 @@ async fn exec_and_attach_through_the_node_agent() -> anyhow::Result<()> {
         "kubelet saw {seen:#?}"
     );
 
-    let out = kubectl_ok(s, &["attach", "web"], &[], None).await?;
+    let out = kubectl_async::ok(s, &["attach", "web"], &[], None).await?;
     ensure!(out.contains("attached to app"), "{out:?}");
     ensure!(
         c.kubelet
@@ -310,12 +310,13 @@ async fn exec_and_attach_through_the_node_agent() -> anyhow::Result<()> {
         c.kubelet.seen()
     );
 
-    let err = kubectl_err(s, &["exec", "pending", "--", "echo"], &[], None).await?;
+    let err = kubectl_async::err(s, &["exec", "pending", "--", "echo"], &[], None).await?;
     ensure!(
         err.contains("pod pending does not have a host assigned"),
         "{err}"
     );
-    let err = kubectl_err(s, &["exec", "multi", "-c", "nope", "--", "echo"], &[], None).await?;
+    let err =
+        kubectl_async::err(s, &["exec", "multi", "-c", "nope", "--", "echo"], &[], None).await?;
     ensure!(
         err.contains("container nope is not valid for pod multi"),
         "{err}"
@@ -340,7 +341,7 @@ async fn port_forward_through_the_node_agent() -> anyhow::Result<()> {
         ),
     ] {
         let env: Vec<(&str, &str)> = env.into_iter().collect();
-        let mut forward = kubectl(
+        let mut forward = kubectl_async::command(
             s,
             &["port-forward", "--address", "127.0.0.1", "pod/web", ":8080"],
             &env,
@@ -420,76 +421,4 @@ impl Drop for Echo {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-/// kubectl for `server` as an async process (the fake agent runs in this
-/// test's runtime, so kubectl must not block it), killed if dropped.
-fn kubectl(server: &Server, args: &[&str], env: &[(&str, &str)]) -> tokio::process::Command {
-    let mut command = tokio::process::Command::from(server.kubectl());
-    command
-        .args(args)
-        .envs(env.iter().copied())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    command
-}
-
-async fn kubectl_output(
-    server: &Server,
-    args: &[&str],
-    env: &[(&str, &str)],
-    stdin: Option<&str>,
-) -> anyhow::Result<Output> {
-    let mut command = kubectl(server, args, env);
-    command.stdout(Stdio::piped());
-    if stdin.is_some() {
-        command.stdin(Stdio::piped());
-    }
-    let mut child = command.spawn().context("running kubectl")?;
-    if let Some(input) = stdin {
-        let mut pipe = child.stdin.take().context("kubectl stdin")?;
-        pipe.write_all(input.as_bytes()).await?;
-        drop(pipe);
-    }
-    match tokio::time::timeout(KUBECTL_TIMEOUT, child.wait_with_output()).await {
-        Ok(output) => Ok(output?),
-        Err(_) => bail!("kubectl {} timed out", args.join(" ")),
-    }
-}
-
-async fn kubectl_ok(
-    server: &Server,
-    args: &[&str],
-    env: &[(&str, &str)],
-    stdin: Option<&str>,
-) -> anyhow::Result<String> {
-    let output = kubectl_output(server, args, env, stdin).await?;
-    if !output.status.success() {
-        bail!(
-            "kubectl {} failed ({}): {}{}\nserver log:\n{}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stderr),
-            String::from_utf8_lossy(&output.stdout),
-            server.log_tail()
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
-async fn kubectl_err(
-    server: &Server,
-    args: &[&str],
-    env: &[(&str, &str)],
-    stdin: Option<&str>,
-) -> anyhow::Result<String> {
-    let output = kubectl_output(server, args, env, stdin).await?;
-    if output.status.success() {
-        bail!(
-            "kubectl {} succeeded but should have failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stdout)
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stderr).into_owned())
 }

@@ -6,13 +6,14 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
 use agent::shim::{self, ShimSpec};
 use agent::streaming::{self, ContainerRef, Containers, StreamError};
 use anyhow::{Context, bail, ensure};
+use skiff_e2e::kubectl_async::{self, TIMEOUT as KUBECTL_TIMEOUT};
 use skiff_e2e::runc::{BundleOptions, Netns, RuncRoot, busybox_bundle, unique};
 use skiff_e2e::server::Server;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -20,7 +21,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 const SKIFF: &str = env!("CARGO_BIN_EXE_skiff");
-const KUBECTL_TIMEOUT: Duration = Duration::from_secs(60);
 const NODE: &str = "stream-node";
 
 /// The test's pods: (namespace, pod) → container name → its reference.
@@ -159,9 +159,9 @@ spec:
 "#
     );
     let s = &cluster.server;
-    kubectl_ok(s, &["create", "-f", "-"], &[], Some(&objects)).await?;
+    kubectl_async::ok(s, &["create", "-f", "-"], &[], Some(&objects)).await?;
     for pod in ["web", "reader"] {
-        kubectl_ok(
+        kubectl_async::ok(
             s,
             &[
                 "patch",
@@ -261,7 +261,7 @@ async fn kubectl_logs_reads_the_container_s_cri_log() -> anyhow::Result<()> {
         "{out:?}"
     );
 
-    let out = kubectl_ok(s, &["logs", "web", "--tail=1", "--timestamps"], &[], None).await?;
+    let out = kubectl_async::ok(s, &["logs", "web", "--tail=1", "--timestamps"], &[], None).await?;
     let (time, text) = out
         .trim_end()
         .split_once(' ')
@@ -271,11 +271,11 @@ async fn kubectl_logs_reads_the_container_s_cri_log() -> anyhow::Result<()> {
         time.len() == 30 && time.ends_with('Z'),
         "not RFC 3339 with nanoseconds: {time}"
     );
-    let out = kubectl_ok(s, &["logs", "web", "--limit-bytes=6"], &[], None).await?;
+    let out = kubectl_async::ok(s, &["logs", "web", "--limit-bytes=6"], &[], None).await?;
     ensure!(out == "line o", "{out:?}");
 
     // -f: new lines arrive as the container writes them.
-    let mut follow = kubectl(s, &["logs", "-f", "--tail=1", "web"], &[])
+    let mut follow = kubectl_async::command(s, &["logs", "-f", "--tail=1", "web"], &[])
         .stdout(Stdio::piped())
         .spawn()?;
     let stdout = follow.stdout.take().context("kubectl stdout")?;
@@ -298,7 +298,7 @@ async fn kubectl_logs_reads_the_container_s_cri_log() -> anyhow::Result<()> {
     );
     follow.kill().await?;
 
-    let err = kubectl_err(s, &["logs", "web", "--previous"], &[], None).await?;
+    let err = kubectl_async::err(s, &["logs", "web", "--previous"], &[], None).await?;
     ensure!(
         err.contains(r#"previous terminated container "app" in pod "web" not found"#),
         "{err}"
@@ -314,7 +314,8 @@ async fn kubectl_exec_runs_in_the_container() -> anyhow::Result<()> {
     for env in [None, Some(("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false"))] {
         let env: Vec<(&str, &str)> = env.into_iter().collect();
         let output =
-            kubectl_output(s, &["exec", "web", "--", "sh", "-c", script], &env, None).await?;
+            kubectl_async::output(s, &["exec", "web", "--", "sh", "-c", script], &env, None)
+                .await?;
         ensure!(output.status.code() == Some(3), "{output:?}");
         ensure!(
             String::from_utf8_lossy(&output.stdout) == "out\n",
@@ -326,11 +327,12 @@ async fn kubectl_exec_runs_in_the_container() -> anyhow::Result<()> {
         );
 
         let input = "through runc exec\nand back\n";
-        let out = kubectl_ok(s, &["exec", "-i", "web", "--", "cat"], &env, Some(input)).await?;
+        let out =
+            kubectl_async::ok(s, &["exec", "-i", "web", "--", "cat"], &env, Some(input)).await?;
         ensure!(out == input, "{out:?}");
     }
     // The pod's own network: httpd answers on the pod's loopback.
-    let out = kubectl_ok(
+    let out = kubectl_async::ok(
         s,
         &[
             "exec",
@@ -368,7 +370,7 @@ async fn kubectl_exec_runs_in_the_container() -> anyhow::Result<()> {
     );
     ensure!(output.status.code() == Some(5), "{output:?}");
 
-    let err = kubectl_err(s, &["exec", "web", "--", "no-such-binary"], &[], None).await?;
+    let err = kubectl_async::err(s, &["exec", "web", "--", "no-such-binary"], &[], None).await?;
     ensure!(err.contains("no-such-binary"), "{err}");
     Ok(())
 }
@@ -380,21 +382,22 @@ async fn kubectl_attach_and_port_forward() -> anyhow::Result<()> {
 
     // Attach with stdin: the container answers; closing stdin (stdinOnce)
     // ends its loop.
-    let out = kubectl_ok(s, &["attach", "-i", "reader"], &[], Some("first\nsecond\n")).await?;
+    let out =
+        kubectl_async::ok(s, &["attach", "-i", "reader"], &[], Some("first\nsecond\n")).await?;
     ensure!(out.contains("got first\ngot second\n"), "{out:?}");
     let reader = &c.specs[1];
     let status = tokio::time::timeout(Duration::from_secs(20), shim::wait(&reader.state_dir))
         .await
         .context("the container's stdin stayed open")??;
     ensure!(status.code == 0, "{status:?}");
-    let out = kubectl_ok(s, &["logs", "reader"], &[], None).await?;
+    let out = kubectl_async::ok(s, &["logs", "reader"], &[], None).await?;
     ensure!(out.ends_with("stdin closed\n"), "{out:?}");
 
     // Port-forward to httpd in the pod's network namespace, over
     // kubectl's default (SPDY in a WebSocket) and plain SPDY.
     for env in [None, Some(("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false"))] {
         let env: Vec<(&str, &str)> = env.into_iter().collect();
-        let mut forward = kubectl(
+        let mut forward = kubectl_async::command(
             s,
             &["port-forward", "--address", "127.0.0.1", "pod/web", ":8080"],
             &env,
@@ -446,7 +449,7 @@ async fn wait_for(
 ) -> anyhow::Result<String> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let out = kubectl_ok(server, args, &[], None).await?;
+        let out = kubectl_async::ok(server, args, &[], None).await?;
         if done(&out) {
             return Ok(out);
         }
@@ -458,78 +461,4 @@ async fn wait_for(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// kubectl for `server` as an async process (the agent runs in this
-/// test's runtime, so kubectl must not block it), killed if dropped.
-fn kubectl(server: &Server, args: &[&str], env: &[(&str, &str)]) -> tokio::process::Command {
-    let mut command = tokio::process::Command::from(server.kubectl());
-    command
-        .args(args)
-        .envs(env.iter().copied())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    command
-}
-
-async fn kubectl_output(
-    server: &Server,
-    args: &[&str],
-    env: &[(&str, &str)],
-    stdin: Option<&str>,
-) -> anyhow::Result<Output> {
-    let mut command = kubectl(server, args, env);
-    command.stdout(Stdio::piped());
-    command.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    });
-    let mut child = command.spawn().context("running kubectl")?;
-    if let Some(input) = stdin {
-        let mut pipe = child.stdin.take().context("kubectl stdin")?;
-        pipe.write_all(input.as_bytes()).await?;
-        drop(pipe);
-    }
-    match tokio::time::timeout(KUBECTL_TIMEOUT, child.wait_with_output()).await {
-        Ok(output) => Ok(output?),
-        Err(_) => bail!("kubectl {} timed out", args.join(" ")),
-    }
-}
-
-async fn kubectl_ok(
-    server: &Server,
-    args: &[&str],
-    env: &[(&str, &str)],
-    stdin: Option<&str>,
-) -> anyhow::Result<String> {
-    let output = kubectl_output(server, args, env, stdin).await?;
-    if !output.status.success() {
-        bail!(
-            "kubectl {} failed ({}): {}{}\nserver log:\n{}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stderr),
-            String::from_utf8_lossy(&output.stdout),
-            server.log_tail()
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
-async fn kubectl_err(
-    server: &Server,
-    args: &[&str],
-    env: &[(&str, &str)],
-    stdin: Option<&str>,
-) -> anyhow::Result<String> {
-    let output = kubectl_output(server, args, env, stdin).await?;
-    if output.status.success() {
-        bail!(
-            "kubectl {} succeeded but should have failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stdout)
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stderr).into_owned())
 }

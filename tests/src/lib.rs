@@ -6,6 +6,7 @@
 pub mod cluster;
 pub mod etcd;
 pub mod images;
+pub mod kubectl_async;
 pub mod netns;
 pub mod node;
 pub mod runc;
