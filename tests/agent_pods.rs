@@ -12,8 +12,6 @@ use skiff_e2e::node::AgentNode;
 
 const SKIFF: &str = env!("CARGO_BIN_EXE_skiff");
 const IMAGE: &str = "skiff-test/busybox:1";
-/// Generous: the machine may be busy running other tests.
-const DEADLINE: Duration = Duration::from_secs(120);
 
 /// A node with the busybox test image imported.
 async fn node() -> anyhow::Result<AgentNode> {
@@ -32,38 +30,6 @@ async fn node() -> anyhow::Result<AgentNode> {
         String::from_utf8_lossy(&output.stderr)
     );
     Ok(node)
-}
-
-/// Polls `check` until it gives a value, failing with the last error and
-/// the server log at the deadline.
-async fn eventually<T>(
-    node: &AgentNode,
-    what: &str,
-    mut check: impl FnMut() -> anyhow::Result<Option<T>>,
-) -> anyhow::Result<T> {
-    let deadline = Instant::now() + DEADLINE;
-    let mut last = String::new();
-    loop {
-        match check() {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last = format!("{e:#}"),
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "timed out waiting for {what}: {last}\nserver log:\n{}",
-                node.server.log_tail()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
-fn pod_json(node: &AgentNode, name: &str) -> anyhow::Result<Value> {
-    let out = node
-        .server
-        .kubectl_ok(&["get", "pod", name, "-o", "json"])?;
-    Ok(serde_json::from_str(&out)?)
 }
 
 fn container_status(pod: &Value, index: usize) -> &Value {
@@ -177,7 +143,7 @@ spec:
 }
 
 fn pod_ip(node: &AgentNode, name: &str) -> anyhow::Result<Option<String>> {
-    let pod = pod_json(node, name)?;
+    let pod = node.pod_json(name)?;
     Ok(pod["status"]["podIP"].as_str().map(str::to_owned))
 }
 
@@ -192,8 +158,8 @@ fn fetch(node: &AgentNode, ip: &str, path: &str) -> anyhow::Result<String> {
 }
 
 async fn wait_running(node: &AgentNode, name: &str) -> anyhow::Result<Value> {
-    eventually(node, &format!("{name} running"), || {
-        let pod = pod_json(node, name)?;
+    node.eventually(&format!("{name} running"), || {
+        let pod = node.pod_json(name)?;
         Ok(
             (pod["status"]["containerStatuses"][0]["state"]["running"].is_object()
                 && pod["status"]["podIP"].is_string())
@@ -224,8 +190,8 @@ spec:
     // The back-off periods the waiting messages named ("back-off 2s
     // restarting failed container=…"), in the order first seen.
     let mut backoffs: Vec<u64> = Vec::new();
-    eventually(&node, "three restarts", || {
-        let pod = pod_json(&node, "crasher")?;
+    node.eventually("three restarts", || {
+        let pod = node.pod_json("crasher")?;
         let c = container_status(&pod, 0);
         let count = c["restartCount"].as_u64().unwrap_or(0);
         let waiting = &c["state"]["waiting"];
@@ -246,7 +212,7 @@ spec:
         !backoffs.is_empty(),
         "the container never waited in CrashLoopBackOff"
     );
-    let pod = pod_json(&node, "crasher")?;
+    let pod = node.pod_json("crasher")?;
     let c = container_status(&pod, 0);
     let last = &c["lastState"]["terminated"];
     ensure!(
@@ -394,20 +360,20 @@ async fn readiness_probes_flip_ready_and_endpoints_both_ways() -> anyhow::Result
             .to_owned();
         // Not ready until the probe passes: the endpoint is listed, not ready.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let pod = pod_json(&node, name)?;
+        let pod = node.pod_json(name)?;
         ensure!(
             container_status(&pod, 0)["ready"] == false && condition(&pod, "Ready") == Some(false),
             "{name} is not ready before its probe passes: {}",
             pod["status"]
         );
-        eventually(&node, &format!("{name}'s endpoint, not ready"), || {
+        node.eventually(&format!("{name}'s endpoint, not ready"), || {
             endpoint_ready(&node, "probed", &ip).map(|r| (r == Some(false)).then_some(()))
         })
         .await?;
         for ok in [true, false, true] {
             set_ok(ctl, ok)?;
-            eventually(&node, &format!("{name} ready={ok}"), || {
-                let pod = pod_json(&node, name)?;
+            node.eventually(&format!("{name} ready={ok}"), || {
+                let pod = node.pod_json(name)?;
                 let c = container_status(&pod, 0);
                 Ok((c["ready"] == ok
                     && c["state"]["running"].is_object()
@@ -416,12 +382,12 @@ async fn readiness_probes_flip_ready_and_endpoints_both_ways() -> anyhow::Result
                 .then_some(()))
             })
             .await?;
-            eventually(&node, &format!("{name}'s endpoint ready={ok}"), || {
+            node.eventually(&format!("{name}'s endpoint ready={ok}"), || {
                 endpoint_ready(&node, "probed", &ip).map(|r| (r == Some(ok)).then_some(()))
             })
             .await?;
         }
-        let pod = pod_json(&node, name)?;
+        let pod = node.pod_json(name)?;
         ensure!(
             container_status(&pod, 0)["restartCount"] == 0,
             "readiness never restarts {name}: {}",
@@ -461,7 +427,7 @@ async fn failing_liveness_probes_restart_the_container() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(5)).await;
     let mut first_ids = Vec::new();
     for (name, ctl) in &pods {
-        let pod = pod_json(&node, name)?;
+        let pod = node.pod_json(name)?;
         let c = container_status(&pod, 0);
         ensure!(
             c["restartCount"] == 0 && c["state"]["running"].is_object(),
@@ -471,20 +437,16 @@ async fn failing_liveness_probes_restart_the_container() -> anyhow::Result<()> {
         set_ok(ctl, false)?;
     }
     for ((name, ctl), first) in pods.iter().zip(first_ids) {
-        eventually(
-            &node,
-            &format!("{name} restarted by its liveness probe"),
-            || {
-                let pod = pod_json(&node, name)?;
-                let c = container_status(&pod, 0);
-                // Under load it may have failed again since: any
-                // restart of the first container counts.
-                Ok((c["restartCount"].as_u64() >= Some(1)
-                    && c["lastState"]["terminated"].is_object()
-                    && c["containerID"] != first)
-                    .then_some(()))
-            },
-        )
+        node.eventually(&format!("{name} restarted by its liveness probe"), || {
+            let pod = node.pod_json(name)?;
+            let c = container_status(&pod, 0);
+            // Under load it may have failed again since: any
+            // restart of the first container counts.
+            Ok((c["restartCount"].as_u64() >= Some(1)
+                && c["lastState"]["terminated"].is_object()
+                && c["containerID"] != first)
+                .then_some(()))
+        })
         .await?;
         set_ok(ctl, true)?;
         let killing = events(&node, name, "Killing")?;
@@ -508,11 +470,11 @@ async fn failing_liveness_probes_restart_the_container() -> anyhow::Result<()> {
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
     for (name, _) in &pods {
-        let pod = pod_json(&node, name)?;
+        let pod = node.pod_json(name)?;
         let c = container_status(&pod, 0);
         let count = c["restartCount"].as_u64().unwrap_or(0);
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let later = pod_json(&node, name)?;
+        let later = node.pod_json(name)?;
         ensure!(
             container_status(&later, 0)["restartCount"].as_u64() == Some(count)
                 && container_status(&later, 0)["state"]["running"].is_object(),
@@ -534,7 +496,7 @@ async fn startup_probe_gates_liveness_and_readiness() -> anyhow::Result<()> {
     set_ok(&ctl, true)?;
     wait_running(&node, "slow").await?;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let pod = pod_json(&node, "slow")?;
+    let pod = node.pod_json("slow")?;
     let c = container_status(&pod, 0);
     ensure!(
         c["started"] == false && c["ready"] == false && c["restartCount"] == 0,
@@ -543,8 +505,8 @@ async fn startup_probe_gates_liveness_and_readiness() -> anyhow::Result<()> {
     );
     std::fs::write(ctl.join("alive"), "")?;
     std::fs::write(ctl.join("started"), "")?;
-    eventually(&node, "started and ready", || {
-        let pod = pod_json(&node, "slow")?;
+    node.eventually("started and ready", || {
+        let pod = node.pod_json("slow")?;
         let c = container_status(&pod, 0);
         Ok(
             (c["started"] == true && c["ready"] == true && condition(&pod, "Ready") == Some(true))
@@ -556,8 +518,8 @@ async fn startup_probe_gates_liveness_and_readiness() -> anyhow::Result<()> {
     // waits for its startup probe again.
     std::fs::remove_file(ctl.join("alive"))?;
     std::fs::remove_file(ctl.join("started"))?;
-    eventually(&node, "a restart by liveness", || {
-        let pod = pod_json(&node, "slow")?;
+    node.eventually("a restart by liveness", || {
+        let pod = node.pod_json("slow")?;
         let c = container_status(&pod, 0);
         Ok(
             (c["restartCount"].as_u64() >= Some(1) && c["state"]["running"].is_object())
@@ -566,7 +528,7 @@ async fn startup_probe_gates_liveness_and_readiness() -> anyhow::Result<()> {
     })
     .await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let pod = pod_json(&node, "slow")?;
+    let pod = node.pod_json("slow")?;
     let c = container_status(&pod, 0);
     ensure!(
         c["started"] == false && c["ready"] == false && c["restartCount"] == 1,
@@ -577,8 +539,8 @@ async fn startup_probe_gates_liveness_and_readiness() -> anyhow::Result<()> {
     let probes = "    startupProbe:\n      exec: {command: [test, -f, /ctl/started]}\n      periodSeconds: 1\n      failureThreshold: 2";
     node.server
         .kubectl_stdin(&["apply", "-f", "-"], &probed_pod("never", &ctl, probes))?;
-    eventually(&node, "a restart by the startup probe", || {
-        let pod = pod_json(&node, "never")?;
+    node.eventually("a restart by the startup probe", || {
+        let pod = node.pod_json("never")?;
         Ok((container_status(&pod, 0)["restartCount"].as_u64() >= Some(1)).then_some(()))
     })
     .await?;
@@ -598,11 +560,12 @@ async fn readiness_waits_for_initial_delay() -> anyhow::Result<()> {
     let probes = "    readinessProbe:\n      exec: {command: [test, -f, /ctl/ok]}\n      initialDelaySeconds: 6\n      periodSeconds: 1";
     node.server
         .kubectl_stdin(&["apply", "-f", "-"], &probed_pod("delayed", &ctl, probes))?;
-    let pod = eventually(&node, "delayed ready", || {
-        let pod = pod_json(&node, "delayed")?;
-        Ok((container_status(&pod, 0)["ready"] == true).then_some(pod))
-    })
-    .await?;
+    let pod = node
+        .eventually("delayed ready", || {
+            let pod = node.pod_json("delayed")?;
+            Ok((container_status(&pod, 0)["ready"] == true).then_some(pod))
+        })
+        .await?;
     let started = epoch_seconds(&container_status(&pod, 0)["state"]["running"]["startedAt"])?;
     let ready_at = pod["status"]["conditions"]
         .as_array()
@@ -685,10 +648,9 @@ spec:
     node.server.kubectl_stdin(&["apply", "-f", "-"], &pod)?;
     wait_running(&node, "envpod").await?;
     let ip = pod_ip(&node, "envpod")?.context("pod IP")?;
-    let env = eventually(&node, "the env page", || {
-        fetch(&node, &ip, "/env").map(Some)
-    })
-    .await?;
+    let env = node
+        .eventually("the env page", || fetch(&node, &ip, "/env").map(Some))
+        .await?;
     ensure!(
         env.trim() == "hello/s3cret/blue/envpod/web/64",
         "environment: {env:?}"
@@ -699,7 +661,7 @@ spec:
         &["apply", "-f", "-"],
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings}\ndata: {greeting: hello, color: green}\n",
     )?;
-    eventually(&node, "the configMap volume to update", || {
+    node.eventually("the configMap volume to update", || {
         Ok(fetch(&node, &ip, "/cfg/color")
             .ok()
             .filter(|c| c.trim() == "green"))
@@ -737,18 +699,14 @@ spec:
             node.server
                 .kubectl_ok(&["create", "configmap", "later", "--from-literal=other=1"])?;
         }
-        eventually(
-            &node,
-            &format!("CreateContainerConfigError ({step})"),
-            || {
-                let pod = pod_json(&node, "waiter")?;
-                let w = &container_status(&pod, 0)["state"]["waiting"];
-                Ok(
-                    (w["reason"] == "CreateContainerConfigError" && w["message"] == message)
-                        .then_some(()),
-                )
-            },
-        )
+        node.eventually(&format!("CreateContainerConfigError ({step})"), || {
+            let pod = node.pod_json("waiter")?;
+            let w = &container_status(&pod, 0)["state"]["waiting"];
+            Ok(
+                (w["reason"] == "CreateContainerConfigError" && w["message"] == message)
+                    .then_some(()),
+            )
+        })
         .await?;
     }
     node.server.kubectl_stdin(
@@ -760,10 +718,9 @@ spec:
         .as_str()
         .context("pod IP")?
         .to_owned();
-    let env = eventually(&node, "the waiter's page", || {
-        fetch(&node, &ip, "/env").map(Some)
-    })
-    .await?;
+    let env = node
+        .eventually("the waiter's page", || fetch(&node, &ip, "/env").map(Some))
+        .await?;
     ensure!(env.trim() == "arrived", "{env:?}");
     Ok(())
 }
@@ -781,10 +738,8 @@ async fn killed_server_leaves_pods_running_and_readopts_them() -> anyhow::Result
         .context("pod IP")?
         .to_owned();
     let id = container_status(&before, 0)["containerID"].clone();
-    eventually(&node, "survivor to serve", || {
-        Ok(fetch(&node, &ip, "/").ok())
-    })
-    .await?;
+    node.eventually("survivor to serve", || Ok(fetch(&node, &ip, "/").ok()))
+        .await?;
     node.server.kill();
     // The container keeps serving while nothing manages it.
     let body = fetch(&node, &ip, "/")?;
@@ -793,12 +748,13 @@ async fn killed_server_leaves_pods_running_and_readopts_them() -> anyhow::Result
         "served while the server is down: {body:?}"
     );
     node.server.restart().await?;
-    let after = eventually(&node, "the pod to be re-adopted", || {
-        let pod = pod_json(&node, "survivor")?;
-        let c = container_status(&pod, 0);
-        Ok((c["ready"] == true).then_some(pod))
-    })
-    .await?;
+    let after = node
+        .eventually("the pod to be re-adopted", || {
+            let pod = node.pod_json("survivor")?;
+            let c = container_status(&pod, 0);
+            Ok((c["ready"] == true).then_some(pod))
+        })
+        .await?;
     let c = container_status(&after, 0);
     ensure!(
         c["containerID"] == id,
@@ -819,7 +775,7 @@ async fn killed_server_leaves_pods_running_and_readopts_them() -> anyhow::Result
         "--wait=false",
     ])?;
     node.restart_with(&[]).await?;
-    eventually(&node, "the deleted pod's leftovers to go", || {
+    node.eventually("the deleted pod's leftovers to go", || {
         let left = node.leftovers();
         if left.is_empty() {
             Ok(Some(()))
@@ -898,12 +854,12 @@ spec:
         "running pods are visible to the leftover check"
     );
     node.server.kubectl_ok(&["delete", "deployment", "many"])?;
-    eventually(&node, "every pod to go", || {
+    node.eventually("every pod to go", || {
         let out = node.server.kubectl_ok(&["get", "pods", "-o", "name"])?;
         Ok(out.trim().is_empty().then_some(()))
     })
     .await?;
-    eventually(&node, "nothing to be left", || {
+    node.eventually("nothing to be left", || {
         let left = node.leftovers();
         if left.is_empty() {
             Ok(Some(()))
@@ -946,16 +902,17 @@ spec:
         .kubectl_stdin(&["apply", "-f", "-"], &manifest)?;
     wait_running(&node, "writer").await?;
     let storage = node.server.data_dir().join("storage");
-    let folder = eventually(&node, "the volume's file on the node", || {
-        let found = std::fs::read_dir(&storage)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| std::fs::read_to_string(p.join("file")).is_ok_and(|c| c == "kept\n"));
-        Ok(found)
-    })
-    .await?;
+    let folder = node
+        .eventually("the volume's file on the node", || {
+            let found = std::fs::read_dir(&storage)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| std::fs::read_to_string(p.join("file")).is_ok_and(|c| c == "kept\n"));
+            Ok(found)
+        })
+        .await?;
     let name = folder
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -972,7 +929,7 @@ spec:
     tokio::time::sleep(Duration::from_secs(12)).await;
     ensure!(folder.join("file").exists(), "kept while the claim exists");
     node.server.kubectl_ok(&["delete", "pvc", "data"])?;
-    eventually(&node, "the volume and its folder to go", || {
+    node.eventually("the volume and its folder to go", || {
         let volumes = node.server.kubectl_ok(&["get", "pv", "-o", "name"])?;
         Ok((volumes.trim().is_empty() && !folder.exists()).then_some(()))
     })
@@ -1032,7 +989,7 @@ spec:
     node.server
         .kubectl_ok(&["delete", "pod", "polite", "stubborn", "--wait=false"])?;
     let mut gone = std::collections::BTreeMap::new();
-    eventually(&node, "both pods to go", || {
+    node.eventually("both pods to go", || {
         for name in ["polite", "stubborn"] {
             if !gone.contains_key(name)
                 && node
@@ -1072,15 +1029,16 @@ async fn service_variables_for_services_that_exist_at_start() -> anyhow::Result<
         &["apply", "-f", "-"],
         "apiVersion: v1\nkind: Service\nmetadata: {name: my-db}\nspec:\n  selector: {app: db}\n  ports: [{name: sql, port: 5432}]\n",
     )?;
-    let cluster_ip = eventually(&node, "the Service's cluster IP", || {
-        let svc: Value = serde_json::from_str(
-            &node
-                .server
-                .kubectl_ok(&["get", "svc", "my-db", "-o", "json"])?,
-        )?;
-        Ok(svc["spec"]["clusterIP"].as_str().map(str::to_owned))
-    })
-    .await?;
+    let cluster_ip = node
+        .eventually("the Service's cluster IP", || {
+            let svc: Value = serde_json::from_str(
+                &node
+                    .server
+                    .kubectl_ok(&["get", "svc", "my-db", "-o", "json"])?,
+            )?;
+            Ok(svc["spec"]["clusterIP"].as_str().map(str::to_owned))
+        })
+        .await?;
     let pod = |name: &str, links: bool| {
         format!(
             r#"
@@ -1107,10 +1065,9 @@ spec:
             .as_str()
             .context("pod IP")?
             .to_owned();
-        let env = eventually(&node, "the env page", || {
-            fetch(&node, &ip, "/env").map(Some)
-        })
-        .await?;
+        let env = node
+            .eventually("the env page", || fetch(&node, &ip, "/env").map(Some))
+            .await?;
         let has = |line: &str| env.lines().any(|l| l == line);
         ensure!(
             has("KUBERNETES_SERVICE_PORT=443") && env.contains("KUBERNETES_SERVICE_HOST="),
@@ -1196,10 +1153,9 @@ spec:
         .as_str()
         .context("pod IP")?
         .to_owned();
-    let mode = eventually(&node, "the files page", || {
-        fetch(&node, &ip, "/mode").map(Some)
-    })
-    .await?;
+    let mode = node
+        .eventually("the files page", || fetch(&node, &ip, "/mode").map(Some))
+        .await?;
     ensure!(mode.trim() == "400", "the secret item's mode: {mode:?}");
     for (path, want) in [
         ("/sec/pw", "s3cret"),
@@ -1214,18 +1170,19 @@ spec:
     }
     node.server
         .kubectl_ok(&["label", "pod", "files", "tier=db", "--overwrite"])?;
-    eventually(&node, "the downward API labels to update", || {
+    node.eventually("the downward API labels to update", || {
         Ok(fetch(&node, &ip, "/info/labels")
             .ok()
             .filter(|l| l.trim() == "tier=\"db\""))
     })
     .await?;
-    let hog = eventually(&node, "the hog to be OOM-killed", || {
-        let pod = pod_json(&node, "hog")?;
-        let t = &container_status(&pod, 0)["state"]["terminated"];
-        Ok(t.is_object().then(|| pod.clone()))
-    })
-    .await?;
+    let hog = node
+        .eventually("the hog to be OOM-killed", || {
+            let pod = node.pod_json("hog")?;
+            let t = &container_status(&pod, 0)["state"]["terminated"];
+            Ok(t.is_object().then(|| pod.clone()))
+        })
+        .await?;
     let t = &container_status(&hog, 0)["state"]["terminated"];
     ensure!(
         t["reason"] == "OOMKilled" && t["exitCode"] == 137,
@@ -1267,8 +1224,8 @@ spec:
         ("never", "ErrImageNeverPull"),
         ("ifnot", "ImagePullBackOff"),
     ] {
-        eventually(&node, &format!("{name} waiting with {reason}"), || {
-            let pod = pod_json(&node, name)?;
+        node.eventually(&format!("{name} waiting with {reason}"), || {
+            let pod = node.pod_json(name)?;
             let w = &container_status(&pod, 0)["state"]["waiting"];
             Ok((w["reason"] == reason
                 && w["message"]
@@ -1283,10 +1240,11 @@ spec:
         .as_str()
         .context("pod IP")?
         .to_owned();
-    let hostname = eventually(&node, "the name files", || {
-        fetch(&node, &ip, "/hostname").map(Some)
-    })
-    .await?;
+    let hostname = node
+        .eventually("the name files", || {
+            fetch(&node, &ip, "/hostname").map(Some)
+        })
+        .await?;
     ensure!(hostname.trim() == "web-0", "hostname: {hostname:?}");
     let hosts = fetch(&node, &ip, "/hosts")?;
     ensure!(

@@ -9,7 +9,6 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use serde_json::Value;
 use skiff_e2e::images::busybox_oci_archive;
 use skiff_e2e::kubectl_async::{self, TIMEOUT as KUBECTL_TIMEOUT};
 use skiff_e2e::node::AgentNode;
@@ -17,8 +16,6 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 const SKIFF: &str = env!("CARGO_BIN_EXE_skiff");
 const IMAGE: &str = "skiff-test/busybox:1";
-/// Generous: the machine may be busy running other tests.
-const DEADLINE: Duration = Duration::from_secs(120);
 
 /// `web` prints to stdout and stderr, serves /www on :8080 with httpd,
 /// then ticks; `reader` answers each line on its stdin until it closes;
@@ -80,8 +77,8 @@ async fn node_with_pods() -> anyhow::Result<AgentNode> {
     node.server
         .kubectl_stdin(&["apply", "-f", "-"], &PODS.replace("IMAGE", IMAGE))?;
     for pod in ["web", "reader"] {
-        eventually(&node, &format!("{pod} running"), || {
-            let pod = pod_json(&node, pod)?;
+        node.eventually(&format!("{pod} running"), || {
+            let pod = node.pod_json(pod)?;
             Ok(pod["status"]["containerStatuses"][0]["state"]["running"]
                 .is_object()
                 .then_some(()))
@@ -141,8 +138,8 @@ async fn kubectl_logs_of_real_containers() -> anyhow::Result<()> {
         err.contains(r#"previous terminated container "app" in pod "web" not found"#),
         "{err}"
     );
-    eventually(&node, "crasher restarted", || {
-        let pod = pod_json(&node, "crasher")?;
+    node.eventually("crasher restarted", || {
+        let pod = node.pod_json("crasher")?;
         let restarts = pod["status"]["containerStatuses"][0]["restartCount"]
             .as_u64()
             .unwrap_or(0);
@@ -241,8 +238,8 @@ async fn kubectl_exec_attach_and_port_forward_on_real_containers() -> anyhow::Re
         kubectl_async::ok(&node.server, &["logs", "reader"], &[], None).await,
         node.server.log_tail()
     );
-    eventually(&node, "reader to finish", || {
-        let pod = pod_json(&node, "reader")?;
+    node.eventually("reader to finish", || {
+        let pod = node.pod_json("reader")?;
         let terminated = &pod["status"]["containerStatuses"][0]["state"]["terminated"];
         Ok((terminated["exitCode"] == 0).then_some(()))
     })
@@ -330,38 +327,6 @@ fn http_get(port: u16) -> anyhow::Result<String> {
     Ok(answer)
 }
 
-/// Polls `check` until it gives a value, failing with the last error and
-/// the server log at the deadline.
-async fn eventually<T>(
-    node: &AgentNode,
-    what: &str,
-    mut check: impl FnMut() -> anyhow::Result<Option<T>>,
-) -> anyhow::Result<T> {
-    let deadline = Instant::now() + DEADLINE;
-    let mut last = String::new();
-    loop {
-        match check() {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last = format!("{e:#}"),
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "timed out waiting for {what}: {last}\nserver log:\n{}",
-                node.server.log_tail()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
-fn pod_json(node: &AgentNode, name: &str) -> anyhow::Result<Value> {
-    let out = node
-        .server
-        .kubectl_ok(&["get", "pod", name, "-o", "json"])?;
-    Ok(serde_json::from_str(&out)?)
-}
-
 /// Runs kubectl until its output satisfies `done` (logs fill in over time).
 async fn wait_for_output(
     node: &AgentNode,
@@ -418,29 +383,30 @@ spec:
         .kubectl_stdin(&["apply", "-f", "-"], &manifest)?;
     // `kubectl top pod --containers`: NAME CPU(cores) MEMORY(bytes) per
     // container, once two scrapes have given a rate.
-    let (spin_millis, idle_millis) = eventually(&node, "container usage in kubectl top", || {
-        let out =
-            node.server
-                .kubectl_ok(&["top", "pod", "busy", "--containers", "--no-headers"])?;
-        let mut spin = None;
-        let mut idle = None;
-        for line in out.lines() {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let [_, container, cpu, memory] = fields.as_slice() else {
-                bail!("unexpected kubectl top line {line:?}");
-            };
-            let millis: u64 = cpu.trim_end_matches('m').parse()?;
-            let memory_ok = memory.trim_end_matches("Mi").parse::<u64>().is_ok();
-            ensure!(memory_ok, "memory column {memory:?}");
-            match *container {
-                "spin" => spin = Some(millis),
-                "idle" => idle = Some(millis),
-                _ => {}
+    let (spin_millis, idle_millis) = node
+        .eventually("container usage in kubectl top", || {
+            let out =
+                node.server
+                    .kubectl_ok(&["top", "pod", "busy", "--containers", "--no-headers"])?;
+            let mut spin = None;
+            let mut idle = None;
+            for line in out.lines() {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let [_, container, cpu, memory] = fields.as_slice() else {
+                    bail!("unexpected kubectl top line {line:?}");
+                };
+                let millis: u64 = cpu.trim_end_matches('m').parse()?;
+                let memory_ok = memory.trim_end_matches("Mi").parse::<u64>().is_ok();
+                ensure!(memory_ok, "memory column {memory:?}");
+                match *container {
+                    "spin" => spin = Some(millis),
+                    "idle" => idle = Some(millis),
+                    _ => {}
+                }
             }
-        }
-        Ok(spin.zip(idle).filter(|(spin, _)| *spin > 0))
-    })
-    .await?;
+            Ok(spin.zip(idle).filter(|(spin, _)| *spin > 0))
+        })
+        .await?;
     eprintln!("kubectl top: spin {spin_millis}m, idle {idle_millis}m");
     ensure!(
         spin_millis > idle_millis,

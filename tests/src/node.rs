@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
@@ -277,6 +278,40 @@ impl AgentNode {
             found.extend(links.lines().map(|l| format!("veth {l}")));
         }
         found
+    }
+
+    /// Polls `check` until it gives a value, failing with the last error
+    /// and the server log after two minutes (generous: the machine may be
+    /// busy running other tests).
+    pub async fn eventually<T>(
+        &self,
+        what: &str,
+        mut check: impl FnMut() -> anyhow::Result<Option<T>>,
+    ) -> anyhow::Result<T> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut last = String::new();
+        loop {
+            match check() {
+                Ok(Some(v)) => return Ok(v),
+                Ok(None) => {}
+                Err(e) => last = format!("{e:#}"),
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "timed out waiting for {what}: {last}\nserver log:\n{}",
+                    self.server.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    /// The pod `name` in the default namespace, as `kubectl get -o json`.
+    pub fn pod_json(&self, name: &str) -> anyhow::Result<serde_json::Value> {
+        let out = self
+            .server
+            .kubectl_ok(&["get", "pod", name, "-o", "json"])?;
+        Ok(serde_json::from_str(&out)?)
     }
 }
 
