@@ -8,6 +8,7 @@
 
 pub mod apply;
 pub mod authn;
+pub mod authz;
 pub mod client;
 pub mod compaction;
 pub mod conversion;
@@ -78,6 +79,9 @@ pub struct ApiState {
     /// What `metrics.k8s.io` serves, kept current by
     /// [`resource_metrics::collect::run`].
     pub resource_metrics: Arc<resource_metrics::ResourceMetrics>,
+    /// RBAC, kept current once [`authz::start`] runs; until that runs, only
+    /// `system:masters` are allowed anything.
+    pub authorizer: authz::Authorizer,
 }
 
 impl ApiState {
@@ -90,6 +94,7 @@ impl ApiState {
             metrics: metrics::Metrics::new(),
             kubelet: None,
             resource_metrics: Arc::default(),
+            authorizer: authz::Authorizer::default(),
         }
     }
 }
@@ -117,6 +122,10 @@ pub fn router(state: Arc<ApiState>, auth: Arc<authn::Authenticator>) -> Router {
         )
         .fallback(resource_request)
         .with_state(state.clone())
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authz::authorize,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             auth,
             authn::authenticate,
@@ -358,7 +367,8 @@ pub async fn bootstrap(state: &ApiState) -> Result<(), ApiError> {
     });
     create_if_missing(state, services, Some("default"), service).await?;
     let classes = resource(state, "storage.k8s.io", "storageclasses")?;
-    create_if_missing(state, classes, None, local_path_class()).await
+    create_if_missing(state, classes, None, local_path_class()).await?;
+    authz::create_bootstrap_policy(state).await
 }
 
 /// The default StorageClass, served by the local-path provisioner in the
