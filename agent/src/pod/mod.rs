@@ -6,6 +6,7 @@ mod env;
 mod probe;
 mod probe_tls;
 mod reclaim;
+mod sa_token;
 mod service_env;
 mod status;
 mod volumes;

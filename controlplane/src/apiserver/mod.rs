@@ -26,8 +26,10 @@ mod proxy;
 mod request;
 pub mod resource_metrics;
 pub mod resources;
+pub mod sa_token;
 mod scale;
 pub mod selectors;
+pub mod service_accounts;
 mod services;
 pub mod status;
 mod strategy;
@@ -78,6 +80,9 @@ pub struct ApiState {
     /// What `metrics.k8s.io` serves, kept current by
     /// [`resource_metrics::collect::run`].
     pub resource_metrics: Arc<resource_metrics::ResourceMetrics>,
+    /// Signs and verifies service-account tokens; without it TokenRequest
+    /// answers 503 and no such token authenticates.
+    pub service_account_keys: Option<Arc<sa_token::TokenKeys>>,
 }
 
 impl ApiState {
@@ -90,6 +95,7 @@ impl ApiState {
             metrics: metrics::Metrics::new(),
             kubelet: None,
             resource_metrics: Arc::default(),
+            service_account_keys: None,
         }
     }
 }
@@ -110,6 +116,10 @@ pub fn router(state: Arc<ApiState>, auth: Arc<authn::Authenticator>) -> Router {
         .route("/openapi/v3", get(openapi_index))
         .route("/openapi/v3/", get(openapi_index))
         .route("/openapi/v3/{*path}", get(openapi_document))
+        .route(
+            "/apis/authentication.k8s.io/v1/selfsubjectreviews",
+            axum::routing::post(authn::self_subject_review),
+        )
         .route("/apis/metrics.k8s.io", get(resource_metrics_request))
         .route(
             "/apis/metrics.k8s.io/{*path}",

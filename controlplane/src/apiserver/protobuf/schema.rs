@@ -321,6 +321,10 @@ pub(super) const CORE_V1_CONFIG_MAP_PROJECTION: MsgId = MsgId(313);
 pub(super) const CORE_V1_SERVICE_ACCOUNT_TOKEN_PROJECTION: MsgId = MsgId(314);
 pub(super) const CORE_V1_CLUSTER_TRUST_BUNDLE_PROJECTION: MsgId = MsgId(315);
 pub(super) const CORE_V1_HTTP_HEADER: MsgId = MsgId(316);
+pub(super) const AUTHENTICATION_V1_TOKEN_REQUEST: MsgId = MsgId(317);
+pub(super) const AUTHENTICATION_V1_TOKEN_REQUEST_SPEC: MsgId = MsgId(318);
+pub(super) const AUTHENTICATION_V1_TOKEN_REQUEST_STATUS: MsgId = MsgId(319);
+pub(super) const AUTHENTICATION_V1_BOUND_OBJECT_REFERENCE: MsgId = MsgId(320);
 
 /// Served kinds: (apiVersion, kind, message).
 pub(super) static KINDS: &[(&str, &str, MsgId)] = &[
@@ -402,6 +406,11 @@ pub(super) static KINDS: &[(&str, &str, MsgId)] = &[
         RBAC_V1_CLUSTER_ROLE_BINDING,
     ),
     ("meta.k8s.io/v1", "DeleteOptions", META_V1_DELETE_OPTIONS),
+    (
+        "authentication.k8s.io/v1",
+        "TokenRequest",
+        AUTHENTICATION_V1_TOKEN_REQUEST,
+    ),
 ];
 
 /// Indexed by `MsgId`; fields sorted by number.
@@ -4342,6 +4351,54 @@ pub(super) static MESSAGES: &[Message] = &[
         fields: &[
             Field::new(1, "name", Kind::String),
             Field::new(2, "value", Kind::String),
+        ],
+    },
+    // k8s.io/api/authentication/v1.TokenRequest
+    Message {
+        name: "TokenRequest",
+        fields: &[
+            Field::new(1, "metadata", Kind::Message(META_V1_OBJECT_META)),
+            Field::new(
+                2,
+                "spec",
+                Kind::Message(AUTHENTICATION_V1_TOKEN_REQUEST_SPEC),
+            ),
+            Field::new(
+                3,
+                "status",
+                Kind::Message(AUTHENTICATION_V1_TOKEN_REQUEST_STATUS),
+            ),
+        ],
+    },
+    // k8s.io/api/authentication/v1.TokenRequestSpec
+    Message {
+        name: "TokenRequestSpec",
+        fields: &[
+            Field::new(1, "audiences", Kind::String).repeated(),
+            Field::new(
+                3,
+                "boundObjectRef",
+                Kind::Message(AUTHENTICATION_V1_BOUND_OBJECT_REFERENCE),
+            ),
+            Field::new(4, "expirationSeconds", Kind::Int64),
+        ],
+    },
+    // k8s.io/api/authentication/v1.TokenRequestStatus
+    Message {
+        name: "TokenRequestStatus",
+        fields: &[
+            Field::new(1, "token", Kind::String),
+            Field::new(2, "expirationTimestamp", Kind::Special(Special::Time)),
+        ],
+    },
+    // k8s.io/api/authentication/v1.BoundObjectReference
+    Message {
+        name: "BoundObjectReference",
+        fields: &[
+            Field::new(1, "kind", Kind::String).omit_zero(),
+            Field::new(2, "apiVersion", Kind::String).omit_zero(),
+            Field::new(3, "name", Kind::String).omit_zero(),
+            Field::new(4, "uid", Kind::String).omit_zero(),
         ],
     },
 ];
