@@ -4,6 +4,7 @@
 
 mod env;
 mod probe;
+mod probe_grpc;
 mod probe_tls;
 mod reclaim;
 mod sa_token;
