@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use controlplane::apiserver::authn::{Authenticator, User};
 use controlplane::apiserver::pki::{Pki, ServerNames};
+use controlplane::apiserver::sa_token::TokenKeys;
 use controlplane::apiserver::{self, ApiState, KubeletClient, ServiceRanges, tls};
 use controlplane::controllers;
 use controlplane::leader;
@@ -71,10 +72,15 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
 
     let advertise = SocketAddr::new(node_ip, args.https_listen_port).to_string();
     let mut state = ApiState::new(store, ranges, advertise);
+    let service_key = server_dir.join("tls").join("service.key");
+    let service_keys = TokenKeys::load_or_create(&service_key)
+        .context("preparing the service-account token signing key")?;
+    state.service_account_keys = Some(Arc::new(service_keys));
     let kubelet =
         KubeletClient::for_cluster(&pki).context("preparing the client for node agents")?;
     state.kubelet = Some(kubelet.clone());
     let state = Arc::new(state);
+    authenticator.accept_service_account_tokens(state.clone());
     apiserver::bootstrap(&state)
         .await
         .context("creating the default namespaces and the kubernetes Service")?;
@@ -101,6 +107,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         node_monitor_grace: args.node_monitor_grace_period,
         storage_dir: args.node.data_dir.join("storage"),
         autoscaler_sync: args.horizontal_pod_autoscaler_sync_period,
+        root_ca: pki.server_ca_pem().to_owned(),
     };
     if !args.disable_scheduler {
         tokio::spawn(leader::run_while_leader(

@@ -4,8 +4,10 @@
 
 mod env;
 mod probe;
+mod probe_grpc;
 mod probe_tls;
 mod reclaim;
+mod sa_token;
 mod service_env;
 mod status;
 mod volumes;

@@ -1,5 +1,5 @@
 //! Liveness, readiness and startup probes (httpGet over HTTP or HTTPS,
-//! tcpSocket, exec) with upstream's timing: initial delay, period,
+//! tcpSocket, exec, grpc) with upstream's timing: initial delay, period,
 //! timeout, and success/failure thresholds. Each probe of a running
 //! container is a task that reports every change of its verdict to the
 //! pod worker.
@@ -230,8 +230,10 @@ pub async fn check(probe: &Probe, target: &Target, timeout: Duration) -> Result<
             ))
         };
     }
-    if probe.grpc.is_some() {
-        return Err("gRPC probes are not supported by the skiff agent".into());
+    if let Some(grpc) = &probe.grpc {
+        let port = u16::try_from(grpc.port).map_err(|_| format!("invalid port {}", grpc.port))?;
+        let service = grpc.service.as_deref().unwrap_or("");
+        return super::probe_grpc::check(SocketAddr::new(target.ip, port), service).await;
     }
     Err("the probe has no handler".into())
 }

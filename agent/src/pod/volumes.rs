@@ -1,5 +1,6 @@
 //! Pod volumes on the node: emptyDir (a folder, or tmpfs for `medium:
-//! Memory`), configMap, secret, downwardAPI and projected volumes written
+//! Memory`), configMap, secret, downwardAPI and projected volumes (with
+//! service-account tokens from [`Tokens`]) written
 //! as upstream's atomic writer does (files are symlinks into `..data`,
 //! itself a symlink to a timestamped folder that is swapped in one
 //! rename), hostPath, and persistentVolumeClaims bound to hostPath or
@@ -13,6 +14,7 @@ use k8s_openapi::api::core::v1::{KeyToPath, Pod, Volume};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 
 use super::env::{self, Sources};
+use super::sa_token::Tokens;
 
 /// What a volume needs from the cluster beyond ConfigMaps and Secrets.
 pub trait Claims {
@@ -36,13 +38,14 @@ pub fn prepare(
     host_ip: &str,
     sources: &dyn Sources,
     claims: &dyn Claims,
+    tokens: &Tokens,
 ) -> Result<BTreeMap<String, Prepared>, String> {
     let mut out = BTreeMap::new();
     let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
     for volume in pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
         let path = dir.join(&volume.name);
         let prepared = prepare_one(
-            pod, namespace, volume, &path, pod_ip, host_ip, sources, claims,
+            pod, namespace, volume, &path, pod_ip, host_ip, sources, claims, tokens,
         )
         .map_err(|e| format!("volume {:?}: {e}", volume.name))?;
         out.insert(volume.name.clone(), prepared);
@@ -76,6 +79,7 @@ fn prepare_one(
     host_ip: &str,
     sources: &dyn Sources,
     claims: &dyn Claims,
+    tokens: &Tokens,
 ) -> Result<Prepared, String> {
     let unmanaged = |path: PathBuf| {
         Ok(Prepared {
@@ -197,6 +201,12 @@ fn prepare_one(
                 } else if !secret.optional.unwrap_or(false) {
                     return Err(format!("secret \"{}\" not found", secret.name));
                 }
+            }
+            if let Some(wanted) = &source.service_account_token {
+                let token = tokens
+                    .get(&volume.name, &wanted.path)
+                    .ok_or_else(|| format!("no service account token for {:?} yet", wanted.path))?;
+                files.push((wanted.path.clone(), token.as_bytes().to_vec(), default_mode));
             }
             if let Some(downward) = &source.downward_api {
                 files.extend(downward_files(

@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::probe::{self, Kind, Probes};
-use super::{Context, env, service_env, status, volumes};
+use super::{Context, env, sa_token, service_env, status, volumes};
 use crate::bundle::{self, BindMount, ContainerConfig};
 use crate::image_source::ResolvedImage;
 use crate::resources;
@@ -108,6 +108,8 @@ pub struct Worker {
     recorder: Recorder,
     /// The cluster's Services, for the containers' Service variables.
     services: Store<Service>,
+    /// Service-account tokens for projected volumes.
+    tokens: sa_token::Tokens,
 }
 
 pub async fn run(
@@ -138,6 +140,7 @@ pub async fn run(
         last_status: None,
         conditions: BTreeMap::new(),
         failed: false,
+        tokens: sa_token::Tokens::default(),
     };
     worker.load_containers();
     worker.adopt();
@@ -353,6 +356,12 @@ impl Worker {
             .restart_policy
             .clone()
             .unwrap_or_else(|| "Always".into());
+        if let Err(e) = self.tokens.refresh(&self.ctx.client, pod).await {
+            for c in self.containers.iter_mut().filter(|c| c.instance.is_none()) {
+                c.waiting = Some(("ContainerCreating".into(), e.clone()));
+            }
+            return;
+        }
         let volumes = match volumes::prepare(
             pod,
             &self.dir.join("volumes"),
@@ -360,6 +369,7 @@ impl Worker {
             &self.ctx.config.node_ip.to_string(),
             &*self.ctx,
             &*self.ctx,
+            &self.tokens,
         ) {
             Ok(v) => v,
             Err(e) => {

@@ -1,6 +1,7 @@
 //! Who is asking: a verified client certificate (from the TLS layer), a
-//! bearer token from the static token file or the node join token, or the
-//! server itself (the in-process client). Anyone else gets 401, except on
+//! bearer token from the static token file or the node join token, a
+//! service-account token this server signed, or the server itself (the
+//! in-process client). Anyone else gets 401, except on
 //! the public health and version endpoints, as upstream.
 
 use std::collections::HashMap;
@@ -13,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::status::ApiError;
 use super::tls::PeerInfo;
+use super::{ApiState, service_accounts};
 
 /// An authenticated user.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,6 +30,8 @@ pub struct InProcess;
 
 pub struct Authenticator {
     tokens: HashMap<String, User>,
+    /// Where service-account tokens are checked (key, accounts, pods).
+    service_accounts: Option<Arc<ApiState>>,
 }
 
 /// Paths anyone may read, as upstream's `system:public-info-viewer`.
@@ -37,7 +41,13 @@ impl Authenticator {
     pub fn new() -> Self {
         Authenticator {
             tokens: HashMap::new(),
+            service_accounts: None,
         }
+    }
+
+    /// Accepts the service-account tokens `state`'s key signed.
+    pub fn accept_service_account_tokens(&mut self, state: Arc<ApiState>) {
+        self.service_accounts = Some(state);
     }
 
     /// Accepts `token` as `user`.
@@ -109,8 +119,7 @@ impl Authenticator {
                 groups,
             });
         }
-        let header = request.headers().get(http::header::AUTHORIZATION)?;
-        let token = header.to_str().ok()?.strip_prefix("Bearer ")?.trim();
+        let token = bearer(request)?;
         self.tokens.get(token).map(|user| {
             let mut user = user.clone();
             user.groups.push("system:authenticated".into());
@@ -125,13 +134,30 @@ impl Default for Authenticator {
     }
 }
 
+fn bearer(request: &Request) -> Option<&str> {
+    let header = request.headers().get(http::header::AUTHORIZATION)?;
+    Some(header.to_str().ok()?.strip_prefix("Bearer ")?.trim())
+}
+
 /// The middleware: attaches the [`User`] or answers 401.
 pub async fn authenticate(
     State(auth): State<Arc<Authenticator>>,
     mut request: Request,
     next: Next,
 ) -> Response {
-    match auth.user_for(&request) {
+    let mut user = auth.user_for(&request);
+    if user.is_none()
+        && let Some(state) = &auth.service_accounts
+        && let Some(token) = bearer(&request).filter(|t| t.split('.').count() == 3)
+    {
+        user = service_accounts::authenticate(state, token)
+            .await
+            .map(|mut user| {
+                user.groups.push("system:authenticated".into());
+                user
+            });
+    }
+    match user {
         Some(user) => {
             request.extensions_mut().insert(user);
             next.run(request).await

@@ -13,7 +13,7 @@ use super::objects::{self, metadata_mut, name_of};
 use super::request::{Answer, BodyFormat, FieldValidation, Query, Target, decode_body};
 use super::resources::{ResourceType, Subresource};
 use super::status::{ApiError, Cause, success};
-use super::{ApiState, apply, list, services, strategy, validation, watch};
+use super::{ApiState, apply, list, service_accounts, services, strategy, validation, watch};
 use crate::storage::{KeyValue, StoreError};
 
 /// How often an update that lost a race is retried from a fresh read
@@ -107,6 +107,9 @@ pub async fn serve(
         }
         (&Method::POST, Some(name), Some(Subresource::Eviction)) => {
             evict(&state, rt, ns, name, headers, body).await?
+        }
+        (&Method::POST, Some(name), Some(Subresource::Token)) => {
+            service_accounts::token_request(&state, ns, name, headers, body).await?
         }
         (_, Some(_), Some(sub)) => {
             return Err(ApiError::method_not_allowed(format!(
@@ -233,6 +236,9 @@ async fn create_object(
     strategy::prepare_create(rt, &mut object, uuid::Uuid::new_v4().to_string(), &now);
     if let Some(manager) = manager {
         apply::record_update(kind_of(rt), None, &mut object, manager, &now);
+    }
+    if (rt.group, rt.plural) == ("", "pods") {
+        service_accounts::admit_pod(state, &mut object).await?;
     }
     let name = name_of(&object).to_owned();
     let causes = strategy::validate(rt, &object);

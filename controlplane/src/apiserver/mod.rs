@@ -27,8 +27,10 @@ mod proxy;
 mod request;
 pub mod resource_metrics;
 pub mod resources;
+pub mod sa_token;
 mod scale;
 pub mod selectors;
+pub mod service_accounts;
 mod services;
 pub mod status;
 mod strategy;
@@ -82,6 +84,9 @@ pub struct ApiState {
     /// RBAC, kept current once [`authz::start`] runs; until that runs, only
     /// `system:masters` are allowed anything.
     pub authorizer: authz::Authorizer,
+    /// Signs and verifies service-account tokens; without it TokenRequest
+    /// answers 503 and no such token authenticates.
+    pub service_account_keys: Option<Arc<sa_token::TokenKeys>>,
 }
 
 impl ApiState {
@@ -95,6 +100,7 @@ impl ApiState {
             kubelet: None,
             resource_metrics: Arc::default(),
             authorizer: authz::Authorizer::default(),
+            service_account_keys: None,
         }
     }
 }

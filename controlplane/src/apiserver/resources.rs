@@ -51,6 +51,8 @@ pub enum Subresource {
     Proxy,
     /// `namespaces/<name>/finalize`: changes only `spec.finalizers`.
     Finalize,
+    /// `serviceaccounts/<name>/token`: a TokenRequest.
+    Token,
 }
 
 impl Subresource {
@@ -66,6 +68,7 @@ impl Subresource {
             Subresource::Eviction => "eviction",
             Subresource::Proxy => "proxy",
             Subresource::Finalize => "finalize",
+            Subresource::Token => "token",
         }
     }
 
@@ -83,6 +86,7 @@ impl Subresource {
             Subresource::Eviction => ("policy", "Eviction", &["create"]),
             Subresource::Proxy => ("", "", &["create", "delete", "get", "patch", "update"]),
             Subresource::Finalize => ("", "", &["update"]),
+            Subresource::Token => ("authentication.k8s.io", "TokenRequest", &["create"]),
         }
     }
 }
@@ -129,7 +133,7 @@ impl Registry {
             of::<core::v1::Secret>(&[], &[], &[]),
             of::<core::v1::Node>(&["no"], &[], &[Status, Proxy]),
             of::<core::v1::Event>(&["ev"], &[], &[]),
-            of::<core::v1::ServiceAccount>(&["sa"], &[], &[]),
+            of::<core::v1::ServiceAccount>(&["sa"], &[], &[Token]),
             of::<core::v1::PersistentVolume>(&["pv"], &[], &[Status]),
             of::<core::v1::PersistentVolumeClaim>(&["pvc"], &[], &[Status]),
             of::<core::v1::PodTemplate>(&[], &[], &[]),

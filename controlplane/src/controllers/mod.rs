@@ -15,6 +15,7 @@ pub mod node_ipam;
 pub mod node_lifecycle;
 pub mod replicaset;
 mod revision;
+pub mod service_accounts;
 pub mod service_lb;
 pub mod statefulset;
 pub mod volume;
@@ -33,6 +34,8 @@ pub struct Settings {
     pub storage_dir: PathBuf,
     /// How often each HorizontalPodAutoscaler is evaluated.
     pub autoscaler_sync: Duration,
+    /// The cluster CA (PEM) published in every namespace.
+    pub root_ca: String,
 }
 
 /// Runs every controller until one of them fails irrecoverably.
@@ -49,6 +52,7 @@ pub async fn run(client: kube::Client, settings: Settings) {
         daemonset::run(client.clone()),
         volume::run(client.clone(), settings.storage_dir),
         service_lb::run(client.clone()),
+        service_accounts::run(client.clone(), settings.root_ca),
         autoscaler::run(client, settings.autoscaler_sync),
     );
 }
