@@ -84,6 +84,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     apiserver::bootstrap(&state)
         .await
         .context("creating the default namespaces and the kubernetes Service")?;
+    apiserver::authz::start(state.clone())
+        .await
+        .context("loading the RBAC policy")?;
     let router = apiserver::router(state.clone(), Arc::new(authenticator));
     tokio::spawn(apiserver::compaction::run(
         state.store.clone(),

@@ -553,7 +553,31 @@ async fn authentication_tokens_anonymous_and_limits() -> anyhow::Result<()> {
         }
         command.args(args).output()
     };
-    let ok = as_token(Some("t0ken-for-ci"), &["get", "namespaces", "-o", "name"])?;
+    // RBAC: authenticated is not authorized until a binding says so.
+    let refused = as_token(Some("t0ken-for-ci"), &["get", "namespaces"])?;
+    ensure!(
+        String::from_utf8_lossy(&refused.stderr).contains(
+            "namespaces is forbidden: User \"ci-bot\" cannot list resource \"namespaces\" in API group \"\" at the cluster scope"
+        ),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    server.kubectl_ok(&[
+        "create",
+        "clusterrolebinding",
+        "ci-view",
+        "--clusterrole=view",
+        "--group=deployers",
+    ])?;
+    let ok = eventually(|| {
+        let out = as_token(Some("t0ken-for-ci"), &["get", "namespaces", "-o", "name"])?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(out)
+    })?;
     ensure!(
         ok.status.success(),
         "{}",
@@ -912,4 +936,161 @@ async fn secrets_are_encrypted_at_rest() -> anyhow::Result<()> {
 fn base64_of(text: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(text)
+}
+
+#[tokio::test]
+async fn rbac_grants_only_what_bindings_say() -> anyhow::Result<()> {
+    let mut server = Server::start(SKIFF.as_ref(), &[]).await?;
+    std::fs::write(
+        server.data_dir().join("server/tokens.csv"),
+        "alice-token,alice,2001,\"dev-team\"\n",
+    )?;
+    server.restart().await?;
+    let ca = server.data_dir().join("server/tls/server-ca.crt");
+    let url = server.url();
+    let alice = |args: &[&str]| -> anyhow::Result<std::process::Output> {
+        let mut command = std::process::Command::new("kubectl");
+        command.args([
+            "--kubeconfig",
+            "/dev/null",
+            "--server",
+            &url,
+            "--token",
+            "alice-token",
+        ]);
+        command.arg("--certificate-authority").arg(&ca);
+        Ok(command.args(args).output()?)
+    };
+    let stderr = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).into_owned();
+
+    // Authenticated, discovery allowed, nothing else.
+    let whoami = alice(&["auth", "whoami", "-o", "json"])?;
+    let review: Value = serde_json::from_slice(&whoami.stdout).context(stderr(&whoami))?;
+    ensure!(
+        review["status"]["userInfo"]["username"] == "alice",
+        "{review}"
+    );
+    ensure!(
+        review["status"]["userInfo"]["groups"]
+            == serde_json::json!(["dev-team", "system:authenticated"]),
+        "{review}"
+    );
+    server.kubectl_ok(&["create", "namespace", "dev"])?;
+    let refused = alice(&["get", "pods", "-n", "dev"])?;
+    ensure!(
+        stderr(&refused).contains(
+            "pods is forbidden: User \"alice\" cannot list resource \"pods\" in API group \"\" in the namespace \"dev\""
+        ),
+        "{}",
+        stderr(&refused)
+    );
+    let can = alice(&["auth", "can-i", "list", "pods", "-n", "dev"])?;
+    ensure!(
+        String::from_utf8_lossy(&can.stdout).trim() == "no",
+        "{can:?}"
+    );
+
+    // A Role bound to her in one namespace: reads there, nowhere else.
+    server.kubectl_ok(&[
+        "create",
+        "role",
+        "pod-reader",
+        "--verb=get,list",
+        "--resource=pods",
+        "-n",
+        "dev",
+    ])?;
+    server.kubectl_ok(&[
+        "create",
+        "rolebinding",
+        "alice-reads",
+        "--role=pod-reader",
+        "--user=alice",
+        "-n",
+        "dev",
+    ])?;
+    eventually(|| {
+        let out = alice(&["get", "pods", "-n", "dev"])?;
+        ensure!(out.status.success(), "{}", stderr(&out));
+        Ok(())
+    })?;
+    let can = alice(&["auth", "can-i", "list", "pods", "-n", "dev"])?;
+    ensure!(
+        String::from_utf8_lossy(&can.stdout).trim() == "yes",
+        "{can:?}"
+    );
+    ensure!(!alice(&["get", "pods", "-n", "default"])?.status.success());
+    let write = alice(&["create", "configmap", "settings", "-n", "dev"])?;
+    ensure!(stderr(&write).contains("forbidden"), "{}", stderr(&write));
+
+    // The aggregated `edit` ClusterRole through her group, in one namespace.
+    server.kubectl_ok(&[
+        "create",
+        "rolebinding",
+        "team-edit",
+        "--clusterrole=edit",
+        "--group=dev-team",
+        "-n",
+        "dev",
+    ])?;
+    eventually(|| {
+        let out = alice(&["create", "configmap", "settings", "-n", "dev"])?;
+        ensure!(out.status.success(), "{}", stderr(&out));
+        Ok(())
+    })?;
+    ensure!(
+        !alice(&["create", "configmap", "settings", "-n", "default"])?
+            .status
+            .success()
+    );
+    // edit does not include RBAC itself.
+    let escalate = alice(&[
+        "create",
+        "rolebinding",
+        "mine",
+        "--clusterrole=admin",
+        "--user=alice",
+        "-n",
+        "dev",
+    ])?;
+    ensure!(
+        stderr(&escalate).contains("forbidden"),
+        "{}",
+        stderr(&escalate)
+    );
+
+    // Removing the bindings takes the access away again.
+    server.kubectl_ok(&[
+        "delete",
+        "rolebinding",
+        "alice-reads",
+        "team-edit",
+        "-n",
+        "dev",
+    ])?;
+    eventually(|| {
+        let out = alice(&["get", "pods", "-n", "dev"])?;
+        ensure!(
+            stderr(&out).contains("forbidden"),
+            "still allowed: {}",
+            stderr(&out)
+        );
+        Ok(())
+    })?;
+    // The admin (system:masters) is never subject to bindings.
+    server.kubectl_ok(&["get", "pods", "-n", "dev"])?;
+    Ok(())
+}
+
+/// Retries `check` for up to 20 s (RBAC changes reach the policy through a
+/// store watch, not synchronously with the write).
+fn eventually<T>(mut check: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match check() {
+            Ok(value) => return Ok(value),
+            Err(e) if std::time::Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
 }

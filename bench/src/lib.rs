@@ -19,6 +19,15 @@ impl Samples {
         }
     }
 
+    /// How many latencies were taken.
+    pub fn len(&self) -> usize {
+        self.sorted.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sorted.is_empty()
+    }
+
     /// Operations per second over the wall time.
     pub fn rate(&self) -> f64 {
         self.sorted.len() as f64 / self.wall.as_secs_f64().max(f64::MIN_POSITIVE)
@@ -32,6 +41,28 @@ impl Samples {
         let rank = ((p / 100.0) * self.sorted.len() as f64).ceil() as usize;
         self.sorted[rank.clamp(1, self.sorted.len()) - 1]
     }
+}
+
+/// User + system CPU seconds a process has used so far (all its threads),
+/// from `/proc/PID/stat`.
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    /// Linux reports these fields in USER_HZ ticks, fixed at 100.
+    const TICKS_PER_SECOND: f64 = 100.0;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name (which may hold spaces);
+    // utime and stime are the 14th and 15th of the whole line.
+    let rest = stat
+        .rsplit_once(')')
+        .ok_or_else(|| anyhow::anyhow!("malformed /proc/{pid}/stat"))?
+        .1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = fields
+        .get(11..13)
+        .ok_or_else(|| anyhow::anyhow!("short /proc/{pid}/stat"))?
+        .iter()
+        .map(|f| f.parse::<f64>())
+        .sum::<Result<f64, _>>()?;
+    Ok(ticks / TICKS_PER_SECOND)
 }
 
 #[cfg(test)]

@@ -165,7 +165,8 @@ def innermost_type(rust_type):
         m = re.match(r"(?:::\w+)*::(?:Option|Vec|Box)<(.*)>$", t)
         if not m:
             return t
-        t = m.group(1).strip()
+        # rustfmt leaves a trailing comma inside a type split over lines.
+        t = m.group(1).strip().rstrip(",").strip()
 
 
 def resolve_rust_path(path, module):

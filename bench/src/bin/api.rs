@@ -18,7 +18,7 @@ use anyhow::Context;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
-use skiff_bench::Samples;
+use skiff_bench::{Samples, cpu_seconds};
 use skiff_e2e::server::Server;
 
 const CLIENTS: usize = 32;
@@ -61,6 +61,7 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "API benchmark: skiff server (embedded store, API only: scheduler, controllers, DNS, ingress off) over HTTPS, {CLIENTS} concurrent kube-rs clients"
     );
+    let cpu = ServerCpu::new(&server)?;
     let creates = run(CLIENTS, 6_400, move |i| {
         let api = pods(i);
         async move {
@@ -71,7 +72,17 @@ async fn main() -> anyhow::Result<()> {
     })
     .await?;
     report("create pod", &creates, Some(Duration::from_millis(5)));
+    cpu.report_since(&creates)?;
+    // A create is acknowledged only once its log append is on disk, so the
+    // disk's own sync latency is the floor under create latency.
+    let syncs = fdatasync_latency(server.data_dir(), 100)?;
+    println!(
+        "  (floor: a durable write waits for fdatasync on the same disk: p50 {:.2}ms p99 {:.2}ms)",
+        syncs.percentile(50.0).as_secs_f64() * 1e3,
+        syncs.percentile(99.0).as_secs_f64() * 1e3
+    );
     let pods = pods_in(&clients, "default");
+    let cpu = ServerCpu::new(&server)?;
     let gets = run(CLIENTS, 12_800, move |i| {
         let api = pods(i);
         async move {
@@ -81,7 +92,9 @@ async fn main() -> anyhow::Result<()> {
     })
     .await?;
     report("get pod", &gets, Some(Duration::from_millis(2)));
+    cpu.report_since(&gets)?;
     let pods = pods_in(&clients, "default");
+    let cpu = ServerCpu::new(&server)?;
     let updates = run(CLIENTS, 6_400, move |i| {
         let api = pods(i);
         async move {
@@ -98,6 +111,7 @@ async fn main() -> anyhow::Result<()> {
     })
     .await?;
     report("update pod (patch)", &updates, None);
+    cpu.report_since(&updates)?;
 
     let lists_ns: Api<Pod> = Api::namespaced(clients[0].clone(), "lists");
     create_namespace(&clients[0], "lists").await?;
@@ -278,6 +292,53 @@ fn report(name: &str, samples: &Samples, goal_p99: Option<Duration>) {
         p99.as_secs_f64() * 1e3,
         UPSTREAM_SLO.as_secs_f64() / p99.as_secs_f64().max(1e-9),
     );
+}
+
+/// The server's CPU time (user + system, all threads) at a starting point.
+struct ServerCpu {
+    pid: u32,
+    start: f64,
+}
+
+impl ServerCpu {
+    fn new(server: &Server) -> anyhow::Result<Self> {
+        let pid = server.pid().context("server is not running")?;
+        Ok(ServerCpu {
+            pid,
+            start: cpu_seconds(pid)?,
+        })
+    }
+
+    /// Prints the server's CPU per call since `new`: unlike latency, this
+    /// hardly depends on how busy the rest of the machine is.
+    fn report_since(&self, samples: &Samples) -> anyhow::Result<()> {
+        let used = cpu_seconds(self.pid)? - self.start;
+        println!(
+            "  server CPU {:.0} µs per call",
+            used * 1e6 / samples.len().max(1) as f64
+        );
+        Ok(())
+    }
+}
+
+/// `rounds` 4 KiB appends to a file in `dir`, each followed by
+/// `fdatasync`, timed one by one.
+fn fdatasync_latency(dir: &std::path::Path, rounds: usize) -> anyhow::Result<Samples> {
+    use std::io::Write;
+    let path = dir.join("bench-fdatasync");
+    let mut file = std::fs::File::create(&path)?;
+    let block = [0u8; 4096];
+    let started = Instant::now();
+    let mut latencies = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        file.write_all(&block)?;
+        file.sync_data()?;
+        latencies.push(t.elapsed());
+    }
+    let wall = started.elapsed();
+    std::fs::remove_file(&path)?;
+    Ok(Samples::new(latencies, wall))
 }
 
 fn server_rss_mb(server: &Server) -> anyhow::Result<f64> {

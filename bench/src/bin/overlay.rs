@@ -407,16 +407,7 @@ fn request_response(
 
 /// User + system CPU seconds of the processes.
 fn cpu_seconds(pids: &[u32]) -> anyhow::Result<f64> {
-    let mut total = 0.0;
-    for pid in pids {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        let rest = stat.rsplit_once(')').context("malformed stat")?.1;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        for f in fields.get(11..13).context("short stat")? {
-            total += f.parse::<f64>()? / 100.0;
-        }
-    }
-    Ok(total)
+    pids.iter().map(|&pid| skiff_bench::cpu_seconds(pid)).sum()
 }
 
 fn median(values: &mut [f64]) -> f64 {

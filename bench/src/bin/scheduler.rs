@@ -351,19 +351,7 @@ fn server_rss_mb(server: &Server) -> anyhow::Result<f64> {
 
 /// The server's user and system CPU time so far.
 fn cpu_seconds(server: &Server) -> anyhow::Result<f64> {
-    let pid = server.pid().context("server is not running")?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the parenthesised command name; utime and stime are
-    // the 14th and 15th of the whole line.
-    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields
-        .get(11..13)
-        .context("short stat")?
-        .iter()
-        .map(|f| f.parse::<f64>())
-        .sum::<Result<f64, _>>()?;
-    Ok(ticks / 100.0)
+    skiff_bench::cpu_seconds(server.pid().context("server is not running")?)
 }
 
 /// The one-minute load average: how busy the machine was.

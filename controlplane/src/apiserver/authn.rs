@@ -167,26 +167,6 @@ pub async fn authenticate(
     }
 }
 
-/// `POST /apis/authentication.k8s.io/v1/selfsubjectreviews`: who the
-/// caller is (`kubectl auth whoami`).
-pub async fn self_subject_review(user: Option<axum::Extension<User>>) -> Response {
-    let Some(axum::Extension(user)) = user else {
-        return ApiError::unauthorized().into_response();
-    };
-    let review = serde_json::json!({
-        "kind": "SelfSubjectReview",
-        "apiVersion": "authentication.k8s.io/v1",
-        "metadata": {"creationTimestamp": null},
-        "status": {"userInfo": {"username": user.name, "groups": user.groups}},
-    });
-    (
-        http::StatusCode::CREATED,
-        [(http::header::CONTENT_TYPE, "application/json")],
-        review.to_string(),
-    )
-        .into_response()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,7 @@
 
 pub mod apply;
 pub mod authn;
+pub mod authz;
 pub mod client;
 pub mod compaction;
 pub mod conversion;
@@ -83,6 +84,9 @@ pub struct ApiState {
     /// Signs and verifies service-account tokens; without it TokenRequest
     /// answers 503 and no such token authenticates.
     pub service_account_keys: Option<Arc<sa_token::TokenKeys>>,
+    /// RBAC, kept current once [`authz::start`] runs; until that runs, only
+    /// `system:masters` are allowed anything.
+    pub authorizer: authz::Authorizer,
 }
 
 impl ApiState {
@@ -96,6 +100,7 @@ impl ApiState {
             kubelet: None,
             resource_metrics: Arc::default(),
             service_account_keys: None,
+            authorizer: authz::Authorizer::default(),
         }
     }
 }
@@ -116,10 +121,6 @@ pub fn router(state: Arc<ApiState>, auth: Arc<authn::Authenticator>) -> Router {
         .route("/openapi/v3", get(openapi_index))
         .route("/openapi/v3/", get(openapi_index))
         .route("/openapi/v3/{*path}", get(openapi_document))
-        .route(
-            "/apis/authentication.k8s.io/v1/selfsubjectreviews",
-            axum::routing::post(authn::self_subject_review),
-        )
         .route("/apis/metrics.k8s.io", get(resource_metrics_request))
         .route(
             "/apis/metrics.k8s.io/{*path}",
@@ -127,6 +128,10 @@ pub fn router(state: Arc<ApiState>, auth: Arc<authn::Authenticator>) -> Router {
         )
         .fallback(resource_request)
         .with_state(state.clone())
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authz::authorize,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             auth,
             authn::authenticate,
@@ -368,7 +373,8 @@ pub async fn bootstrap(state: &ApiState) -> Result<(), ApiError> {
     });
     create_if_missing(state, services, Some("default"), service).await?;
     let classes = resource(state, "storage.k8s.io", "storageclasses")?;
-    create_if_missing(state, classes, None, local_path_class()).await
+    create_if_missing(state, classes, None, local_path_class()).await?;
+    authz::create_bootstrap_policy(state).await
 }
 
 /// The default StorageClass, served by the local-path provisioner in the

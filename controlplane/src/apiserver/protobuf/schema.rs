@@ -42,289 +42,297 @@ pub(super) const RBAC_V1_ROLE_BINDING: MsgId = MsgId(34);
 pub(super) const RBAC_V1_CLUSTER_ROLE: MsgId = MsgId(35);
 pub(super) const RBAC_V1_CLUSTER_ROLE_BINDING: MsgId = MsgId(36);
 pub(super) const META_V1_DELETE_OPTIONS: MsgId = MsgId(37);
-pub(super) const META_V1_OBJECT_META: MsgId = MsgId(38);
-pub(super) const CORE_V1_NAMESPACE_SPEC: MsgId = MsgId(39);
-pub(super) const CORE_V1_NAMESPACE_STATUS: MsgId = MsgId(40);
-pub(super) const CORE_V1_POD_SPEC: MsgId = MsgId(41);
-pub(super) const CORE_V1_POD_STATUS: MsgId = MsgId(42);
-pub(super) const CORE_V1_SERVICE_SPEC: MsgId = MsgId(43);
-pub(super) const CORE_V1_SERVICE_STATUS: MsgId = MsgId(44);
-pub(super) const CORE_V1_ENDPOINT_SUBSET: MsgId = MsgId(45);
-pub(super) const CORE_V1_NODE_SPEC: MsgId = MsgId(46);
-pub(super) const CORE_V1_NODE_STATUS: MsgId = MsgId(47);
-pub(super) const CORE_V1_OBJECT_REFERENCE: MsgId = MsgId(48);
-pub(super) const CORE_V1_EVENT_SOURCE: MsgId = MsgId(49);
-pub(super) const CORE_V1_EVENT_SERIES: MsgId = MsgId(50);
-pub(super) const CORE_V1_LOCAL_OBJECT_REFERENCE: MsgId = MsgId(51);
-pub(super) const CORE_V1_PERSISTENT_VOLUME_SPEC: MsgId = MsgId(52);
-pub(super) const CORE_V1_PERSISTENT_VOLUME_STATUS: MsgId = MsgId(53);
-pub(super) const CORE_V1_PERSISTENT_VOLUME_CLAIM_SPEC: MsgId = MsgId(54);
-pub(super) const CORE_V1_PERSISTENT_VOLUME_CLAIM_STATUS: MsgId = MsgId(55);
-pub(super) const CORE_V1_POD_TEMPLATE_SPEC: MsgId = MsgId(56);
-pub(super) const CORE_V1_REPLICATION_CONTROLLER_SPEC: MsgId = MsgId(57);
-pub(super) const CORE_V1_REPLICATION_CONTROLLER_STATUS: MsgId = MsgId(58);
-pub(super) const CORE_V1_LIMIT_RANGE_SPEC: MsgId = MsgId(59);
-pub(super) const CORE_V1_RESOURCE_QUOTA_SPEC: MsgId = MsgId(60);
-pub(super) const CORE_V1_RESOURCE_QUOTA_STATUS: MsgId = MsgId(61);
-pub(super) const APPS_V1_DEPLOYMENT_SPEC: MsgId = MsgId(62);
-pub(super) const APPS_V1_DEPLOYMENT_STATUS: MsgId = MsgId(63);
-pub(super) const APPS_V1_REPLICA_SET_SPEC: MsgId = MsgId(64);
-pub(super) const APPS_V1_REPLICA_SET_STATUS: MsgId = MsgId(65);
-pub(super) const APPS_V1_STATEFUL_SET_SPEC: MsgId = MsgId(66);
-pub(super) const APPS_V1_STATEFUL_SET_STATUS: MsgId = MsgId(67);
-pub(super) const APPS_V1_DAEMON_SET_SPEC: MsgId = MsgId(68);
-pub(super) const APPS_V1_DAEMON_SET_STATUS: MsgId = MsgId(69);
-pub(super) const NETWORKING_V1_INGRESS_SPEC: MsgId = MsgId(70);
-pub(super) const NETWORKING_V1_INGRESS_STATUS: MsgId = MsgId(71);
-pub(super) const NETWORKING_V1_INGRESS_CLASS_SPEC: MsgId = MsgId(72);
-pub(super) const NETWORKING_V1_NETWORK_POLICY_SPEC: MsgId = MsgId(73);
-pub(super) const DISCOVERY_V1_ENDPOINT: MsgId = MsgId(74);
-pub(super) const DISCOVERY_V1_ENDPOINT_PORT: MsgId = MsgId(75);
-pub(super) const COORDINATION_V1_LEASE_SPEC: MsgId = MsgId(76);
-pub(super) const AUTOSCALING_V2_HORIZONTAL_POD_AUTOSCALER_SPEC: MsgId = MsgId(77);
-pub(super) const AUTOSCALING_V2_HORIZONTAL_POD_AUTOSCALER_STATUS: MsgId = MsgId(78);
-pub(super) const AUTOSCALING_V1_SCALE_SPEC: MsgId = MsgId(79);
-pub(super) const AUTOSCALING_V1_SCALE_STATUS: MsgId = MsgId(80);
-pub(super) const BATCH_V1_JOB_SPEC: MsgId = MsgId(81);
-pub(super) const BATCH_V1_JOB_STATUS: MsgId = MsgId(82);
-pub(super) const BATCH_V1_CRON_JOB_SPEC: MsgId = MsgId(83);
-pub(super) const BATCH_V1_CRON_JOB_STATUS: MsgId = MsgId(84);
-pub(super) const EVENTS_V1_EVENT_SERIES: MsgId = MsgId(85);
-pub(super) const POLICY_V1_POD_DISRUPTION_BUDGET_SPEC: MsgId = MsgId(86);
-pub(super) const POLICY_V1_POD_DISRUPTION_BUDGET_STATUS: MsgId = MsgId(87);
-pub(super) const RBAC_V1_POLICY_RULE: MsgId = MsgId(88);
-pub(super) const RBAC_V1_SUBJECT: MsgId = MsgId(89);
-pub(super) const RBAC_V1_ROLE_REF: MsgId = MsgId(90);
-pub(super) const RBAC_V1_AGGREGATION_RULE: MsgId = MsgId(91);
-pub(super) const META_V1_PRECONDITIONS: MsgId = MsgId(92);
-pub(super) const META_V1_OWNER_REFERENCE: MsgId = MsgId(93);
-pub(super) const META_V1_MANAGED_FIELDS_ENTRY: MsgId = MsgId(94);
-pub(super) const CORE_V1_NAMESPACE_CONDITION: MsgId = MsgId(95);
-pub(super) const CORE_V1_VOLUME: MsgId = MsgId(96);
-pub(super) const CORE_V1_CONTAINER: MsgId = MsgId(97);
-pub(super) const CORE_V1_EPHEMERAL_CONTAINER: MsgId = MsgId(98);
-pub(super) const CORE_V1_POD_SECURITY_CONTEXT: MsgId = MsgId(99);
-pub(super) const CORE_V1_AFFINITY: MsgId = MsgId(100);
-pub(super) const CORE_V1_TOLERATION: MsgId = MsgId(101);
-pub(super) const CORE_V1_HOST_ALIAS: MsgId = MsgId(102);
-pub(super) const CORE_V1_POD_DNS_CONFIG: MsgId = MsgId(103);
-pub(super) const CORE_V1_POD_READINESS_GATE: MsgId = MsgId(104);
-pub(super) const CORE_V1_TOPOLOGY_SPREAD_CONSTRAINT: MsgId = MsgId(105);
-pub(super) const CORE_V1_POD_OS: MsgId = MsgId(106);
-pub(super) const CORE_V1_POD_SCHEDULING_GATE: MsgId = MsgId(107);
-pub(super) const CORE_V1_POD_RESOURCE_CLAIM: MsgId = MsgId(108);
-pub(super) const CORE_V1_RESOURCE_REQUIREMENTS: MsgId = MsgId(109);
-pub(super) const CORE_V1_POD_CONDITION: MsgId = MsgId(110);
-pub(super) const CORE_V1_HOST_IP: MsgId = MsgId(111);
-pub(super) const CORE_V1_POD_IP: MsgId = MsgId(112);
-pub(super) const CORE_V1_CONTAINER_STATUS: MsgId = MsgId(113);
-pub(super) const CORE_V1_POD_RESOURCE_CLAIM_STATUS: MsgId = MsgId(114);
-pub(super) const CORE_V1_SERVICE_PORT: MsgId = MsgId(115);
-pub(super) const CORE_V1_SESSION_AFFINITY_CONFIG: MsgId = MsgId(116);
-pub(super) const CORE_V1_LOAD_BALANCER_STATUS: MsgId = MsgId(117);
-pub(super) const META_V1_CONDITION: MsgId = MsgId(118);
-pub(super) const CORE_V1_ENDPOINT_ADDRESS: MsgId = MsgId(119);
-pub(super) const CORE_V1_ENDPOINT_PORT: MsgId = MsgId(120);
-pub(super) const CORE_V1_TAINT: MsgId = MsgId(121);
-pub(super) const CORE_V1_NODE_CONFIG_SOURCE: MsgId = MsgId(122);
-pub(super) const CORE_V1_NODE_CONDITION: MsgId = MsgId(123);
-pub(super) const CORE_V1_NODE_ADDRESS: MsgId = MsgId(124);
-pub(super) const CORE_V1_NODE_DAEMON_ENDPOINTS: MsgId = MsgId(125);
-pub(super) const CORE_V1_NODE_SYSTEM_INFO: MsgId = MsgId(126);
-pub(super) const CORE_V1_CONTAINER_IMAGE: MsgId = MsgId(127);
-pub(super) const CORE_V1_ATTACHED_VOLUME: MsgId = MsgId(128);
-pub(super) const CORE_V1_NODE_CONFIG_STATUS: MsgId = MsgId(129);
-pub(super) const CORE_V1_NODE_RUNTIME_HANDLER: MsgId = MsgId(130);
-pub(super) const CORE_V1_NODE_FEATURES: MsgId = MsgId(131);
-pub(super) const CORE_V1_PERSISTENT_VOLUME_SOURCE: MsgId = MsgId(132);
-pub(super) const CORE_V1_VOLUME_NODE_AFFINITY: MsgId = MsgId(133);
-pub(super) const META_V1_LABEL_SELECTOR: MsgId = MsgId(134);
-pub(super) const CORE_V1_VOLUME_RESOURCE_REQUIREMENTS: MsgId = MsgId(135);
-pub(super) const CORE_V1_TYPED_LOCAL_OBJECT_REFERENCE: MsgId = MsgId(136);
-pub(super) const CORE_V1_TYPED_OBJECT_REFERENCE: MsgId = MsgId(137);
-pub(super) const CORE_V1_PERSISTENT_VOLUME_CLAIM_CONDITION: MsgId = MsgId(138);
-pub(super) const CORE_V1_MODIFY_VOLUME_STATUS: MsgId = MsgId(139);
-pub(super) const CORE_V1_REPLICATION_CONTROLLER_CONDITION: MsgId = MsgId(140);
-pub(super) const CORE_V1_LIMIT_RANGE_ITEM: MsgId = MsgId(141);
-pub(super) const CORE_V1_SCOPE_SELECTOR: MsgId = MsgId(142);
-pub(super) const APPS_V1_DEPLOYMENT_STRATEGY: MsgId = MsgId(143);
-pub(super) const APPS_V1_DEPLOYMENT_CONDITION: MsgId = MsgId(144);
-pub(super) const APPS_V1_REPLICA_SET_CONDITION: MsgId = MsgId(145);
-pub(super) const APPS_V1_STATEFUL_SET_UPDATE_STRATEGY: MsgId = MsgId(146);
-pub(super) const APPS_V1_STATEFUL_SET_PERSISTENT_VOLUME_CLAIM_RETENTION_POLICY: MsgId = MsgId(147);
-pub(super) const APPS_V1_STATEFUL_SET_ORDINALS: MsgId = MsgId(148);
-pub(super) const APPS_V1_STATEFUL_SET_CONDITION: MsgId = MsgId(149);
-pub(super) const APPS_V1_DAEMON_SET_UPDATE_STRATEGY: MsgId = MsgId(150);
-pub(super) const APPS_V1_DAEMON_SET_CONDITION: MsgId = MsgId(151);
-pub(super) const NETWORKING_V1_INGRESS_BACKEND: MsgId = MsgId(152);
-pub(super) const NETWORKING_V1_INGRESS_TLS: MsgId = MsgId(153);
-pub(super) const NETWORKING_V1_INGRESS_RULE: MsgId = MsgId(154);
-pub(super) const NETWORKING_V1_INGRESS_LOAD_BALANCER_STATUS: MsgId = MsgId(155);
-pub(super) const NETWORKING_V1_INGRESS_CLASS_PARAMETERS_REFERENCE: MsgId = MsgId(156);
-pub(super) const NETWORKING_V1_NETWORK_POLICY_INGRESS_RULE: MsgId = MsgId(157);
-pub(super) const NETWORKING_V1_NETWORK_POLICY_EGRESS_RULE: MsgId = MsgId(158);
-pub(super) const DISCOVERY_V1_ENDPOINT_CONDITIONS: MsgId = MsgId(159);
-pub(super) const DISCOVERY_V1_ENDPOINT_HINTS: MsgId = MsgId(160);
-pub(super) const AUTOSCALING_V2_CROSS_VERSION_OBJECT_REFERENCE: MsgId = MsgId(161);
-pub(super) const AUTOSCALING_V2_METRIC_SPEC: MsgId = MsgId(162);
-pub(super) const AUTOSCALING_V2_HORIZONTAL_POD_AUTOSCALER_BEHAVIOR: MsgId = MsgId(163);
-pub(super) const AUTOSCALING_V2_METRIC_STATUS: MsgId = MsgId(164);
-pub(super) const AUTOSCALING_V2_HORIZONTAL_POD_AUTOSCALER_CONDITION: MsgId = MsgId(165);
-pub(super) const BATCH_V1_POD_FAILURE_POLICY: MsgId = MsgId(166);
-pub(super) const BATCH_V1_SUCCESS_POLICY: MsgId = MsgId(167);
-pub(super) const BATCH_V1_JOB_CONDITION: MsgId = MsgId(168);
-pub(super) const BATCH_V1_UNCOUNTED_TERMINATED_PODS: MsgId = MsgId(169);
-pub(super) const BATCH_V1_JOB_TEMPLATE_SPEC: MsgId = MsgId(170);
-pub(super) const CORE_V1_VOLUME_SOURCE: MsgId = MsgId(171);
-pub(super) const CORE_V1_CONTAINER_PORT: MsgId = MsgId(172);
-pub(super) const CORE_V1_ENV_FROM_SOURCE: MsgId = MsgId(173);
-pub(super) const CORE_V1_ENV_VAR: MsgId = MsgId(174);
-pub(super) const CORE_V1_CONTAINER_RESIZE_POLICY: MsgId = MsgId(175);
-pub(super) const CORE_V1_VOLUME_MOUNT: MsgId = MsgId(176);
-pub(super) const CORE_V1_VOLUME_DEVICE: MsgId = MsgId(177);
-pub(super) const CORE_V1_PROBE: MsgId = MsgId(178);
-pub(super) const CORE_V1_LIFECYCLE: MsgId = MsgId(179);
-pub(super) const CORE_V1_SECURITY_CONTEXT: MsgId = MsgId(180);
-pub(super) const CORE_V1_EPHEMERAL_CONTAINER_COMMON: MsgId = MsgId(181);
-pub(super) const CORE_V1_SE_LINUX_OPTIONS: MsgId = MsgId(182);
-pub(super) const CORE_V1_WINDOWS_SECURITY_CONTEXT_OPTIONS: MsgId = MsgId(183);
-pub(super) const CORE_V1_SYSCTL: MsgId = MsgId(184);
-pub(super) const CORE_V1_SECCOMP_PROFILE: MsgId = MsgId(185);
-pub(super) const CORE_V1_APP_ARMOR_PROFILE: MsgId = MsgId(186);
-pub(super) const CORE_V1_NODE_AFFINITY: MsgId = MsgId(187);
-pub(super) const CORE_V1_POD_AFFINITY: MsgId = MsgId(188);
-pub(super) const CORE_V1_POD_ANTI_AFFINITY: MsgId = MsgId(189);
-pub(super) const CORE_V1_POD_DNS_CONFIG_OPTION: MsgId = MsgId(190);
-pub(super) const CORE_V1_RESOURCE_CLAIM: MsgId = MsgId(191);
-pub(super) const CORE_V1_CONTAINER_STATE: MsgId = MsgId(192);
-pub(super) const CORE_V1_VOLUME_MOUNT_STATUS: MsgId = MsgId(193);
-pub(super) const CORE_V1_CONTAINER_USER: MsgId = MsgId(194);
-pub(super) const CORE_V1_RESOURCE_STATUS: MsgId = MsgId(195);
-pub(super) const CORE_V1_CLIENT_IP_CONFIG: MsgId = MsgId(196);
-pub(super) const CORE_V1_LOAD_BALANCER_INGRESS: MsgId = MsgId(197);
-pub(super) const CORE_V1_CONFIG_MAP_NODE_CONFIG_SOURCE: MsgId = MsgId(198);
-pub(super) const CORE_V1_DAEMON_ENDPOINT: MsgId = MsgId(199);
-pub(super) const CORE_V1_NODE_SWAP_STATUS: MsgId = MsgId(200);
-pub(super) const CORE_V1_NODE_RUNTIME_HANDLER_FEATURES: MsgId = MsgId(201);
-pub(super) const CORE_V1_GCE_PERSISTENT_DISK_VOLUME_SOURCE: MsgId = MsgId(202);
-pub(super) const CORE_V1_AWS_ELASTIC_BLOCK_STORE_VOLUME_SOURCE: MsgId = MsgId(203);
-pub(super) const CORE_V1_HOST_PATH_VOLUME_SOURCE: MsgId = MsgId(204);
-pub(super) const CORE_V1_GLUSTERFS_PERSISTENT_VOLUME_SOURCE: MsgId = MsgId(205);
-pub(super) const CORE_V1_NFS_VOLUME_SOURCE: MsgId = MsgId(206);
-pub(super) const CORE_V1_RBD_PERSISTENT_VOLUME_SOURCE: MsgId = MsgId(207);
-pub(super) const CORE_V1_ISCSI_PERSISTENT_VOLUME_SOURCE: MsgId = MsgId(208);
-pub(super) const CORE_V1_CINDER_PERSISTENT_VOLUME_SOURCE: MsgId = MsgId(209);
-pub(super) const CORE_V1_CEPH_FS_PERSISTENT_VOLUME_SOURCE: MsgId = MsgId(210);
-pub(super) const CORE_V1_FC_VOLUME_SOURCE: MsgId = MsgId(211);
-pub(super) const CORE_V1_FLOCKER_VOLUME_SOURCE: MsgId = MsgId(212);
-pub(super) const CORE_V1_FLEX_PERSISTENT_VOLUME_SOURCE: MsgId = MsgId(213);
-pub(super) const CORE_V1_AZURE_FILE_PERSISTENT_VOLUME_SOURCE: MsgId = MsgId(214);
-pub(super) const CORE_V1_VSPHERE_VIRTUAL_DISK_VOLUME_SOURCE: MsgId = MsgId(215);
-pub(super) const CORE_V1_QUOBYTE_VOLUME_SOURCE: MsgId = MsgId(216);
-pub(super) const CORE_V1_AZURE_DISK_VOLUME_SOURCE: MsgId = MsgId(217);
-pub(super) const CORE_V1_PHOTON_PERSISTENT_DISK_VOLUME_SOURCE: MsgId = MsgId(218);
-pub(super) const CORE_V1_PORTWORX_VOLUME_SOURCE: MsgId = MsgId(219);
-pub(super) const CORE_V1_SCALE_IO_PERSISTENT_VOLUME_SOURCE: MsgId = MsgId(220);
-pub(super) const CORE_V1_LOCAL_VOLUME_SOURCE: MsgId = MsgId(221);
-pub(super) const CORE_V1_STORAGE_OS_PERSISTENT_VOLUME_SOURCE: MsgId = MsgId(222);
-pub(super) const CORE_V1_CSI_PERSISTENT_VOLUME_SOURCE: MsgId = MsgId(223);
-pub(super) const CORE_V1_NODE_SELECTOR: MsgId = MsgId(224);
-pub(super) const META_V1_LABEL_SELECTOR_REQUIREMENT: MsgId = MsgId(225);
-pub(super) const CORE_V1_SCOPED_RESOURCE_SELECTOR_REQUIREMENT: MsgId = MsgId(226);
-pub(super) const APPS_V1_ROLLING_UPDATE_DEPLOYMENT: MsgId = MsgId(227);
-pub(super) const APPS_V1_ROLLING_UPDATE_STATEFUL_SET_STRATEGY: MsgId = MsgId(228);
-pub(super) const APPS_V1_ROLLING_UPDATE_DAEMON_SET: MsgId = MsgId(229);
-pub(super) const NETWORKING_V1_INGRESS_SERVICE_BACKEND: MsgId = MsgId(230);
-pub(super) const NETWORKING_V1_INGRESS_RULE_VALUE: MsgId = MsgId(231);
-pub(super) const NETWORKING_V1_INGRESS_LOAD_BALANCER_INGRESS: MsgId = MsgId(232);
-pub(super) const NETWORKING_V1_NETWORK_POLICY_PORT: MsgId = MsgId(233);
-pub(super) const NETWORKING_V1_NETWORK_POLICY_PEER: MsgId = MsgId(234);
-pub(super) const DISCOVERY_V1_FOR_ZONE: MsgId = MsgId(235);
-pub(super) const DISCOVERY_V1_FOR_NODE: MsgId = MsgId(236);
-pub(super) const AUTOSCALING_V2_OBJECT_METRIC_SOURCE: MsgId = MsgId(237);
-pub(super) const AUTOSCALING_V2_PODS_METRIC_SOURCE: MsgId = MsgId(238);
-pub(super) const AUTOSCALING_V2_RESOURCE_METRIC_SOURCE: MsgId = MsgId(239);
-pub(super) const AUTOSCALING_V2_CONTAINER_RESOURCE_METRIC_SOURCE: MsgId = MsgId(240);
-pub(super) const AUTOSCALING_V2_EXTERNAL_METRIC_SOURCE: MsgId = MsgId(241);
-pub(super) const AUTOSCALING_V2_HPA_SCALING_RULES: MsgId = MsgId(242);
-pub(super) const AUTOSCALING_V2_OBJECT_METRIC_STATUS: MsgId = MsgId(243);
-pub(super) const AUTOSCALING_V2_PODS_METRIC_STATUS: MsgId = MsgId(244);
-pub(super) const AUTOSCALING_V2_RESOURCE_METRIC_STATUS: MsgId = MsgId(245);
-pub(super) const AUTOSCALING_V2_CONTAINER_RESOURCE_METRIC_STATUS: MsgId = MsgId(246);
-pub(super) const AUTOSCALING_V2_EXTERNAL_METRIC_STATUS: MsgId = MsgId(247);
-pub(super) const BATCH_V1_POD_FAILURE_POLICY_RULE: MsgId = MsgId(248);
-pub(super) const BATCH_V1_SUCCESS_POLICY_RULE: MsgId = MsgId(249);
-pub(super) const CORE_V1_EMPTY_DIR_VOLUME_SOURCE: MsgId = MsgId(250);
-pub(super) const CORE_V1_GIT_REPO_VOLUME_SOURCE: MsgId = MsgId(251);
-pub(super) const CORE_V1_SECRET_VOLUME_SOURCE: MsgId = MsgId(252);
-pub(super) const CORE_V1_ISCSI_VOLUME_SOURCE: MsgId = MsgId(253);
-pub(super) const CORE_V1_GLUSTERFS_VOLUME_SOURCE: MsgId = MsgId(254);
-pub(super) const CORE_V1_PERSISTENT_VOLUME_CLAIM_VOLUME_SOURCE: MsgId = MsgId(255);
-pub(super) const CORE_V1_RBD_VOLUME_SOURCE: MsgId = MsgId(256);
-pub(super) const CORE_V1_FLEX_VOLUME_SOURCE: MsgId = MsgId(257);
-pub(super) const CORE_V1_CINDER_VOLUME_SOURCE: MsgId = MsgId(258);
-pub(super) const CORE_V1_CEPH_FS_VOLUME_SOURCE: MsgId = MsgId(259);
-pub(super) const CORE_V1_DOWNWARD_API_VOLUME_SOURCE: MsgId = MsgId(260);
-pub(super) const CORE_V1_AZURE_FILE_VOLUME_SOURCE: MsgId = MsgId(261);
-pub(super) const CORE_V1_CONFIG_MAP_VOLUME_SOURCE: MsgId = MsgId(262);
-pub(super) const CORE_V1_PROJECTED_VOLUME_SOURCE: MsgId = MsgId(263);
-pub(super) const CORE_V1_SCALE_IO_VOLUME_SOURCE: MsgId = MsgId(264);
-pub(super) const CORE_V1_STORAGE_OS_VOLUME_SOURCE: MsgId = MsgId(265);
-pub(super) const CORE_V1_CSI_VOLUME_SOURCE: MsgId = MsgId(266);
-pub(super) const CORE_V1_EPHEMERAL_VOLUME_SOURCE: MsgId = MsgId(267);
-pub(super) const CORE_V1_IMAGE_VOLUME_SOURCE: MsgId = MsgId(268);
-pub(super) const CORE_V1_CONFIG_MAP_ENV_SOURCE: MsgId = MsgId(269);
-pub(super) const CORE_V1_SECRET_ENV_SOURCE: MsgId = MsgId(270);
-pub(super) const CORE_V1_ENV_VAR_SOURCE: MsgId = MsgId(271);
-pub(super) const CORE_V1_PROBE_HANDLER: MsgId = MsgId(272);
-pub(super) const CORE_V1_LIFECYCLE_HANDLER: MsgId = MsgId(273);
-pub(super) const CORE_V1_CAPABILITIES: MsgId = MsgId(274);
-pub(super) const CORE_V1_PREFERRED_SCHEDULING_TERM: MsgId = MsgId(275);
-pub(super) const CORE_V1_POD_AFFINITY_TERM: MsgId = MsgId(276);
-pub(super) const CORE_V1_WEIGHTED_POD_AFFINITY_TERM: MsgId = MsgId(277);
-pub(super) const CORE_V1_CONTAINER_STATE_WAITING: MsgId = MsgId(278);
-pub(super) const CORE_V1_CONTAINER_STATE_RUNNING: MsgId = MsgId(279);
-pub(super) const CORE_V1_CONTAINER_STATE_TERMINATED: MsgId = MsgId(280);
-pub(super) const CORE_V1_LINUX_CONTAINER_USER: MsgId = MsgId(281);
-pub(super) const CORE_V1_RESOURCE_HEALTH: MsgId = MsgId(282);
-pub(super) const CORE_V1_PORT_STATUS: MsgId = MsgId(283);
-pub(super) const CORE_V1_SECRET_REFERENCE: MsgId = MsgId(284);
-pub(super) const CORE_V1_NODE_SELECTOR_TERM: MsgId = MsgId(285);
-pub(super) const NETWORKING_V1_SERVICE_BACKEND_PORT: MsgId = MsgId(286);
-pub(super) const NETWORKING_V1_HTTP_INGRESS_RULE_VALUE: MsgId = MsgId(287);
-pub(super) const NETWORKING_V1_INGRESS_PORT_STATUS: MsgId = MsgId(288);
-pub(super) const NETWORKING_V1_IP_BLOCK: MsgId = MsgId(289);
-pub(super) const AUTOSCALING_V2_METRIC_TARGET: MsgId = MsgId(290);
-pub(super) const AUTOSCALING_V2_METRIC_IDENTIFIER: MsgId = MsgId(291);
-pub(super) const AUTOSCALING_V2_HPA_SCALING_POLICY: MsgId = MsgId(292);
-pub(super) const AUTOSCALING_V2_METRIC_VALUE_STATUS: MsgId = MsgId(293);
-pub(super) const BATCH_V1_POD_FAILURE_POLICY_ON_EXIT_CODES_REQUIREMENT: MsgId = MsgId(294);
-pub(super) const BATCH_V1_POD_FAILURE_POLICY_ON_POD_CONDITIONS_PATTERN: MsgId = MsgId(295);
-pub(super) const CORE_V1_KEY_TO_PATH: MsgId = MsgId(296);
-pub(super) const CORE_V1_DOWNWARD_API_VOLUME_FILE: MsgId = MsgId(297);
-pub(super) const CORE_V1_VOLUME_PROJECTION: MsgId = MsgId(298);
-pub(super) const CORE_V1_PERSISTENT_VOLUME_CLAIM_TEMPLATE: MsgId = MsgId(299);
-pub(super) const CORE_V1_OBJECT_FIELD_SELECTOR: MsgId = MsgId(300);
-pub(super) const CORE_V1_RESOURCE_FIELD_SELECTOR: MsgId = MsgId(301);
-pub(super) const CORE_V1_CONFIG_MAP_KEY_SELECTOR: MsgId = MsgId(302);
-pub(super) const CORE_V1_SECRET_KEY_SELECTOR: MsgId = MsgId(303);
-pub(super) const CORE_V1_EXEC_ACTION: MsgId = MsgId(304);
-pub(super) const CORE_V1_HTTP_GET_ACTION: MsgId = MsgId(305);
-pub(super) const CORE_V1_TCP_SOCKET_ACTION: MsgId = MsgId(306);
-pub(super) const CORE_V1_GRPC_ACTION: MsgId = MsgId(307);
-pub(super) const CORE_V1_SLEEP_ACTION: MsgId = MsgId(308);
-pub(super) const CORE_V1_NODE_SELECTOR_REQUIREMENT: MsgId = MsgId(309);
-pub(super) const NETWORKING_V1_HTTP_INGRESS_PATH: MsgId = MsgId(310);
-pub(super) const CORE_V1_SECRET_PROJECTION: MsgId = MsgId(311);
-pub(super) const CORE_V1_DOWNWARD_API_PROJECTION: MsgId = MsgId(312);
-pub(super) const CORE_V1_CONFIG_MAP_PROJECTION: MsgId = MsgId(313);
-pub(super) const CORE_V1_SERVICE_ACCOUNT_TOKEN_PROJECTION: MsgId = MsgId(314);
-pub(super) const CORE_V1_CLUSTER_TRUST_BUNDLE_PROJECTION: MsgId = MsgId(315);
-pub(super) const CORE_V1_HTTP_HEADER: MsgId = MsgId(316);
-pub(super) const AUTHENTICATION_V1_TOKEN_REQUEST: MsgId = MsgId(317);
-pub(super) const AUTHENTICATION_V1_TOKEN_REQUEST_SPEC: MsgId = MsgId(318);
-pub(super) const AUTHENTICATION_V1_TOKEN_REQUEST_STATUS: MsgId = MsgId(319);
-pub(super) const AUTHENTICATION_V1_BOUND_OBJECT_REFERENCE: MsgId = MsgId(320);
+pub(super) const AUTHORIZATION_V1_SELF_SUBJECT_ACCESS_REVIEW: MsgId = MsgId(38);
+pub(super) const AUTHENTICATION_V1_TOKEN_REQUEST: MsgId = MsgId(39);
+pub(super) const META_V1_OBJECT_META: MsgId = MsgId(40);
+pub(super) const CORE_V1_NAMESPACE_SPEC: MsgId = MsgId(41);
+pub(super) const CORE_V1_NAMESPACE_STATUS: MsgId = MsgId(42);
+pub(super) const CORE_V1_POD_SPEC: MsgId = MsgId(43);
+pub(super) const CORE_V1_POD_STATUS: MsgId = MsgId(44);
+pub(super) const CORE_V1_SERVICE_SPEC: MsgId = MsgId(45);
+pub(super) const CORE_V1_SERVICE_STATUS: MsgId = MsgId(46);
+pub(super) const CORE_V1_ENDPOINT_SUBSET: MsgId = MsgId(47);
+pub(super) const CORE_V1_NODE_SPEC: MsgId = MsgId(48);
+pub(super) const CORE_V1_NODE_STATUS: MsgId = MsgId(49);
+pub(super) const CORE_V1_OBJECT_REFERENCE: MsgId = MsgId(50);
+pub(super) const CORE_V1_EVENT_SOURCE: MsgId = MsgId(51);
+pub(super) const CORE_V1_EVENT_SERIES: MsgId = MsgId(52);
+pub(super) const CORE_V1_LOCAL_OBJECT_REFERENCE: MsgId = MsgId(53);
+pub(super) const CORE_V1_PERSISTENT_VOLUME_SPEC: MsgId = MsgId(54);
+pub(super) const CORE_V1_PERSISTENT_VOLUME_STATUS: MsgId = MsgId(55);
+pub(super) const CORE_V1_PERSISTENT_VOLUME_CLAIM_SPEC: MsgId = MsgId(56);
+pub(super) const CORE_V1_PERSISTENT_VOLUME_CLAIM_STATUS: MsgId = MsgId(57);
+pub(super) const CORE_V1_POD_TEMPLATE_SPEC: MsgId = MsgId(58);
+pub(super) const CORE_V1_REPLICATION_CONTROLLER_SPEC: MsgId = MsgId(59);
+pub(super) const CORE_V1_REPLICATION_CONTROLLER_STATUS: MsgId = MsgId(60);
+pub(super) const CORE_V1_LIMIT_RANGE_SPEC: MsgId = MsgId(61);
+pub(super) const CORE_V1_RESOURCE_QUOTA_SPEC: MsgId = MsgId(62);
+pub(super) const CORE_V1_RESOURCE_QUOTA_STATUS: MsgId = MsgId(63);
+pub(super) const APPS_V1_DEPLOYMENT_SPEC: MsgId = MsgId(64);
+pub(super) const APPS_V1_DEPLOYMENT_STATUS: MsgId = MsgId(65);
+pub(super) const APPS_V1_REPLICA_SET_SPEC: MsgId = MsgId(66);
+pub(super) const APPS_V1_REPLICA_SET_STATUS: MsgId = MsgId(67);
+pub(super) const APPS_V1_STATEFUL_SET_SPEC: MsgId = MsgId(68);
+pub(super) const APPS_V1_STATEFUL_SET_STATUS: MsgId = MsgId(69);
+pub(super) const APPS_V1_DAEMON_SET_SPEC: MsgId = MsgId(70);
+pub(super) const APPS_V1_DAEMON_SET_STATUS: MsgId = MsgId(71);
+pub(super) const NETWORKING_V1_INGRESS_SPEC: MsgId = MsgId(72);
+pub(super) const NETWORKING_V1_INGRESS_STATUS: MsgId = MsgId(73);
+pub(super) const NETWORKING_V1_INGRESS_CLASS_SPEC: MsgId = MsgId(74);
+pub(super) const NETWORKING_V1_NETWORK_POLICY_SPEC: MsgId = MsgId(75);
+pub(super) const DISCOVERY_V1_ENDPOINT: MsgId = MsgId(76);
+pub(super) const DISCOVERY_V1_ENDPOINT_PORT: MsgId = MsgId(77);
+pub(super) const COORDINATION_V1_LEASE_SPEC: MsgId = MsgId(78);
+pub(super) const AUTOSCALING_V2_HORIZONTAL_POD_AUTOSCALER_SPEC: MsgId = MsgId(79);
+pub(super) const AUTOSCALING_V2_HORIZONTAL_POD_AUTOSCALER_STATUS: MsgId = MsgId(80);
+pub(super) const AUTOSCALING_V1_SCALE_SPEC: MsgId = MsgId(81);
+pub(super) const AUTOSCALING_V1_SCALE_STATUS: MsgId = MsgId(82);
+pub(super) const BATCH_V1_JOB_SPEC: MsgId = MsgId(83);
+pub(super) const BATCH_V1_JOB_STATUS: MsgId = MsgId(84);
+pub(super) const BATCH_V1_CRON_JOB_SPEC: MsgId = MsgId(85);
+pub(super) const BATCH_V1_CRON_JOB_STATUS: MsgId = MsgId(86);
+pub(super) const EVENTS_V1_EVENT_SERIES: MsgId = MsgId(87);
+pub(super) const POLICY_V1_POD_DISRUPTION_BUDGET_SPEC: MsgId = MsgId(88);
+pub(super) const POLICY_V1_POD_DISRUPTION_BUDGET_STATUS: MsgId = MsgId(89);
+pub(super) const RBAC_V1_POLICY_RULE: MsgId = MsgId(90);
+pub(super) const RBAC_V1_SUBJECT: MsgId = MsgId(91);
+pub(super) const RBAC_V1_ROLE_REF: MsgId = MsgId(92);
+pub(super) const RBAC_V1_AGGREGATION_RULE: MsgId = MsgId(93);
+pub(super) const META_V1_PRECONDITIONS: MsgId = MsgId(94);
+pub(super) const AUTHORIZATION_V1_SELF_SUBJECT_ACCESS_REVIEW_SPEC: MsgId = MsgId(95);
+pub(super) const AUTHORIZATION_V1_SUBJECT_ACCESS_REVIEW_STATUS: MsgId = MsgId(96);
+pub(super) const AUTHENTICATION_V1_TOKEN_REQUEST_SPEC: MsgId = MsgId(97);
+pub(super) const AUTHENTICATION_V1_TOKEN_REQUEST_STATUS: MsgId = MsgId(98);
+pub(super) const META_V1_OWNER_REFERENCE: MsgId = MsgId(99);
+pub(super) const META_V1_MANAGED_FIELDS_ENTRY: MsgId = MsgId(100);
+pub(super) const CORE_V1_NAMESPACE_CONDITION: MsgId = MsgId(101);
+pub(super) const CORE_V1_VOLUME: MsgId = MsgId(102);
+pub(super) const CORE_V1_CONTAINER: MsgId = MsgId(103);
+pub(super) const CORE_V1_EPHEMERAL_CONTAINER: MsgId = MsgId(104);
+pub(super) const CORE_V1_POD_SECURITY_CONTEXT: MsgId = MsgId(105);
+pub(super) const CORE_V1_AFFINITY: MsgId = MsgId(106);
+pub(super) const CORE_V1_TOLERATION: MsgId = MsgId(107);
+pub(super) const CORE_V1_HOST_ALIAS: MsgId = MsgId(108);
+pub(super) const CORE_V1_POD_DNS_CONFIG: MsgId = MsgId(109);
+pub(super) const CORE_V1_POD_READINESS_GATE: MsgId = MsgId(110);
+pub(super) const CORE_V1_TOPOLOGY_SPREAD_CONSTRAINT: MsgId = MsgId(111);
+pub(super) const CORE_V1_POD_OS: MsgId = MsgId(112);
+pub(super) const CORE_V1_POD_SCHEDULING_GATE: MsgId = MsgId(113);
+pub(super) const CORE_V1_POD_RESOURCE_CLAIM: MsgId = MsgId(114);
+pub(super) const CORE_V1_RESOURCE_REQUIREMENTS: MsgId = MsgId(115);
+pub(super) const CORE_V1_POD_CONDITION: MsgId = MsgId(116);
+pub(super) const CORE_V1_HOST_IP: MsgId = MsgId(117);
+pub(super) const CORE_V1_POD_IP: MsgId = MsgId(118);
+pub(super) const CORE_V1_CONTAINER_STATUS: MsgId = MsgId(119);
+pub(super) const CORE_V1_POD_RESOURCE_CLAIM_STATUS: MsgId = MsgId(120);
+pub(super) const CORE_V1_SERVICE_PORT: MsgId = MsgId(121);
+pub(super) const CORE_V1_SESSION_AFFINITY_CONFIG: MsgId = MsgId(122);
+pub(super) const CORE_V1_LOAD_BALANCER_STATUS: MsgId = MsgId(123);
+pub(super) const META_V1_CONDITION: MsgId = MsgId(124);
+pub(super) const CORE_V1_ENDPOINT_ADDRESS: MsgId = MsgId(125);
+pub(super) const CORE_V1_ENDPOINT_PORT: MsgId = MsgId(126);
+pub(super) const CORE_V1_TAINT: MsgId = MsgId(127);
+pub(super) const CORE_V1_NODE_CONFIG_SOURCE: MsgId = MsgId(128);
+pub(super) const CORE_V1_NODE_CONDITION: MsgId = MsgId(129);
+pub(super) const CORE_V1_NODE_ADDRESS: MsgId = MsgId(130);
+pub(super) const CORE_V1_NODE_DAEMON_ENDPOINTS: MsgId = MsgId(131);
+pub(super) const CORE_V1_NODE_SYSTEM_INFO: MsgId = MsgId(132);
+pub(super) const CORE_V1_CONTAINER_IMAGE: MsgId = MsgId(133);
+pub(super) const CORE_V1_ATTACHED_VOLUME: MsgId = MsgId(134);
+pub(super) const CORE_V1_NODE_CONFIG_STATUS: MsgId = MsgId(135);
+pub(super) const CORE_V1_NODE_RUNTIME_HANDLER: MsgId = MsgId(136);
+pub(super) const CORE_V1_NODE_FEATURES: MsgId = MsgId(137);
+pub(super) const CORE_V1_PERSISTENT_VOLUME_SOURCE: MsgId = MsgId(138);
+pub(super) const CORE_V1_VOLUME_NODE_AFFINITY: MsgId = MsgId(139);
+pub(super) const META_V1_LABEL_SELECTOR: MsgId = MsgId(140);
+pub(super) const CORE_V1_VOLUME_RESOURCE_REQUIREMENTS: MsgId = MsgId(141);
+pub(super) const CORE_V1_TYPED_LOCAL_OBJECT_REFERENCE: MsgId = MsgId(142);
+pub(super) const CORE_V1_TYPED_OBJECT_REFERENCE: MsgId = MsgId(143);
+pub(super) const CORE_V1_PERSISTENT_VOLUME_CLAIM_CONDITION: MsgId = MsgId(144);
+pub(super) const CORE_V1_MODIFY_VOLUME_STATUS: MsgId = MsgId(145);
+pub(super) const CORE_V1_REPLICATION_CONTROLLER_CONDITION: MsgId = MsgId(146);
+pub(super) const CORE_V1_LIMIT_RANGE_ITEM: MsgId = MsgId(147);
+pub(super) const CORE_V1_SCOPE_SELECTOR: MsgId = MsgId(148);
+pub(super) const APPS_V1_DEPLOYMENT_STRATEGY: MsgId = MsgId(149);
+pub(super) const APPS_V1_DEPLOYMENT_CONDITION: MsgId = MsgId(150);
+pub(super) const APPS_V1_REPLICA_SET_CONDITION: MsgId = MsgId(151);
+pub(super) const APPS_V1_STATEFUL_SET_UPDATE_STRATEGY: MsgId = MsgId(152);
+pub(super) const APPS_V1_STATEFUL_SET_PERSISTENT_VOLUME_CLAIM_RETENTION_POLICY: MsgId = MsgId(153);
+pub(super) const APPS_V1_STATEFUL_SET_ORDINALS: MsgId = MsgId(154);
+pub(super) const APPS_V1_STATEFUL_SET_CONDITION: MsgId = MsgId(155);
+pub(super) const APPS_V1_DAEMON_SET_UPDATE_STRATEGY: MsgId = MsgId(156);
+pub(super) const APPS_V1_DAEMON_SET_CONDITION: MsgId = MsgId(157);
+pub(super) const NETWORKING_V1_INGRESS_BACKEND: MsgId = MsgId(158);
+pub(super) const NETWORKING_V1_INGRESS_TLS: MsgId = MsgId(159);
+pub(super) const NETWORKING_V1_INGRESS_RULE: MsgId = MsgId(160);
+pub(super) const NETWORKING_V1_INGRESS_LOAD_BALANCER_STATUS: MsgId = MsgId(161);
+pub(super) const NETWORKING_V1_INGRESS_CLASS_PARAMETERS_REFERENCE: MsgId = MsgId(162);
+pub(super) const NETWORKING_V1_NETWORK_POLICY_INGRESS_RULE: MsgId = MsgId(163);
+pub(super) const NETWORKING_V1_NETWORK_POLICY_EGRESS_RULE: MsgId = MsgId(164);
+pub(super) const DISCOVERY_V1_ENDPOINT_CONDITIONS: MsgId = MsgId(165);
+pub(super) const DISCOVERY_V1_ENDPOINT_HINTS: MsgId = MsgId(166);
+pub(super) const AUTOSCALING_V2_CROSS_VERSION_OBJECT_REFERENCE: MsgId = MsgId(167);
+pub(super) const AUTOSCALING_V2_METRIC_SPEC: MsgId = MsgId(168);
+pub(super) const AUTOSCALING_V2_HORIZONTAL_POD_AUTOSCALER_BEHAVIOR: MsgId = MsgId(169);
+pub(super) const AUTOSCALING_V2_METRIC_STATUS: MsgId = MsgId(170);
+pub(super) const AUTOSCALING_V2_HORIZONTAL_POD_AUTOSCALER_CONDITION: MsgId = MsgId(171);
+pub(super) const BATCH_V1_POD_FAILURE_POLICY: MsgId = MsgId(172);
+pub(super) const BATCH_V1_SUCCESS_POLICY: MsgId = MsgId(173);
+pub(super) const BATCH_V1_JOB_CONDITION: MsgId = MsgId(174);
+pub(super) const BATCH_V1_UNCOUNTED_TERMINATED_PODS: MsgId = MsgId(175);
+pub(super) const BATCH_V1_JOB_TEMPLATE_SPEC: MsgId = MsgId(176);
+pub(super) const AUTHORIZATION_V1_RESOURCE_ATTRIBUTES: MsgId = MsgId(177);
+pub(super) const AUTHORIZATION_V1_NON_RESOURCE_ATTRIBUTES: MsgId = MsgId(178);
+pub(super) const AUTHENTICATION_V1_BOUND_OBJECT_REFERENCE: MsgId = MsgId(179);
+pub(super) const CORE_V1_VOLUME_SOURCE: MsgId = MsgId(180);
+pub(super) const CORE_V1_CONTAINER_PORT: MsgId = MsgId(181);
+pub(super) const CORE_V1_ENV_FROM_SOURCE: MsgId = MsgId(182);
+pub(super) const CORE_V1_ENV_VAR: MsgId = MsgId(183);
+pub(super) const CORE_V1_CONTAINER_RESIZE_POLICY: MsgId = MsgId(184);
+pub(super) const CORE_V1_VOLUME_MOUNT: MsgId = MsgId(185);
+pub(super) const CORE_V1_VOLUME_DEVICE: MsgId = MsgId(186);
+pub(super) const CORE_V1_PROBE: MsgId = MsgId(187);
+pub(super) const CORE_V1_LIFECYCLE: MsgId = MsgId(188);
+pub(super) const CORE_V1_SECURITY_CONTEXT: MsgId = MsgId(189);
+pub(super) const CORE_V1_EPHEMERAL_CONTAINER_COMMON: MsgId = MsgId(190);
+pub(super) const CORE_V1_SE_LINUX_OPTIONS: MsgId = MsgId(191);
+pub(super) const CORE_V1_WINDOWS_SECURITY_CONTEXT_OPTIONS: MsgId = MsgId(192);
+pub(super) const CORE_V1_SYSCTL: MsgId = MsgId(193);
+pub(super) const CORE_V1_SECCOMP_PROFILE: MsgId = MsgId(194);
+pub(super) const CORE_V1_APP_ARMOR_PROFILE: MsgId = MsgId(195);
+pub(super) const CORE_V1_NODE_AFFINITY: MsgId = MsgId(196);
+pub(super) const CORE_V1_POD_AFFINITY: MsgId = MsgId(197);
+pub(super) const CORE_V1_POD_ANTI_AFFINITY: MsgId = MsgId(198);
+pub(super) const CORE_V1_POD_DNS_CONFIG_OPTION: MsgId = MsgId(199);
+pub(super) const CORE_V1_RESOURCE_CLAIM: MsgId = MsgId(200);
+pub(super) const CORE_V1_CONTAINER_STATE: MsgId = MsgId(201);
+pub(super) const CORE_V1_VOLUME_MOUNT_STATUS: MsgId = MsgId(202);
+pub(super) const CORE_V1_CONTAINER_USER: MsgId = MsgId(203);
+pub(super) const CORE_V1_RESOURCE_STATUS: MsgId = MsgId(204);
+pub(super) const CORE_V1_CLIENT_IP_CONFIG: MsgId = MsgId(205);
+pub(super) const CORE_V1_LOAD_BALANCER_INGRESS: MsgId = MsgId(206);
+pub(super) const CORE_V1_CONFIG_MAP_NODE_CONFIG_SOURCE: MsgId = MsgId(207);
+pub(super) const CORE_V1_DAEMON_ENDPOINT: MsgId = MsgId(208);
+pub(super) const CORE_V1_NODE_SWAP_STATUS: MsgId = MsgId(209);
+pub(super) const CORE_V1_NODE_RUNTIME_HANDLER_FEATURES: MsgId = MsgId(210);
+pub(super) const CORE_V1_GCE_PERSISTENT_DISK_VOLUME_SOURCE: MsgId = MsgId(211);
+pub(super) const CORE_V1_AWS_ELASTIC_BLOCK_STORE_VOLUME_SOURCE: MsgId = MsgId(212);
+pub(super) const CORE_V1_HOST_PATH_VOLUME_SOURCE: MsgId = MsgId(213);
+pub(super) const CORE_V1_GLUSTERFS_PERSISTENT_VOLUME_SOURCE: MsgId = MsgId(214);
+pub(super) const CORE_V1_NFS_VOLUME_SOURCE: MsgId = MsgId(215);
+pub(super) const CORE_V1_RBD_PERSISTENT_VOLUME_SOURCE: MsgId = MsgId(216);
+pub(super) const CORE_V1_ISCSI_PERSISTENT_VOLUME_SOURCE: MsgId = MsgId(217);
+pub(super) const CORE_V1_CINDER_PERSISTENT_VOLUME_SOURCE: MsgId = MsgId(218);
+pub(super) const CORE_V1_CEPH_FS_PERSISTENT_VOLUME_SOURCE: MsgId = MsgId(219);
+pub(super) const CORE_V1_FC_VOLUME_SOURCE: MsgId = MsgId(220);
+pub(super) const CORE_V1_FLOCKER_VOLUME_SOURCE: MsgId = MsgId(221);
+pub(super) const CORE_V1_FLEX_PERSISTENT_VOLUME_SOURCE: MsgId = MsgId(222);
+pub(super) const CORE_V1_AZURE_FILE_PERSISTENT_VOLUME_SOURCE: MsgId = MsgId(223);
+pub(super) const CORE_V1_VSPHERE_VIRTUAL_DISK_VOLUME_SOURCE: MsgId = MsgId(224);
+pub(super) const CORE_V1_QUOBYTE_VOLUME_SOURCE: MsgId = MsgId(225);
+pub(super) const CORE_V1_AZURE_DISK_VOLUME_SOURCE: MsgId = MsgId(226);
+pub(super) const CORE_V1_PHOTON_PERSISTENT_DISK_VOLUME_SOURCE: MsgId = MsgId(227);
+pub(super) const CORE_V1_PORTWORX_VOLUME_SOURCE: MsgId = MsgId(228);
+pub(super) const CORE_V1_SCALE_IO_PERSISTENT_VOLUME_SOURCE: MsgId = MsgId(229);
+pub(super) const CORE_V1_LOCAL_VOLUME_SOURCE: MsgId = MsgId(230);
+pub(super) const CORE_V1_STORAGE_OS_PERSISTENT_VOLUME_SOURCE: MsgId = MsgId(231);
+pub(super) const CORE_V1_CSI_PERSISTENT_VOLUME_SOURCE: MsgId = MsgId(232);
+pub(super) const CORE_V1_NODE_SELECTOR: MsgId = MsgId(233);
+pub(super) const META_V1_LABEL_SELECTOR_REQUIREMENT: MsgId = MsgId(234);
+pub(super) const CORE_V1_SCOPED_RESOURCE_SELECTOR_REQUIREMENT: MsgId = MsgId(235);
+pub(super) const APPS_V1_ROLLING_UPDATE_DEPLOYMENT: MsgId = MsgId(236);
+pub(super) const APPS_V1_ROLLING_UPDATE_STATEFUL_SET_STRATEGY: MsgId = MsgId(237);
+pub(super) const APPS_V1_ROLLING_UPDATE_DAEMON_SET: MsgId = MsgId(238);
+pub(super) const NETWORKING_V1_INGRESS_SERVICE_BACKEND: MsgId = MsgId(239);
+pub(super) const NETWORKING_V1_INGRESS_RULE_VALUE: MsgId = MsgId(240);
+pub(super) const NETWORKING_V1_INGRESS_LOAD_BALANCER_INGRESS: MsgId = MsgId(241);
+pub(super) const NETWORKING_V1_NETWORK_POLICY_PORT: MsgId = MsgId(242);
+pub(super) const NETWORKING_V1_NETWORK_POLICY_PEER: MsgId = MsgId(243);
+pub(super) const DISCOVERY_V1_FOR_ZONE: MsgId = MsgId(244);
+pub(super) const DISCOVERY_V1_FOR_NODE: MsgId = MsgId(245);
+pub(super) const AUTOSCALING_V2_OBJECT_METRIC_SOURCE: MsgId = MsgId(246);
+pub(super) const AUTOSCALING_V2_PODS_METRIC_SOURCE: MsgId = MsgId(247);
+pub(super) const AUTOSCALING_V2_RESOURCE_METRIC_SOURCE: MsgId = MsgId(248);
+pub(super) const AUTOSCALING_V2_CONTAINER_RESOURCE_METRIC_SOURCE: MsgId = MsgId(249);
+pub(super) const AUTOSCALING_V2_EXTERNAL_METRIC_SOURCE: MsgId = MsgId(250);
+pub(super) const AUTOSCALING_V2_HPA_SCALING_RULES: MsgId = MsgId(251);
+pub(super) const AUTOSCALING_V2_OBJECT_METRIC_STATUS: MsgId = MsgId(252);
+pub(super) const AUTOSCALING_V2_PODS_METRIC_STATUS: MsgId = MsgId(253);
+pub(super) const AUTOSCALING_V2_RESOURCE_METRIC_STATUS: MsgId = MsgId(254);
+pub(super) const AUTOSCALING_V2_CONTAINER_RESOURCE_METRIC_STATUS: MsgId = MsgId(255);
+pub(super) const AUTOSCALING_V2_EXTERNAL_METRIC_STATUS: MsgId = MsgId(256);
+pub(super) const BATCH_V1_POD_FAILURE_POLICY_RULE: MsgId = MsgId(257);
+pub(super) const BATCH_V1_SUCCESS_POLICY_RULE: MsgId = MsgId(258);
+pub(super) const AUTHORIZATION_V1_FIELD_SELECTOR_ATTRIBUTES: MsgId = MsgId(259);
+pub(super) const AUTHORIZATION_V1_LABEL_SELECTOR_ATTRIBUTES: MsgId = MsgId(260);
+pub(super) const CORE_V1_EMPTY_DIR_VOLUME_SOURCE: MsgId = MsgId(261);
+pub(super) const CORE_V1_GIT_REPO_VOLUME_SOURCE: MsgId = MsgId(262);
+pub(super) const CORE_V1_SECRET_VOLUME_SOURCE: MsgId = MsgId(263);
+pub(super) const CORE_V1_ISCSI_VOLUME_SOURCE: MsgId = MsgId(264);
+pub(super) const CORE_V1_GLUSTERFS_VOLUME_SOURCE: MsgId = MsgId(265);
+pub(super) const CORE_V1_PERSISTENT_VOLUME_CLAIM_VOLUME_SOURCE: MsgId = MsgId(266);
+pub(super) const CORE_V1_RBD_VOLUME_SOURCE: MsgId = MsgId(267);
+pub(super) const CORE_V1_FLEX_VOLUME_SOURCE: MsgId = MsgId(268);
+pub(super) const CORE_V1_CINDER_VOLUME_SOURCE: MsgId = MsgId(269);
+pub(super) const CORE_V1_CEPH_FS_VOLUME_SOURCE: MsgId = MsgId(270);
+pub(super) const CORE_V1_DOWNWARD_API_VOLUME_SOURCE: MsgId = MsgId(271);
+pub(super) const CORE_V1_AZURE_FILE_VOLUME_SOURCE: MsgId = MsgId(272);
+pub(super) const CORE_V1_CONFIG_MAP_VOLUME_SOURCE: MsgId = MsgId(273);
+pub(super) const CORE_V1_PROJECTED_VOLUME_SOURCE: MsgId = MsgId(274);
+pub(super) const CORE_V1_SCALE_IO_VOLUME_SOURCE: MsgId = MsgId(275);
+pub(super) const CORE_V1_STORAGE_OS_VOLUME_SOURCE: MsgId = MsgId(276);
+pub(super) const CORE_V1_CSI_VOLUME_SOURCE: MsgId = MsgId(277);
+pub(super) const CORE_V1_EPHEMERAL_VOLUME_SOURCE: MsgId = MsgId(278);
+pub(super) const CORE_V1_IMAGE_VOLUME_SOURCE: MsgId = MsgId(279);
+pub(super) const CORE_V1_CONFIG_MAP_ENV_SOURCE: MsgId = MsgId(280);
+pub(super) const CORE_V1_SECRET_ENV_SOURCE: MsgId = MsgId(281);
+pub(super) const CORE_V1_ENV_VAR_SOURCE: MsgId = MsgId(282);
+pub(super) const CORE_V1_PROBE_HANDLER: MsgId = MsgId(283);
+pub(super) const CORE_V1_LIFECYCLE_HANDLER: MsgId = MsgId(284);
+pub(super) const CORE_V1_CAPABILITIES: MsgId = MsgId(285);
+pub(super) const CORE_V1_PREFERRED_SCHEDULING_TERM: MsgId = MsgId(286);
+pub(super) const CORE_V1_POD_AFFINITY_TERM: MsgId = MsgId(287);
+pub(super) const CORE_V1_WEIGHTED_POD_AFFINITY_TERM: MsgId = MsgId(288);
+pub(super) const CORE_V1_CONTAINER_STATE_WAITING: MsgId = MsgId(289);
+pub(super) const CORE_V1_CONTAINER_STATE_RUNNING: MsgId = MsgId(290);
+pub(super) const CORE_V1_CONTAINER_STATE_TERMINATED: MsgId = MsgId(291);
+pub(super) const CORE_V1_LINUX_CONTAINER_USER: MsgId = MsgId(292);
+pub(super) const CORE_V1_RESOURCE_HEALTH: MsgId = MsgId(293);
+pub(super) const CORE_V1_PORT_STATUS: MsgId = MsgId(294);
+pub(super) const CORE_V1_SECRET_REFERENCE: MsgId = MsgId(295);
+pub(super) const CORE_V1_NODE_SELECTOR_TERM: MsgId = MsgId(296);
+pub(super) const NETWORKING_V1_SERVICE_BACKEND_PORT: MsgId = MsgId(297);
+pub(super) const NETWORKING_V1_HTTP_INGRESS_RULE_VALUE: MsgId = MsgId(298);
+pub(super) const NETWORKING_V1_INGRESS_PORT_STATUS: MsgId = MsgId(299);
+pub(super) const NETWORKING_V1_IP_BLOCK: MsgId = MsgId(300);
+pub(super) const AUTOSCALING_V2_METRIC_TARGET: MsgId = MsgId(301);
+pub(super) const AUTOSCALING_V2_METRIC_IDENTIFIER: MsgId = MsgId(302);
+pub(super) const AUTOSCALING_V2_HPA_SCALING_POLICY: MsgId = MsgId(303);
+pub(super) const AUTOSCALING_V2_METRIC_VALUE_STATUS: MsgId = MsgId(304);
+pub(super) const BATCH_V1_POD_FAILURE_POLICY_ON_EXIT_CODES_REQUIREMENT: MsgId = MsgId(305);
+pub(super) const BATCH_V1_POD_FAILURE_POLICY_ON_POD_CONDITIONS_PATTERN: MsgId = MsgId(306);
+pub(super) const META_V1_FIELD_SELECTOR_REQUIREMENT: MsgId = MsgId(307);
+pub(super) const CORE_V1_KEY_TO_PATH: MsgId = MsgId(308);
+pub(super) const CORE_V1_DOWNWARD_API_VOLUME_FILE: MsgId = MsgId(309);
+pub(super) const CORE_V1_VOLUME_PROJECTION: MsgId = MsgId(310);
+pub(super) const CORE_V1_PERSISTENT_VOLUME_CLAIM_TEMPLATE: MsgId = MsgId(311);
+pub(super) const CORE_V1_OBJECT_FIELD_SELECTOR: MsgId = MsgId(312);
+pub(super) const CORE_V1_RESOURCE_FIELD_SELECTOR: MsgId = MsgId(313);
+pub(super) const CORE_V1_CONFIG_MAP_KEY_SELECTOR: MsgId = MsgId(314);
+pub(super) const CORE_V1_SECRET_KEY_SELECTOR: MsgId = MsgId(315);
+pub(super) const CORE_V1_EXEC_ACTION: MsgId = MsgId(316);
+pub(super) const CORE_V1_HTTP_GET_ACTION: MsgId = MsgId(317);
+pub(super) const CORE_V1_TCP_SOCKET_ACTION: MsgId = MsgId(318);
+pub(super) const CORE_V1_GRPC_ACTION: MsgId = MsgId(319);
+pub(super) const CORE_V1_SLEEP_ACTION: MsgId = MsgId(320);
+pub(super) const CORE_V1_NODE_SELECTOR_REQUIREMENT: MsgId = MsgId(321);
+pub(super) const NETWORKING_V1_HTTP_INGRESS_PATH: MsgId = MsgId(322);
+pub(super) const CORE_V1_SECRET_PROJECTION: MsgId = MsgId(323);
+pub(super) const CORE_V1_DOWNWARD_API_PROJECTION: MsgId = MsgId(324);
+pub(super) const CORE_V1_CONFIG_MAP_PROJECTION: MsgId = MsgId(325);
+pub(super) const CORE_V1_SERVICE_ACCOUNT_TOKEN_PROJECTION: MsgId = MsgId(326);
+pub(super) const CORE_V1_CLUSTER_TRUST_BUNDLE_PROJECTION: MsgId = MsgId(327);
+pub(super) const CORE_V1_HTTP_HEADER: MsgId = MsgId(328);
 
 /// Served kinds: (apiVersion, kind, message).
 pub(super) static KINDS: &[(&str, &str, MsgId)] = &[
@@ -406,6 +414,11 @@ pub(super) static KINDS: &[(&str, &str, MsgId)] = &[
         RBAC_V1_CLUSTER_ROLE_BINDING,
     ),
     ("meta.k8s.io/v1", "DeleteOptions", META_V1_DELETE_OPTIONS),
+    (
+        "authorization.k8s.io/v1",
+        "SelfSubjectAccessReview",
+        AUTHORIZATION_V1_SELF_SUBJECT_ACCESS_REVIEW,
+    ),
     (
         "authentication.k8s.io/v1",
         "TokenRequest",
@@ -822,6 +835,40 @@ pub(super) static MESSAGES: &[Message] = &[
                 6,
                 "ignoreStoreReadErrorWithClusterBreakingPotential",
                 Kind::Bool,
+            ),
+        ],
+    },
+    // k8s.io/api/authorization/v1.SelfSubjectAccessReview
+    Message {
+        name: "SelfSubjectAccessReview",
+        fields: &[
+            Field::new(1, "metadata", Kind::Message(META_V1_OBJECT_META)),
+            Field::new(
+                2,
+                "spec",
+                Kind::Message(AUTHORIZATION_V1_SELF_SUBJECT_ACCESS_REVIEW_SPEC),
+            ),
+            Field::new(
+                3,
+                "status",
+                Kind::Message(AUTHORIZATION_V1_SUBJECT_ACCESS_REVIEW_STATUS),
+            ),
+        ],
+    },
+    // k8s.io/api/authentication/v1.TokenRequest
+    Message {
+        name: "TokenRequest",
+        fields: &[
+            Field::new(1, "metadata", Kind::Message(META_V1_OBJECT_META)),
+            Field::new(
+                2,
+                "spec",
+                Kind::Message(AUTHENTICATION_V1_TOKEN_REQUEST_SPEC),
+            ),
+            Field::new(
+                3,
+                "status",
+                Kind::Message(AUTHENTICATION_V1_TOKEN_REQUEST_STATUS),
             ),
         ],
     },
@@ -1718,6 +1765,53 @@ pub(super) static MESSAGES: &[Message] = &[
         fields: &[
             Field::new(1, "uid", Kind::String),
             Field::new(2, "resourceVersion", Kind::String),
+        ],
+    },
+    // k8s.io/api/authorization/v1.SelfSubjectAccessReviewSpec
+    Message {
+        name: "SelfSubjectAccessReviewSpec",
+        fields: &[
+            Field::new(
+                1,
+                "resourceAttributes",
+                Kind::Message(AUTHORIZATION_V1_RESOURCE_ATTRIBUTES),
+            ),
+            Field::new(
+                2,
+                "nonResourceAttributes",
+                Kind::Message(AUTHORIZATION_V1_NON_RESOURCE_ATTRIBUTES),
+            ),
+        ],
+    },
+    // k8s.io/api/authorization/v1.SubjectAccessReviewStatus
+    Message {
+        name: "SubjectAccessReviewStatus",
+        fields: &[
+            Field::new(1, "allowed", Kind::Bool),
+            Field::new(2, "reason", Kind::String).omit_zero(),
+            Field::new(3, "evaluationError", Kind::String).omit_zero(),
+            Field::new(4, "denied", Kind::Bool).omit_zero(),
+        ],
+    },
+    // k8s.io/api/authentication/v1.TokenRequestSpec
+    Message {
+        name: "TokenRequestSpec",
+        fields: &[
+            Field::new(1, "audiences", Kind::String).repeated(),
+            Field::new(
+                3,
+                "boundObjectRef",
+                Kind::Message(AUTHENTICATION_V1_BOUND_OBJECT_REFERENCE),
+            ),
+            Field::new(4, "expirationSeconds", Kind::Int64),
+        ],
+    },
+    // k8s.io/api/authentication/v1.TokenRequestStatus
+    Message {
+        name: "TokenRequestStatus",
+        fields: &[
+            Field::new(1, "token", Kind::String),
+            Field::new(2, "expirationTimestamp", Kind::Special(Special::Time)),
         ],
     },
     // k8s.io/apimachinery/pkg/apis/meta/v1.OwnerReference
@@ -2684,6 +2778,47 @@ pub(super) static MESSAGES: &[Message] = &[
         fields: &[
             Field::new(1, "metadata", Kind::Message(META_V1_OBJECT_META)),
             Field::new(2, "spec", Kind::Message(BATCH_V1_JOB_SPEC)),
+        ],
+    },
+    // k8s.io/api/authorization/v1.ResourceAttributes
+    Message {
+        name: "ResourceAttributes",
+        fields: &[
+            Field::new(1, "namespace", Kind::String).omit_zero(),
+            Field::new(2, "verb", Kind::String).omit_zero(),
+            Field::new(3, "group", Kind::String).omit_zero(),
+            Field::new(4, "version", Kind::String).omit_zero(),
+            Field::new(5, "resource", Kind::String).omit_zero(),
+            Field::new(6, "subresource", Kind::String).omit_zero(),
+            Field::new(7, "name", Kind::String).omit_zero(),
+            Field::new(
+                8,
+                "fieldSelector",
+                Kind::Message(AUTHORIZATION_V1_FIELD_SELECTOR_ATTRIBUTES),
+            ),
+            Field::new(
+                9,
+                "labelSelector",
+                Kind::Message(AUTHORIZATION_V1_LABEL_SELECTOR_ATTRIBUTES),
+            ),
+        ],
+    },
+    // k8s.io/api/authorization/v1.NonResourceAttributes
+    Message {
+        name: "NonResourceAttributes",
+        fields: &[
+            Field::new(1, "path", Kind::String).omit_zero(),
+            Field::new(2, "verb", Kind::String).omit_zero(),
+        ],
+    },
+    // k8s.io/api/authentication/v1.BoundObjectReference
+    Message {
+        name: "BoundObjectReference",
+        fields: &[
+            Field::new(1, "kind", Kind::String).omit_zero(),
+            Field::new(2, "apiVersion", Kind::String).omit_zero(),
+            Field::new(3, "name", Kind::String).omit_zero(),
+            Field::new(4, "uid", Kind::String).omit_zero(),
         ],
     },
     // k8s.io/api/core/v1.VolumeSource
@@ -3657,6 +3792,32 @@ pub(super) static MESSAGES: &[Message] = &[
             Field::new(2, "succeededCount", Kind::Int32),
         ],
     },
+    // k8s.io/api/authorization/v1.FieldSelectorAttributes
+    Message {
+        name: "FieldSelectorAttributes",
+        fields: &[
+            Field::new(1, "rawSelector", Kind::String).omit_zero(),
+            Field::new(
+                2,
+                "requirements",
+                Kind::Message(META_V1_FIELD_SELECTOR_REQUIREMENT),
+            )
+            .repeated(),
+        ],
+    },
+    // k8s.io/api/authorization/v1.LabelSelectorAttributes
+    Message {
+        name: "LabelSelectorAttributes",
+        fields: &[
+            Field::new(1, "rawSelector", Kind::String).omit_zero(),
+            Field::new(
+                2,
+                "requirements",
+                Kind::Message(META_V1_LABEL_SELECTOR_REQUIREMENT),
+            )
+            .repeated(),
+        ],
+    },
     // k8s.io/api/core/v1.EmptyDirVolumeSource
     Message {
         name: "EmptyDirVolumeSource",
@@ -4152,6 +4313,15 @@ pub(super) static MESSAGES: &[Message] = &[
             Field::new(2, "status", Kind::String),
         ],
     },
+    // k8s.io/apimachinery/pkg/apis/meta/v1.FieldSelectorRequirement
+    Message {
+        name: "FieldSelectorRequirement",
+        fields: &[
+            Field::new(1, "key", Kind::String),
+            Field::new(2, "operator", Kind::String),
+            Field::new(3, "values", Kind::String).repeated(),
+        ],
+    },
     // k8s.io/api/core/v1.KeyToPath
     Message {
         name: "KeyToPath",
@@ -4351,54 +4521,6 @@ pub(super) static MESSAGES: &[Message] = &[
         fields: &[
             Field::new(1, "name", Kind::String),
             Field::new(2, "value", Kind::String),
-        ],
-    },
-    // k8s.io/api/authentication/v1.TokenRequest
-    Message {
-        name: "TokenRequest",
-        fields: &[
-            Field::new(1, "metadata", Kind::Message(META_V1_OBJECT_META)),
-            Field::new(
-                2,
-                "spec",
-                Kind::Message(AUTHENTICATION_V1_TOKEN_REQUEST_SPEC),
-            ),
-            Field::new(
-                3,
-                "status",
-                Kind::Message(AUTHENTICATION_V1_TOKEN_REQUEST_STATUS),
-            ),
-        ],
-    },
-    // k8s.io/api/authentication/v1.TokenRequestSpec
-    Message {
-        name: "TokenRequestSpec",
-        fields: &[
-            Field::new(1, "audiences", Kind::String).repeated(),
-            Field::new(
-                3,
-                "boundObjectRef",
-                Kind::Message(AUTHENTICATION_V1_BOUND_OBJECT_REFERENCE),
-            ),
-            Field::new(4, "expirationSeconds", Kind::Int64),
-        ],
-    },
-    // k8s.io/api/authentication/v1.TokenRequestStatus
-    Message {
-        name: "TokenRequestStatus",
-        fields: &[
-            Field::new(1, "token", Kind::String),
-            Field::new(2, "expirationTimestamp", Kind::Special(Special::Time)),
-        ],
-    },
-    // k8s.io/api/authentication/v1.BoundObjectReference
-    Message {
-        name: "BoundObjectReference",
-        fields: &[
-            Field::new(1, "kind", Kind::String).omit_zero(),
-            Field::new(2, "apiVersion", Kind::String).omit_zero(),
-            Field::new(3, "name", Kind::String).omit_zero(),
-            Field::new(4, "uid", Kind::String).omit_zero(),
         ],
     },
 ];

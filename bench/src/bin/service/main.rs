@@ -12,8 +12,15 @@
 //! connection per request (connections/s), interleaved over `--runs`
 //! rounds; the median is reported with the ratio to the pod IP.
 //!
+//! Then the endpoint change latency at 100 and 10,000 Services (see
+//! `endpoint_change`).
+//!
 //! `cargo build --release -p skiff -p skiff-bench && target/release/service
-//!  [--seconds 5] [--runs 3] [--connections 16]`
+//!  [--seconds 5] [--runs 3] [--connections 16] [--endpoint-services 100,10000]
+//!  [--no-http]`
+
+mod api;
+mod endpoint_change;
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -34,6 +41,9 @@ struct Args {
     seconds: u32,
     runs: usize,
     connections: u32,
+    /// Service counts for the endpoint change latency (ascending).
+    endpoint_services: Vec<u32>,
+    http: bool,
 }
 
 /// One measured wrk run.
@@ -60,6 +70,8 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     let mut cluster = cluster;
+    let api = api::ApiThread::start(&cluster.node(0).netns, cluster.server().kubeconfig()).await?;
+    api.keep_nodes_alive(cluster.nodes.iter().map(|n| n.name.clone()).collect());
     cluster.add_pod(0, "client")?;
     cluster.add_pod(1, "remote")?;
     cluster.add_pod(0, "local")?;
@@ -93,6 +105,33 @@ spec: {selector: {app: local}, ports: [{port: 80, targetPort: 80}]}
             .kubectl_stdin(&["create", "-f", "-"], &manifest)?;
         set_ready(&cluster, name, cluster.pod(name).ip)?;
     }
+    println!(
+        "service benchmark: 2 nodes (netns), client pod on node 1, nginx (1 worker) in a pod on \
+         node 2 (cross-node) and on node 1 (same-node); wrk -t1 -c{} {} s per run, median of {} \
+         interleaved runs; load average at start {}",
+        args.connections,
+        args.seconds,
+        args.runs,
+        load_average()
+    );
+    if args.http {
+        http(&cluster, &args, &work)?;
+    }
+    if !args.endpoint_services.is_empty() {
+        endpoint_change::run(&cluster, &api, &args.endpoint_services).await?;
+    }
+    println!("load average at the end {}", load_average());
+    Ok(())
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// HTTP through each path, same-node and cross-node.
+fn http(cluster: &Cluster, args: &Args, work: &tempfile::TempDir) -> anyhow::Result<()> {
     let client_ns = &cluster.pod("client").netns;
     let node1 = &cluster.node(0).netns;
     let gateway = cluster
@@ -101,20 +140,13 @@ spec: {selector: {app: local}, ports: [{port: 80, targetPort: 80}]}
         .hosts()
         .next()
         .context("no gateway")?;
-
-    println!(
-        "service benchmark: 2 nodes (netns), client pod on node 1, nginx (1 worker) in a pod on \
-         node 2 (cross-node) and on node 1 (same-node); wrk -t1 -c{} {} s per run, median of {} \
-         interleaved runs",
-        args.connections, args.seconds, args.runs
-    );
     let mut scopes = [("same-node", "local"), ("cross-node", "remote")];
     if std::env::var_os("SERVICE_BENCH_CROSS_FIRST").is_some() {
         scopes.reverse();
     }
     for (scope, pod) in scopes {
         let pod_ip = cluster.pod(pod).ip;
-        let vip = cluster_ip(&cluster, pod)?;
+        let vip = cluster_ip(cluster, pod)?;
         let _nft = NftDnat::load(node1, pod_ip)?;
         let _haproxy = Haproxy::start(node1, gateway, pod_ip, &work.path().join(pod))?;
         let targets = [
@@ -136,7 +168,13 @@ spec: {selector: {app: local}, ports: [{port: 80, targetPort: 80}]}
             let mut samples = vec![Vec::new(); targets.len()];
             for _ in 0..args.runs {
                 for (i, (_, target)) in targets.iter().enumerate() {
-                    samples[i].push(wrk(client_ns, target, &args, close)?);
+                    match wrk(client_ns, target, args, close) {
+                        Ok(sample) => samples[i].push(sample),
+                        Err(e) => {
+                            report_state(cluster);
+                            return Err(e);
+                        }
+                    }
                 }
             }
             let medians: Vec<Sample> = samples.iter().map(|s| median(s)).collect();
@@ -168,6 +206,19 @@ spec: {selector: {app: local}, ports: [{port: 80, targetPort: 80}]}
         println!("  node 1 {line}");
     }
     Ok(())
+}
+
+/// What the API says about the nodes and endpoints, after a failed run.
+fn report_state(cluster: &Cluster) {
+    for what in ["nodes", "pods", "endpointslices"] {
+        let out = cluster.server().kubectl_ok(&[
+            "get",
+            what,
+            "-o",
+            "custom-columns=NAME:.metadata.name,READY:.status.conditions[?(@.type==\"Ready\")].status,ENDPOINTS:.endpoints[*].conditions.ready",
+        ]);
+        eprintln!("  {what}:\n{}", out.unwrap_or_else(|e| format!("{e:#}")));
+    }
 }
 
 /// nginx with the peers' backend configuration, listening on port 80 in
@@ -373,6 +424,8 @@ fn parse_args() -> anyhow::Result<Args> {
         seconds: 5,
         runs: 3,
         connections: 16,
+        endpoint_services: vec![100, 10_000],
+        http: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -380,6 +433,17 @@ fn parse_args() -> anyhow::Result<Args> {
             "--seconds" => args.seconds = it.next().context("--seconds N")?.parse()?,
             "--runs" => args.runs = it.next().context("--runs N")?.parse()?,
             "--connections" => args.connections = it.next().context("--connections N")?.parse()?,
+            "--endpoint-services" => {
+                let list = it.next().context("--endpoint-services N,M (or \"\")")?;
+                args.endpoint_services = list
+                    .split(',')
+                    .filter(|n| !n.is_empty())
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()
+                    .context("--endpoint-services takes counts like 100,10000")?;
+                args.endpoint_services.sort_unstable();
+            }
+            "--no-http" => args.http = false,
             other => bail!("unknown argument {other}"),
         }
     }
