@@ -218,36 +218,27 @@ spec:
 
     let ca_file = node.server.data_dir().join("pod-ca.crt");
     std::fs::write(&ca_file, &ca)?;
-    // Authenticated, but RBAC gives a ServiceAccount nothing until bound.
-    let (code, body) = curl(
-        &node,
-        &ca_file,
-        &token,
-        "GET",
-        "/api/v1/namespaces/default/pods",
-    )?;
+    // Authenticated as the account, and authorized only as RBAC says.
+    let pods = "/api/v1/namespaces/default/pods";
+    let (code, body) = curl(&node, &ca_file, &token, "GET", pods)?;
     ensure!(
         code == 403 && body.contains("system:serviceaccount:default:default"),
-        "{code}: {body}"
+        "before any binding: {code}: {body}"
     );
     node.server.kubectl_ok(&[
         "create",
         "rolebinding",
-        "default-view",
+        "sa-view",
         "--clusterrole=view",
         "--serviceaccount=default:default",
     ])?;
-    node.eventually("the view binding to take effect", || {
-        let (code, body) = curl(
-            &node,
-            &ca_file,
-            &token,
-            "GET",
-            "/api/v1/namespaces/default/pods",
-        )?;
-        Ok((code == 200 && body.contains("\"tok\"")).then_some(()))
-    })
-    .await?;
+    let (code, body) = node
+        .eventually("the binding to take effect", || {
+            let answer = curl(&node, &ca_file, &token, "GET", pods)?;
+            Ok((answer.0 != 403).then_some(answer))
+        })
+        .await?;
+    ensure!(code == 200 && body.contains("\"tok\""), "{code}: {body}");
     let (code, body) = curl(
         &node,
         &ca_file,

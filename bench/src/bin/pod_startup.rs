@@ -44,8 +44,13 @@ fn main() -> anyhow::Result<()> {
     import_image(&bin, &node)?;
     println!(
         "pod startup benchmark: skiff server + node agent (runc) in netns {}; busybox image \
-         present; latency = create request -> Running seen by a watch",
-        node.netns.name
+         present; latency = create request -> Running seen by a watch; {} build",
+        node.netns.name,
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
     );
     println!("crun: not measured (it refuses this machine's hybrid v1/v2 cgroup layout)");
     // The API server listens inside the node's namespace, so the client
@@ -196,13 +201,13 @@ fn report_memory(node: &AgentNode) -> anyhow::Result<()> {
         let cmdline = String::from_utf8_lossy(&cmdline);
         if cmdline.contains("shim") && cmdline.contains(&marker) {
             shims += 1;
-            shim_mb += rss_mb(pid).unwrap_or(0.0);
+            shim_mb += pss_mb(pid).unwrap_or(0.0);
         }
     }
     println!(
         "memory with 50 pods: skiff server (API server + store + controllers + agent) RSS \
          {server:.1} MB ({:.2}x the 40 MB agent goal, {:.2}x k3s' 275 MB agent); \
-         {shims} container shims {shim_mb:.1} MB in all",
+         {shims} container shims {shim_mb:.1} MB in all (PSS: shared pages split between them)",
         server / GOAL_AGENT_MB,
         server / K3S_AGENT_MB,
     );
@@ -216,6 +221,19 @@ fn rss_mb(pid: u32) -> anyhow::Result<f64> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next())
         .context("no VmRSS")?
+        .parse()?;
+    Ok(kb / 1024.0)
+}
+
+/// Proportional set size: shared pages (the shims are one binary) count
+/// once across all processes, not once per process as RSS would.
+fn pss_mb(pid: u32) -> anyhow::Result<f64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    let kb: f64 = rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next())
+        .context("no Pss")?
         .parse()?;
     Ok(kb / 1024.0)
 }
