@@ -42,11 +42,18 @@ fn main() -> anyhow::Result<()> {
     if let Command::Shim(args) = &cli.command {
         return agent::shim::main(&args.state_dir).context("container monitor");
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("skiff")
-        .build()
-        .context("starting the async runtime")?;
+    // A proxy given one CPU (`skiff ingress` pinned, as in the benchmark)
+    // runs best on a single-threaded runtime.
+    let one_cpu = std::thread::available_parallelism().is_ok_and(|n| n.get() == 1);
+    let runtime = if matches!(cli.command, Command::Ingress(_)) && one_cpu {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    }
+    .enable_all()
+    .thread_name("skiff")
+    .build()
+    .context("starting the async runtime")?;
     runtime.block_on(async {
         match cli.command {
             Command::Server(args) => server::run(args).await,

@@ -16,6 +16,7 @@ use rustls::sign::CertifiedKey;
 
 use crate::annotations::{Protocol, Settings};
 use crate::metrics::Metrics;
+use crate::pool::Pool;
 use crate::route::{Backend, Canary, Endpoint, RateLimiter, Route};
 use crate::table::{HostMatch, PathKind, Table, normalise_prefix};
 use crate::tls::{self, Certs};
@@ -61,6 +62,8 @@ pub struct Builder {
     limiters: HashMap<(String, u32), Arc<RateLimiter>>,
     parsed: HashMap<(String, String), Result<Arc<CertifiedKey>, String>>,
     default_cert: Arc<CertifiedKey>,
+    /// Upstream connection pools by endpoint, so a rebuild keeps them.
+    pools: HashMap<SocketAddr, Arc<Pool>>,
 }
 
 type Key = (String, String);
@@ -76,6 +79,7 @@ impl Builder {
             limiters: HashMap::new(),
             parsed: HashMap::new(),
             default_cert,
+            pools: HashMap::new(),
         }
     }
 
@@ -109,10 +113,13 @@ impl Builder {
             (at(a), a.namespace(), a.name_any()).cmp(&(at(b), b.namespace(), b.name_any()))
         });
 
+        let mut pools = std::mem::take(&mut self.pools);
         let mut ctx = Ctx {
             services: &services,
             slices: &slices,
             backends: HashMap::new(),
+            pools: &mut pools,
+            used: HashSet::new(),
         };
         let mut problems: Vec<Vec<Problem>> = vec![Vec::new(); ours.len()];
         let mut parsed_settings = Vec::with_capacity(ours.len());
@@ -198,6 +205,9 @@ impl Builder {
                 }));
             }
         }
+        let used = std::mem::take(&mut ctx.used);
+        pools.retain(|addr, _| used.contains(addr));
+        self.pools = pools;
         // Forget parsed certificates of Secrets that changed or went away.
         let live: HashSet<Key> = objects.secrets.iter().map(|s| secret_version(s)).collect();
         self.parsed.retain(|k, _| live.contains(k));
@@ -272,6 +282,8 @@ struct Ctx<'a> {
     services: &'a HashMap<Key, &'a Service>,
     slices: &'a HashMap<Key, Vec<&'a EndpointSlice>>,
     backends: HashMap<(String, String, String, Protocol), Arc<Backend>>,
+    pools: &'a mut HashMap<SocketAddr, Arc<Pool>>,
+    used: HashSet<SocketAddr>,
 }
 
 impl Ctx<'_> {
@@ -324,7 +336,7 @@ impl Ctx<'_> {
     }
 
     fn endpoints(
-        &self,
+        &mut self,
         ns: &str,
         service: &str,
         number: Option<i32>,
@@ -385,8 +397,10 @@ impl Ctx<'_> {
                         continue;
                     };
                     let addr = SocketAddr::new(ip, port);
+                    let pool = self.pools.entry(addr).or_default().clone();
+                    self.used.insert(addr);
                     if seen.insert(addr)
-                        && let Some(e) = Endpoint::new(addr)
+                        && let Some(e) = Endpoint::new(addr, pool)
                     {
                         out.push(e);
                     }

@@ -57,6 +57,7 @@ mod build;
 mod controller;
 mod metrics;
 mod metrics_server;
+mod pool;
 mod proxy;
 mod route;
 mod server;

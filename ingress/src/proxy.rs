@@ -23,6 +23,7 @@ use crate::annotations::Protocol;
 use crate::body::{ResponseBody, UpstreamBody};
 use crate::build::Snapshot;
 use crate::metrics::Metrics;
+use crate::pool::{ConnectError, Return};
 use crate::route::{Backend, Endpoint, Route};
 use crate::table::rewrite;
 
@@ -71,7 +72,7 @@ impl Conn {
 enum Failure {
     Timeout,
     Refused,
-    Other(hyper_util::client::legacy::Error),
+    Other(Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl Proxy {
@@ -194,18 +195,22 @@ impl Proxy {
             Protocol::H2c => Version::HTTP_2,
         };
         parts.extensions = http::Extensions::new();
-        let result = self
-            .send(
-                backend,
-                parts,
-                body,
-                path_and_query,
-                route.settings.read_timeout,
-            )
-            .await;
+        let timeout = route.settings.read_timeout;
+        let result = match backend.protocol {
+            Protocol::Http1 => {
+                self.send_h1(backend, parts, body, path_and_query, timeout)
+                    .await
+            }
+            Protocol::H2c => self
+                .send(backend, parts, body, path_and_query, timeout)
+                .await
+                .map(|(resp, addr)| (resp.map(ResponseBody::Upstream), addr)),
+        };
         match result {
             Ok((mut resp, addr)) => {
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    // The connection now belongs to the upgrade, not the pool.
+                    resp.body_mut().detach();
                     if let Some(client_side) = upgrade {
                         let upstream_side = hyper::upgrade::on(&mut resp);
                         tokio::spawn(splice(client_side, upstream_side));
@@ -214,7 +219,7 @@ impl Proxy {
                     strip_hop_by_hop(resp.headers_mut());
                 }
                 *resp.version_mut() = Version::HTTP_11;
-                (resp.map(ResponseBody::Upstream), Some(addr))
+                (resp, Some(addr))
             }
             Err((failure, addr)) => {
                 let (status, text) = match failure {
@@ -286,6 +291,70 @@ impl Proxy {
             }
         }
         Err((last.unwrap_or(Failure::Refused), None))
+    }
+
+    /// HTTP/1.1 over the endpoints' own connection pools. A request that
+    /// never left (connection refused, or a pooled connection found closed)
+    /// comes back whole and is sent again, so no copy is needed.
+    async fn send_h1(
+        &self,
+        backend: &Backend,
+        parts: Parts,
+        body: Incoming,
+        path_and_query: PathAndQuery,
+        timeout: Duration,
+    ) -> Result<(Response<ResponseBody>, SocketAddr), (Failure, Option<SocketAddr>)> {
+        let idempotent = is_idempotent(&parts.method);
+        let mut req = Request::from_parts(parts, UpstreamBody::Client(body));
+        let attempts = if idempotent {
+            backend.endpoints.len().min(3)
+        } else {
+            1
+        };
+        let start = backend.start();
+        let (mut attempt, mut stale) = (0, 0);
+        loop {
+            let Some(endpoint) = backend.endpoint(start, attempt) else {
+                return Err((Failure::Refused, None));
+            };
+            let addr = endpoint.addr;
+            // The connection is to this endpoint already: origin-form.
+            *req.uri_mut() = Uri::from(path_and_query.clone());
+            let mut sender = match endpoint.pool.checkout(addr, CONNECT_TIMEOUT).await {
+                Ok(sender) => sender,
+                Err(ConnectError::Refused) if attempt + 1 < attempts => {
+                    tracing::debug!(endpoint = %addr, "connection refused, trying the next endpoint");
+                    attempt += 1;
+                    continue;
+                }
+                Err(ConnectError::Refused) => return Err((Failure::Refused, Some(addr))),
+                Err(ConnectError::Timeout) => return Err((Failure::Timeout, Some(addr))),
+                Err(ConnectError::Other(e)) => {
+                    return Err((Failure::Other(Box::new(e)), Some(addr)));
+                }
+            };
+            match tokio::time::timeout(timeout, sender.try_send_request(req)).await {
+                Ok(Ok(resp)) => {
+                    let back = Return {
+                        pool: endpoint.pool.clone(),
+                        sender: Some(sender),
+                    };
+                    let (parts, body) = resp.into_parts();
+                    return Ok((
+                        Response::from_parts(parts, ResponseBody::Pooled(body, back)),
+                        addr,
+                    ));
+                }
+                Ok(Err(mut e)) => match e.take_message() {
+                    Some(unsent) if stale < 3 => {
+                        req = unsent;
+                        stale += 1;
+                    }
+                    _ => return Err((Failure::Other(Box::new(e.into_error())), Some(addr))),
+                },
+                Err(_) => return Err((Failure::Timeout, Some(addr))),
+            }
+        }
     }
 
     fn redirect(&self, req: &Request<Incoming>, host: &str) -> Response<ResponseBody> {
@@ -491,7 +560,7 @@ fn classify(e: hyper_util::client::legacy::Error) -> Failure {
         }
         source = s.source();
     }
-    Failure::Other(e)
+    Failure::Other(Box::new(e))
 }
 
 /// Joins the client's and the backend's upgraded connections (WebSocket

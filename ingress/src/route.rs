@@ -12,18 +12,25 @@ use http::uri::Authority;
 
 use crate::annotations::{Protocol, Settings};
 use crate::metrics::RouteMetrics;
+use crate::pool::Pool;
 
 #[derive(Debug)]
 pub struct Endpoint {
     pub addr: SocketAddr,
     /// `ip:port`, made once so requests need not format it.
     pub authority: Authority,
+    /// Kept across table rebuilds for as long as the endpoint exists.
+    pub pool: Arc<Pool>,
 }
 
 impl Endpoint {
-    pub fn new(addr: SocketAddr) -> Option<Self> {
+    pub fn new(addr: SocketAddr, pool: Arc<Pool>) -> Option<Self> {
         let authority = Authority::try_from(addr.to_string()).ok()?;
-        Some(Endpoint { addr, authority })
+        Some(Endpoint {
+            addr,
+            authority,
+            pool,
+        })
     }
 }
 
@@ -139,7 +146,9 @@ mod tests {
 
     fn backend(name: &str, n: u16) -> Arc<Backend> {
         let endpoints = (0..n)
-            .filter_map(|i| Endpoint::new(SocketAddr::from(([127, 0, 0, 1], 1000 + i))))
+            .filter_map(|i| {
+                Endpoint::new(SocketAddr::from(([127, 0, 0, 1], 1000 + i)), Arc::default())
+            })
             .collect();
         Arc::new(Backend::new(name.into(), endpoints, Protocol::Http1))
     }
