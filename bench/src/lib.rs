@@ -43,6 +43,27 @@ impl Samples {
     }
 }
 
+/// Stops a peer server as its init script would: SIGTERM first, so that
+/// nginx's and HAProxy's master processes stop their workers (a SIGKILL of
+/// the master leaves the workers running, holding the ports), then SIGKILL
+/// if it has not exited within two seconds.
+pub fn stop(child: &mut std::process::Child) {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    if let Ok(pid) = i32::try_from(child.id()) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// User + system CPU seconds a process has used so far (all its threads),
 /// from `/proc/PID/stat`.
 pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {

@@ -90,8 +90,7 @@ struct Peer {
 
 impl Drop for Peer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        skiff_bench::stop(&mut self.child);
     }
 }
 

@@ -81,8 +81,7 @@ struct Children(Vec<Child>);
 impl Drop for Children {
     fn drop(&mut self) {
         for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
+            skiff_bench::stop(c);
         }
     }
 }
