@@ -264,6 +264,9 @@ impl Engine {
                 Tracked::EndpointGone => {}
             }
         }
+        if protocol == PROTO_TCP && transport.flags.syn() && !transport.flags.ack() {
+            self.end_shadowing_flow(&tuple);
+        }
         let key = FrontendKey {
             ip: tuple.dst,
             port: tuple.dst_port,
@@ -276,6 +279,26 @@ impl Engine {
             Lookup::UnknownPort => self.reject(ip, reject),
             Lookup::Miss if self.in_service_cidr(tuple.dst) => self.drop(DropReason::NoService),
             Lookup::Miss => Verdict::NotService,
+        }
+    }
+
+    /// A new connection straight to an endpoint (no Service) whose reply
+    /// would look like a closing Service flow's reply (the client reused
+    /// its port within TIME_WAIT): ends that flow, as the kernel's conntrack
+    /// does on a SYN in TIME_WAIT, so the new connection's replies are not
+    /// rewritten to come from the Service address.
+    fn end_shadowing_flow(&mut self, tuple: &Tuple) {
+        let inverse = Tuple {
+            src: tuple.dst,
+            dst: tuple.src,
+            src_port: tuple.dst_port,
+            dst_port: tuple.src_port,
+            protocol: tuple.protocol,
+        };
+        if let Some((id, Direction::Reply)) = self.flows.lookup(&inverse)
+            && let FlowState::Tcp(TcpState::TimeWait | TcpState::Close) = self.flows.get(id).state
+        {
+            self.forget(id);
         }
     }
 

@@ -388,6 +388,24 @@ fn syn_reopens_a_closed_flow() {
 }
 
 #[test]
+fn direct_connection_reusing_a_closed_flows_port_is_not_translated() {
+    let mut h = Harness::new();
+    h.table.upsert(&web(vec![backend("10.42.1.2", 8080)]));
+    let client = sock(CLIENT, 40004);
+    let endpoint = connect(&mut h, client);
+    h.send(&mut tcp(endpoint, client, RST, 0, 0, &[]));
+    assert_eq!(state_of(&h, client).state, FlowState::Tcp(TcpState::Close));
+
+    // The client reuses the port for a connection to the pod IP itself.
+    let mut syn = tcp(client, endpoint, SYN, 900, 0, &[]);
+    assert!(matches!(h.send(&mut syn), Verdict::NotService));
+    let mut syn_ack = tcp(endpoint, client, SYN | ACK, 5, 901, &[]);
+    assert!(matches!(h.send(&mut syn_ack), Verdict::NotService));
+    assert_eq!(checked(&syn_ack), (endpoint, client), "source left as is");
+    assert!(h.engine.flows(h.now).is_empty());
+}
+
+#[test]
 fn udp_both_directions_and_timeouts() {
     let mut h = Harness::new();
     h.table.upsert(&service(
