@@ -256,8 +256,7 @@ impl Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        skiff_bench::stop(&mut self.0);
     }
 }
 
@@ -290,8 +289,7 @@ impl Haproxy {
 
 impl Drop for Haproxy {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        skiff_bench::stop(&mut self.0);
     }
 }
 
