@@ -9,7 +9,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-/// A network namespace `skiff-e2e-<random>` with its loopback up,
+/// Names of the namespaces below: the prefix, then the hex pid of the test
+/// process that made it.
+const NETNS_PREFIX: &str = "skiff-e2e-";
+
+/// A network namespace `skiff-e2e-<pid>-<random>` with its loopback up,
 /// deleted on drop.
 pub struct NodeNetns {
     pub name: String,
@@ -17,7 +21,8 @@ pub struct NodeNetns {
 
 impl NodeNetns {
     pub fn create() -> anyhow::Result<NodeNetns> {
-        let name = format!("skiff-e2e-{}", random_suffix());
+        remove_orphans();
+        let name = format!("{NETNS_PREFIX}{:x}-{}", std::process::id(), random_suffix());
         run("ip", &["netns", "add", &name])?;
         let netns = NodeNetns { name };
         run("ip", &["-n", &netns.name, "link", "set", "lo", "up"])?;
@@ -221,12 +226,36 @@ fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Deletes the namespaces of test processes that no longer exist: a test
+/// killed outright (a timeout, SIGKILL) never runs its drops.
+fn remove_orphans() {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(NETNS_PREFIX)
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| u32::from_str_radix(pid, 16).ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &name])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
 fn random_suffix() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    format!("{:x}{:x}", std::process::id(), nanos)
+    format!("{nanos:x}")
 }
 
 /// A `skiff server` with its node agent, inside its own network
