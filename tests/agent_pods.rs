@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use serde_json::Value;
-use skiff_e2e::images::busybox_oci_archive;
 use skiff_e2e::node::AgentNode;
 
 const SKIFF: &str = env!("CARGO_BIN_EXE_skiff");
@@ -16,19 +15,7 @@ const IMAGE: &str = "skiff-test/busybox:1";
 /// A node with the busybox test image imported.
 async fn node() -> anyhow::Result<AgentNode> {
     let node = AgentNode::start(Path::new(SKIFF), &[]).await?;
-    let archive = node.server.data_dir().join("busybox.tar");
-    busybox_oci_archive(&archive, IMAGE)?;
-    let output = std::process::Command::new(SKIFF)
-        .args(["images", "import", "--data-dir"])
-        .arg(node.server.data_dir())
-        .arg(&archive)
-        .output()
-        .context("running skiff images import")?;
-    ensure!(
-        output.status.success(),
-        "skiff images import failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    node.import_busybox(Path::new(SKIFF), IMAGE)?;
     Ok(node)
 }
 

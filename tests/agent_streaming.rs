@@ -9,7 +9,6 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use skiff_e2e::images::busybox_oci_archive;
 use skiff_e2e::kubectl_async::{self, TIMEOUT as KUBECTL_TIMEOUT};
 use skiff_e2e::node::AgentNode;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -61,19 +60,7 @@ spec:
 /// A node with the busybox image imported and the three pods created.
 async fn node_with_pods() -> anyhow::Result<AgentNode> {
     let node = AgentNode::start(Path::new(SKIFF), &[]).await?;
-    let archive = node.server.data_dir().join("busybox.tar");
-    busybox_oci_archive(&archive, IMAGE)?;
-    let output = std::process::Command::new(SKIFF)
-        .args(["images", "import", "--data-dir"])
-        .arg(node.server.data_dir())
-        .arg(&archive)
-        .output()
-        .context("running skiff images import")?;
-    ensure!(
-        output.status.success(),
-        "skiff images import failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    node.import_busybox(Path::new(SKIFF), IMAGE)?;
     node.server
         .kubectl_stdin(&["apply", "-f", "-"], &PODS.replace("IMAGE", IMAGE))?;
     for pod in ["web", "reader"] {
@@ -352,15 +339,7 @@ async fn wait_for_output(
 #[tokio::test(flavor = "multi_thread")]
 async fn kubectl_top_shows_usage_from_the_pod_cgroups() -> anyhow::Result<()> {
     let node = AgentNode::start(Path::new(SKIFF), &["--metric-resolution", "2s"]).await?;
-    let archive = node.server.data_dir().join("busybox.tar");
-    busybox_oci_archive(&archive, IMAGE)?;
-    let output = std::process::Command::new(SKIFF)
-        .args(["images", "import", "--data-dir"])
-        .arg(node.server.data_dir())
-        .arg(&archive)
-        .output()
-        .context("running skiff images import")?;
-    ensure!(output.status.success(), "{output:?}");
+    node.import_busybox(Path::new(SKIFF), IMAGE)?;
     // A container that spins, and one that sleeps.
     let manifest = r#"
 apiVersion: v1

@@ -8,7 +8,6 @@ use std::process::Output;
 
 use anyhow::{Context, bail, ensure};
 use serde_json::Value;
-use skiff_e2e::images::busybox_oci_archive;
 use skiff_e2e::node::AgentNode;
 
 const SKIFF: &str = env!("CARGO_BIN_EXE_skiff");
@@ -17,19 +16,7 @@ const MOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 async fn node() -> anyhow::Result<AgentNode> {
     let node = AgentNode::start(Path::new(SKIFF), &[]).await?;
-    let archive = node.server.data_dir().join("busybox.tar");
-    busybox_oci_archive(&archive, IMAGE)?;
-    let output = std::process::Command::new(SKIFF)
-        .args(["images", "import", "--data-dir"])
-        .arg(node.server.data_dir())
-        .arg(&archive)
-        .output()
-        .context("running skiff images import")?;
-    ensure!(
-        output.status.success(),
-        "skiff images import failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    node.import_busybox(Path::new(SKIFF), IMAGE)?;
     Ok(node)
 }
 

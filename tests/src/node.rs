@@ -268,6 +268,26 @@ pub struct AgentNode {
 }
 
 impl AgentNode {
+    /// Imports the busybox test image as `reference` with the `skiff`
+    /// binary `bin`, as `skiff images import` would on a node.
+    pub fn import_busybox(&self, bin: &Path, reference: &str) -> anyhow::Result<()> {
+        let archive = self.server.data_dir().join("busybox.tar");
+        crate::images::busybox_oci_archive(&archive, reference)?;
+        let output = Command::new(bin)
+            .args(["images", "import", "--data-dir"])
+            .arg(self.server.data_dir())
+            .arg(&archive)
+            .output()
+            .context("running skiff images import")?;
+        if !output.status.success() {
+            bail!(
+                "skiff images import failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(())
+    }
+
     /// Starts the server in a new namespace, named after it, with short
     /// crash back-offs for tests.
     pub async fn start(bin: &Path, extra_args: &[&str]) -> anyhow::Result<AgentNode> {

@@ -15,7 +15,7 @@
 //! `cargo build --release -p skiff -p skiff-bench && target/release/pod_startup`
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
@@ -24,7 +24,6 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::watcher::{self, watcher};
 use skiff_bench::Samples;
-use skiff_e2e::images::busybox_oci_archive;
 use skiff_e2e::node::AgentNode;
 
 const IMAGE: &str = "skiff-bench/busybox:1";
@@ -41,7 +40,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let node = outside.block_on(AgentNode::start(&bin, &[]))?;
-    import_image(&bin, &node)?;
+    node.import_busybox(&bin, IMAGE)?;
     println!(
         "pod startup benchmark: skiff server + node agent (runc) in netns {}; busybox image \
          present; latency = create request -> Running seen by a watch; {} build",
@@ -256,23 +255,6 @@ async fn wait_for_account(client: &kube::Client, ns: &str) -> anyhow::Result<()>
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Ok(())
-}
-
-fn import_image(bin: &Path, node: &AgentNode) -> anyhow::Result<()> {
-    let archive = node.server.data_dir().join("busybox.tar");
-    busybox_oci_archive(&archive, IMAGE)?;
-    let output = std::process::Command::new(bin)
-        .args(["images", "import", "--data-dir"])
-        .arg(node.server.data_dir())
-        .arg(&archive)
-        .output()
-        .context("running skiff images import")?;
-    ensure!(
-        output.status.success(),
-        "skiff images import failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
     Ok(())
 }
 
