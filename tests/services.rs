@@ -17,7 +17,6 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use serde_json::json;
 use skiff_e2e::cluster::{Cluster, Pod};
 use skiff_e2e::netns::Netns;
 
@@ -54,13 +53,13 @@ async fn cluster_ips_balance_pin_hairpin_and_refuse() -> anyhow::Result<()> {
         .kubectl_stdin(&["apply", "-f", "-"], MANIFESTS)?;
     for (name, node) in [("web-1", 1), ("web-2", 2), ("web-3", 3)] {
         create_pod_object(&cluster, name, node)?;
-        set_status(&cluster, name, cluster.pod(name).ip, true)?;
+        cluster.set_pod_status(name, cluster.pod(name).ip, true)?;
     }
-    let web = cluster_ip(&cluster, "web")?;
-    let sticky = cluster_ip(&cluster, "web-sticky")?;
-    let echo = cluster_ip(&cluster, "echo")?;
-    let hairpin = cluster_ip(&cluster, "hairpin")?;
-    let empty = cluster_ip(&cluster, "empty")?;
+    let web = cluster.cluster_ip("web")?;
+    let sticky = cluster.cluster_ip("web-sticky")?;
+    let echo = cluster.cluster_ip("echo")?;
+    let hairpin = cluster.cluster_ip("hairpin")?;
+    let empty = cluster.cluster_ip("empty")?;
     let vip = |ip: Ipv4Addr, port: u16| SocketAddr::from((ip, port));
 
     // Every node's engine knows the Service and its three endpoints.
@@ -186,7 +185,7 @@ async fn cluster_ips_balance_pin_hairpin_and_refuse() -> anyhow::Result<()> {
     // An endpoint leaves (web-3 stops being ready): the Service keeps
     // answering, no request fails, and web-3 gets no new flows.
     let started = Instant::now();
-    set_status(&cluster, "web-3", cluster.pod("web-3").ip, false)?;
+    cluster.set_pod_status("web-3", cluster.pod("web-3").ip, false)?;
     let mut failures = 0;
     let mut clean_run = 0;
     while clean_run < 200 {
@@ -246,7 +245,7 @@ async fn node_ports_answer_on_every_node() -> anyhow::Result<()> {
         .kubectl_stdin(&["apply", "-f", "-"], NODE_PORT_MANIFESTS)?;
     for (name, node) in [("web-1", 1), ("web-2", 2), ("web-3", 3)] {
         create_pod_object(&cluster, name, node)?;
-        set_status(&cluster, name, cluster.pod(name).ip, true)?;
+        cluster.set_pod_status(name, cluster.pod(name).ip, true)?;
     }
 
     for index in 0..3 {
@@ -334,7 +333,7 @@ async fn kubectl_scale_drops_no_request() -> anyhow::Result<()> {
     cluster
         .server()
         .kubectl_stdin(&["apply", "-f", "-"], SCALED_MANIFESTS)?;
-    let vip = SocketAddr::from((cluster_ip(&cluster, "scaled")?, 80));
+    let vip = SocketAddr::from((cluster.cluster_ip("scaled")?, 80));
     let mut running = Vec::new();
     let started = Instant::now();
     loop {
@@ -455,7 +454,7 @@ fn adopt_pods(cluster: &mut Cluster, running: &mut Vec<String>) -> anyhow::Resul
         };
         let ip = cluster.add_pod(node, &name)?.ip;
         serve(cluster.pod(&name))?;
-        set_status(cluster, &name, ip, true)?;
+        cluster.set_pod_status(&name, ip, true)?;
         running.push(name);
     }
     Ok(())
@@ -581,43 +580,6 @@ fn create_pod_object(cluster: &Cluster, name: &str, node: usize) -> anyhow::Resu
         .server()
         .kubectl_stdin(&["create", "-f", "-"], &manifest)?;
     Ok(())
-}
-
-/// Plays the node agent: the pod runs at `ip`, ready or not.
-fn set_status(cluster: &Cluster, pod: &str, ip: Ipv4Addr, ready: bool) -> anyhow::Result<()> {
-    let status = if ready { "True" } else { "False" };
-    let patch = json!({"status": {
-        "phase": "Running",
-        "podIP": ip.to_string(),
-        "podIPs": [{"ip": ip.to_string()}],
-        "conditions": [{"type": "Ready", "status": status}],
-    }});
-    cluster
-        .server()
-        .kubectl_ok(&[
-            "patch",
-            "pod",
-            pod,
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            &patch.to_string(),
-        ])
-        .with_context(|| format!("setting the status of pod {pod}"))?;
-    Ok(())
-}
-
-fn cluster_ip(cluster: &Cluster, service: &str) -> anyhow::Result<Ipv4Addr> {
-    let out = cluster.server().kubectl_ok(&[
-        "get",
-        "service",
-        service,
-        "-o",
-        "jsonpath={.spec.clusterIP}",
-    ])?;
-    out.trim()
-        .parse()
-        .with_context(|| format!("cluster IP of {service}: {out:?}"))
 }
 
 /// Starts the pod's servers: TCP answering every connection with the

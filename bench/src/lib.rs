@@ -43,6 +43,17 @@ impl Samples {
     }
 }
 
+/// The release `skiff` next to the running benchmark's own binary.
+pub fn skiff_binary() -> anyhow::Result<std::path::PathBuf> {
+    let bin = std::env::current_exe()?.with_file_name("skiff");
+    anyhow::ensure!(
+        bin.exists(),
+        "{} is missing: run `cargo build --release -p skiff` first",
+        bin.display()
+    );
+    Ok(bin)
+}
+
 /// Stops a peer server as its init script would: SIGTERM first, so that
 /// nginx's and HAProxy's master processes stop their workers (a SIGKILL of
 /// the master leaves the workers running, holding the ports), then SIGKILL

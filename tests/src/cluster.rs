@@ -67,6 +67,43 @@ pub struct Pod {
 }
 
 impl Cluster {
+    /// Plays the node agent for `pod`: it runs at `ip`, ready or not.
+    pub fn set_pod_status(&self, pod: &str, ip: Ipv4Addr, ready: bool) -> anyhow::Result<()> {
+        let status = if ready { "True" } else { "False" };
+        let patch = serde_json::json!({"status": {
+            "phase": "Running",
+            "podIP": ip.to_string(),
+            "podIPs": [{"ip": ip.to_string()}],
+            "conditions": [{"type": "Ready", "status": status}],
+        }});
+        self.server()
+            .kubectl_ok(&[
+                "patch",
+                "pod",
+                pod,
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &patch.to_string(),
+            ])
+            .with_context(|| format!("setting the status of pod {pod}"))?;
+        Ok(())
+    }
+
+    /// The ClusterIP the API server gave `service` (in `default`).
+    pub fn cluster_ip(&self, service: &str) -> anyhow::Result<Ipv4Addr> {
+        let out = self.server().kubectl_ok(&[
+            "get",
+            "service",
+            service,
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ])?;
+        out.trim()
+            .parse()
+            .with_context(|| format!("cluster IP of {service}: {out:?}"))
+    }
+
     /// Builds `nodes` nodes, starts the server in the first and a data
     /// plane in each, and waits until every data plane routes to every
     /// other node.

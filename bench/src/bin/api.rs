@@ -10,7 +10,6 @@
 //!
 //! `cargo build --release && cargo run --release -p skiff-bench --bin api`
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,7 +26,7 @@ const K3S_SERVER_RSS_MB: f64 = 1600.0;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let bin = skiff_binary()?;
+    let bin = skiff_bench::skiff_binary()?;
     // The API server alone: the scheduler would write an event and a
     // status for every unschedulable bench pod, and the controllers and
     // DNS would watch them, so what is measured would not be the API.
@@ -351,19 +350,4 @@ fn server_rss_mb(server: &Server) -> anyhow::Result<f64> {
         .context("VmRSS")?
         .parse()?;
     Ok(kb / 1024.0)
-}
-
-/// The release `skiff` next to this benchmark's own binary.
-fn skiff_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let bin = exe
-        .parent()
-        .context("bench binary has no folder")?
-        .join("skiff");
-    anyhow::ensure!(
-        bin.exists(),
-        "{} is missing: run `cargo build --release` first",
-        bin.display()
-    );
-    Ok(bin)
 }

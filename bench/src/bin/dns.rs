@@ -129,7 +129,7 @@ async fn main() -> anyhow::Result<()> {
         .transpose()
         .context("ROUNDS must be a number")?
         .unwrap_or(3);
-    let bin = skiff_binary()?;
+    let bin = skiff_bench::skiff_binary()?;
     let peers_conf = peers_conf_dir()?;
     // CPU 0 is the DNS server's alone: this process (the churn's API
     // writers) and the API server it starts share CPU 1 with dnsperf.
@@ -748,20 +748,6 @@ fn tree_cpu_ticks(pid: u32) -> anyhow::Result<u64> {
         }
     }
     Ok(total)
-}
-
-fn skiff_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let bin = exe
-        .parent()
-        .context("bench binary has no folder")?
-        .join("skiff");
-    ensure!(
-        bin.exists(),
-        "{} is missing: run `cargo build --release` first",
-        bin.display()
-    );
-    Ok(bin)
 }
 
 /// `shared/peers/dns-conf`, next to the checkout or at /work/shared.

@@ -104,7 +104,7 @@ async fn main() -> anyhow::Result<()> {
             "{tool} is not installed (apt-get install nginx-light haproxy wrk)"
         );
     }
-    let bin = skiff_binary()?;
+    let bin = skiff_bench::skiff_binary()?;
     let work = tempfile::Builder::new()
         .prefix("skiff-bench-ingress-")
         .tempdir()?;
@@ -464,18 +464,4 @@ fn which(tool: &str) -> bool {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false)
-}
-
-fn skiff_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let bin = exe
-        .parent()
-        .context("bench binary has no folder")?
-        .join("skiff");
-    ensure!(
-        bin.exists(),
-        "{} is missing: run `cargo build --release` first",
-        bin.display()
-    );
-    Ok(bin)
 }

@@ -15,7 +15,6 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -53,7 +52,7 @@ impl Path {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
-    let bin = skiff_binary()?;
+    let bin = skiff_bench::skiff_binary()?;
     let mut cluster = Cluster::start(&bin, 2).await?;
     if !args.dataplane_args.is_empty() {
         cluster.dataplane_args = args.dataplane_args.clone();
@@ -436,19 +435,4 @@ fn parse_args() -> anyhow::Result<Args> {
     }
     ensure!(args.seconds > 0 && args.runs > 0);
     Ok(args)
-}
-
-/// The release `skiff` next to this benchmark's own binary.
-fn skiff_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let bin = exe
-        .parent()
-        .context("bench binary has no folder")?
-        .join("skiff");
-    ensure!(
-        bin.exists(),
-        "{} is missing: run `cargo build --release -p skiff` first",
-        bin.display()
-    );
-    Ok(bin)
 }

@@ -15,7 +15,6 @@
 //! `cargo build --release -p skiff -p skiff-bench && target/release/pod_startup`
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
@@ -35,7 +34,7 @@ const K3S_AGENT_MB: f64 = 275.0;
 const DEADLINE: Duration = Duration::from_secs(300);
 
 fn main() -> anyhow::Result<()> {
-    let bin = skiff_binary()?;
+    let bin = skiff_bench::skiff_binary()?;
     let outside = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -260,16 +259,4 @@ async fn wait_for_account(client: &kube::Client, ns: &str) -> anyhow::Result<()>
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-/// `skiff` next to this binary (same profile).
-fn skiff_binary() -> anyhow::Result<PathBuf> {
-    let me = std::env::current_exe()?;
-    let bin = me.with_file_name("skiff");
-    ensure!(
-        bin.exists(),
-        "{} not found: build it with `cargo build --release -p skiff`",
-        bin.display()
-    );
-    Ok(bin)
 }

@@ -17,7 +17,6 @@
 //!  target/release/scheduler [-- --pods 10000 --nodes 1000,5000]`
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -40,7 +39,7 @@ const DEADLINE: Duration = Duration::from_secs(600);
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let (pods, node_counts) = parse_args()?;
-    let bin = skiff_binary()?;
+    let bin = skiff_bench::skiff_binary()?;
     println!(
         "scheduler benchmark: skiff server (embedded store) over HTTPS; {pods} pods created \
          through the API by {CONCURRENCY} concurrent requests, timed until all are bound"
@@ -379,19 +378,4 @@ fn parse_args() -> anyhow::Result<(usize, Vec<usize>)> {
         }
     }
     Ok((pods, nodes))
-}
-
-/// The release `skiff` next to this benchmark's own binary.
-fn skiff_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let bin = exe
-        .parent()
-        .context("bench binary has no folder")?
-        .join("skiff");
-    anyhow::ensure!(
-        bin.exists(),
-        "{} is missing: run `cargo build --release -p skiff` first",
-        bin.display()
-    );
-    Ok(bin)
 }

@@ -23,12 +23,11 @@ mod api;
 mod endpoint_change;
 
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use serde_json::json;
 use skiff_e2e::cluster::Cluster;
 use skiff_e2e::netns::Netns;
 
@@ -56,7 +55,7 @@ struct Sample {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
-    let bin = skiff_binary()?;
+    let bin = skiff_bench::skiff_binary()?;
     let cluster = Cluster::start_with(
         &bin,
         2,
@@ -103,7 +102,7 @@ spec: {selector: {app: local}, ports: [{port: 80, targetPort: 80}]}
         cluster
             .server()
             .kubectl_stdin(&["create", "-f", "-"], &manifest)?;
-        set_ready(&cluster, name, cluster.pod(name).ip)?;
+        cluster.set_pod_status(name, cluster.pod(name).ip, true)?;
     }
     println!(
         "service benchmark: 2 nodes (netns), client pod on node 1, nginx (1 worker) in a pod on \
@@ -146,7 +145,7 @@ fn http(cluster: &Cluster, args: &Args, work: &tempfile::TempDir) -> anyhow::Res
     }
     for (scope, pod) in scopes {
         let pod_ip = cluster.pod(pod).ip;
-        let vip = cluster_ip(cluster, pod)?;
+        let vip = cluster.cluster_ip(pod)?;
         let _nft = NftDnat::load(node1, pod_ip)?;
         let _haproxy = Haproxy::start(node1, gateway, pod_ip, &work.path().join(pod))?;
         let targets = [
@@ -382,41 +381,6 @@ fn wait_for_http(netns: &Netns, target: &str) -> anyhow::Result<()> {
     }
 }
 
-fn set_ready(cluster: &Cluster, pod: &str, ip: Ipv4Addr) -> anyhow::Result<()> {
-    let patch = json!({"status": {
-        "phase": "Running",
-        "podIP": ip.to_string(),
-        "podIPs": [{"ip": ip.to_string()}],
-        "conditions": [{"type": "Ready", "status": "True"}],
-    }});
-    cluster
-        .server()
-        .kubectl_ok(&[
-            "patch",
-            "pod",
-            pod,
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            &patch.to_string(),
-        ])
-        .with_context(|| format!("setting the status of pod {pod}"))?;
-    Ok(())
-}
-
-fn cluster_ip(cluster: &Cluster, service: &str) -> anyhow::Result<Ipv4Addr> {
-    let out = cluster.server().kubectl_ok(&[
-        "get",
-        "service",
-        service,
-        "-o",
-        "jsonpath={.spec.clusterIP}",
-    ])?;
-    out.trim()
-        .parse()
-        .with_context(|| format!("cluster IP of {service}: {out:?}"))
-}
-
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
         seconds: 5,
@@ -447,20 +411,4 @@ fn parse_args() -> anyhow::Result<Args> {
     }
     ensure!(args.seconds > 0 && args.runs > 0 && args.connections > 0);
     Ok(args)
-}
-
-/// The `skiff` built next to this benchmark's own binary (release for
-/// results; a debug pair runs too, and says so in its numbers).
-fn skiff_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let bin = exe
-        .parent()
-        .context("bench binary has no folder")?
-        .join("skiff");
-    ensure!(
-        bin.exists(),
-        "{} is missing: run `cargo build --release -p skiff` first",
-        bin.display()
-    );
-    Ok(bin)
 }
