@@ -363,6 +363,12 @@ async fn unusual_and_broken_messages() {
     )
     .await;
     assert_eq!(a_records(&m), vec!["10.43.0.20"]);
+    // The junk may land on another SO_REUSEPORT worker than the query, so
+    // it may still be in flight: wait for the count rather than race it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while server.metrics.dropped_total() < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(server.metrics.dropped_total() >= 2);
     // Oversized datagrams are dropped, not answered.
     let mut huge = query(5, "web.default.svc.cluster.local.", RecordType::A)
