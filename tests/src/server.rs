@@ -211,7 +211,12 @@ impl Server {
             .arg("--https-listen-port")
             .arg(self.port.to_string())
             .args(&self.extra_args)
-            .env("RUST_LOG", "info")
+            // SKIFF_TEST_LOG (a RUST_LOG filter) turns up the server's log
+            // when a test needs debugging.
+            .env(
+                "RUST_LOG",
+                std::env::var("SKIFF_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -146,10 +146,11 @@ async fn get(
             let table = super::table_for(rt, &[object], &Query::default())?;
             Ok(Reply::value(StatusCode::OK, &table))
         }
-        Answer::Metadata => Ok(Reply::value(
-            StatusCode::OK,
-            &objects::partial_metadata(&kv.value, kv.mod_revision)?,
-        )),
+        Answer::Metadata => {
+            let mut body = Vec::with_capacity(kv.value.len() / 2);
+            objects::write_partial_metadata(&mut body, &kv.value, kv.mod_revision)?;
+            Ok(Reply::json(StatusCode::OK, body))
+        }
     }
 }
 
@@ -176,18 +177,20 @@ async fn list(
             Ok(Reply::value(StatusCode::OK, &table))
         }
         Answer::Metadata => {
-            let items = page
-                .items
-                .iter()
-                .map(|(bytes, rev)| objects::partial_metadata(bytes, *rev))
-                .collect::<Result<Vec<_>, _>>()?;
-            let list = json!({
-                "kind": "PartialObjectMetadataList",
-                "apiVersion": "meta.k8s.io/v1",
-                "metadata": list::list_metadata(&page),
-                "items": items,
-            });
-            Ok(Reply::value(StatusCode::OK, &list))
+            let mut body = Vec::with_capacity(1024 + page.items.len() * 512);
+            body.extend_from_slice(
+                b"{\"kind\":\"PartialObjectMetadataList\",\"apiVersion\":\"meta.k8s.io/v1\",\"metadata\":",
+            );
+            body.extend_from_slice(list::list_metadata(&page).to_string().as_bytes());
+            body.extend_from_slice(b",\"items\":[");
+            for (i, (bytes, rev)) in page.items.iter().enumerate() {
+                if i > 0 {
+                    body.push(b',');
+                }
+                objects::write_partial_metadata(&mut body, bytes, *rev)?;
+            }
+            body.extend_from_slice(b"]}");
+            Ok(Reply::json(StatusCode::OK, body))
         }
     }
 }

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use super::objects;
 use super::request::Query;
 use super::resources::ResourceType;
-use super::selectors::{FieldSelector, LabelSelector};
+use super::selectors::{self, FieldSelector, LabelSelector};
 use super::status::ApiError;
 use crate::storage::{RangeRequest, Revision, Store};
 
@@ -46,6 +46,13 @@ impl Filter {
                 .map_err(|e| ApiError::bad_request(e.to_string())),
             None => Ok(()),
         }
+    }
+
+    /// Whether stored (served) bytes pass; only what selectors read is
+    /// parsed. Bytes that are not a JSON object never pass.
+    pub fn matches_stored(&self, rt: &ResourceType, bytes: &[u8]) -> bool {
+        self.is_everything()
+            || selectors::sparse::parse(bytes).is_some_and(|object| self.matches(rt, &object))
     }
 
     pub fn matches(&self, rt: &ResourceType, object: &Value) -> bool {
@@ -135,14 +142,8 @@ pub async fn read(
             }
             last_key = Some(kv.key.clone());
             let value = objects::served(rt, kv.value.clone());
-            if !filter.is_everything() {
-                let object: Value = match serde_json::from_slice(&value) {
-                    Ok(v) => v,
-                    Err(_) => continue,
-                };
-                if !filter.matches(rt, &object) {
-                    continue;
-                }
+            if !filter.matches_stored(rt, &value) {
+                continue;
             }
             page.items.push((value, kv.mod_revision));
             if limit.is_some_and(|l| page.items.len() >= l) {

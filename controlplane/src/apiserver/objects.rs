@@ -136,24 +136,66 @@ pub fn metadata_mut(object: &mut Value) -> Option<&mut Map<String, Value>> {
     meta.as_object_mut()
 }
 
-/// The `PartialObjectMetadata` view of a stored object. Only the metadata
-/// is built into a value; the rest of the object is skipped unparsed, which
-/// is what makes metadata-only watchers (the garbage collector) cheap.
-pub fn partial_metadata(stored: &[u8], revision: i64) -> Result<Value, ApiError> {
+/// The `PartialObjectMetadata` view of a stored object, appended to `out`.
+/// Stored objects start with their metadata, so only that is scanned (to
+/// find where it ends) and copied; the rest of the object is never parsed,
+/// which is what makes metadata-only watchers (the garbage collector) cheap.
+pub fn write_partial_metadata(
+    out: &mut Vec<u8>,
+    stored: &[u8],
+    revision: i64,
+) -> Result<(), ApiError> {
+    out.extend_from_slice(PARTIAL_OPEN);
+    out.extend_from_slice(b"\"resourceVersion\":\"");
+    out.extend_from_slice(revision.to_string().as_bytes());
+    out.push(b'"');
+    let fields = match metadata_fields(stored) {
+        Some(fields) => std::borrow::Cow::Borrowed(fields),
+        // Written by something else: take the slow path.
+        None => std::borrow::Cow::Owned(slow_metadata_fields(stored)?),
+    };
+    if !fields.is_empty() {
+        out.push(b',');
+        out.extend_from_slice(&fields);
+    }
+    out.extend_from_slice(b"}}");
+    Ok(())
+}
+
+const PARTIAL_OPEN: &[u8] =
+    b"{\"kind\":\"PartialObjectMetadata\",\"apiVersion\":\"meta.k8s.io/v1\",\"metadata\":{";
+
+/// The members of the stored metadata object, between its braces, when the
+/// object is in the stored shape (metadata first).
+fn metadata_fields(stored: &[u8]) -> Option<&[u8]> {
+    if !stored.starts_with(METADATA_OPEN) {
+        return None;
+    }
+    let from = METADATA_OPEN.len() - 1;
+    let rest = stored.get(from..)?;
+    let mut values =
+        serde_json::Deserializer::from_slice(rest).into_iter::<serde::de::IgnoredAny>();
+    values.next()?.ok()?;
+    let end = values.byte_offset();
+    // `rest[..end]` is `{...}`: the members are what is inside.
+    rest.get(1..end.checked_sub(1)?)
+}
+
+fn slow_metadata_fields(stored: &[u8]) -> Result<Vec<u8>, ApiError> {
     #[derive(serde::Deserialize)]
     struct MetadataOnly {
         #[serde(default)]
-        metadata: Value,
+        metadata: Map<String, Value>,
     }
-    let only: MetadataOnly = serde_json::from_slice(stored)
+    let mut only: MetadataOnly = serde_json::from_slice(stored)
         .map_err(|e| ApiError::internal(format!("stored object is not valid JSON: {e}")))?;
-    let mut partial = serde_json::json!({
-        "kind": "PartialObjectMetadata",
-        "apiVersion": "meta.k8s.io/v1",
-        "metadata": only.metadata,
-    });
-    set_resource_version(&mut partial, revision);
-    Ok(partial)
+    only.metadata.remove("resourceVersion");
+    let mut object = Vec::new();
+    write_json(&mut object, &Value::Object(only.metadata))?;
+    Ok(object
+        .get(1..object.len().saturating_sub(1))
+        .unwrap_or_default()
+        .to_vec())
 }
 
 pub fn meta_str<'a>(object: &'a Value, field: &str) -> Option<&'a str> {
@@ -200,5 +242,31 @@ mod tests {
         let served: Value = serde_json::from_slice(&with_version(foreign, 8)).unwrap();
         assert_eq!(served["metadata"]["resourceVersion"], "8");
         assert_eq!(served["metadata"]["name"], "y");
+    }
+
+    #[test]
+    fn partial_metadata_copies_only_the_metadata() {
+        let partial = |stored: &[u8]| -> Value {
+            let mut out = Vec::new();
+            write_partial_metadata(&mut out, stored, 9).unwrap();
+            serde_json::from_slice(&out).unwrap()
+        };
+        let object = json!({
+            "kind": "Pod",
+            "metadata": {"name": "p", "labels": {"a": "}{\""}, "resourceVersion": "3"},
+            "spec": {"containers": [{"name": "c"}]}
+        });
+        let expected = json!({
+            "kind": "PartialObjectMetadata",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": {"name": "p", "labels": {"a": "}{\""}, "resourceVersion": "9"}
+        });
+        assert_eq!(partial(&encode(&object).unwrap()), expected);
+        let foreign = br#"{"kind":"Pod","metadata":{"name":"p","labels":{"a":"}{\""},"resourceVersion":"3"}}"#;
+        assert_eq!(partial(foreign), expected);
+        let empty = partial(&encode(&json!({"kind": "X"})).unwrap());
+        assert_eq!(empty["metadata"], json!({"resourceVersion": "9"}));
+        let mut out = Vec::new();
+        assert!(write_partial_metadata(&mut out, b"{\"metadata\":{\"name\":", 1).is_err());
     }
 }

@@ -181,13 +181,7 @@ async fn run(state: &ApiState, plan: Plan, tx: &mpsc::Sender<Bytes>) -> Result<(
 /// selectors, an object moving into the selection is ADDED and one moving
 /// out is DELETED.
 fn translate(plan: &Plan, event: &Event) -> Result<Option<Bytes>, ApiError> {
-    let everything = plan.filter.is_everything();
-    let matches = |bytes: &[u8]| -> bool {
-        everything
-            || serde_json::from_slice::<Value>(bytes)
-                .map(|o| plan.filter.matches(plan.rt, &o))
-                .unwrap_or(false)
-    };
+    let matches = |bytes: &[u8]| plan.filter.matches_stored(plan.rt, bytes);
     let served = |bytes: &Bytes| objects::served(plan.rt, bytes.clone());
     match event.kind {
         EventKind::Put => {
@@ -229,10 +223,7 @@ fn encode_event(
     out.extend_from_slice(b"\",\"object\":");
     match plan.answer {
         Answer::Json => objects::write_with_version(&mut out, stored, revision),
-        Answer::Metadata => {
-            serde_json::to_writer(&mut out, &objects::partial_metadata(stored, revision)?)
-                .map_err(|e| ApiError::internal(e.to_string()))?;
-        }
+        Answer::Metadata => objects::write_partial_metadata(&mut out, stored, revision)?,
         Answer::Table => {
             let object = objects::decode(stored, revision)?;
             let mut table = super::table_for(plan.rt, &[object], &plan.include_object)?;

@@ -39,6 +39,7 @@ use kube::runtime::watcher::{self, watcher};
 use serde_json::json;
 use tokio::sync::Notify;
 
+use super::pod_informer::PodInformer;
 use super::revision::{self, Snapshot};
 
 /// On pods and revisions: the hash of the template they come from.
@@ -74,7 +75,7 @@ struct Context {
     nodes: Store<Node>,
 }
 
-pub async fn run(client: kube::Client) {
+pub async fn run(client: kube::Client, pods: &PodInformer) {
     let (nodes, writer) = reflector::store::<Node>();
     let changed = Arc::new(Notify::new());
     let node_watch = watch_nodes(Api::all(client.clone()), writer, changed.clone());
@@ -100,7 +101,7 @@ pub async fn run(client: kube::Client) {
             Api::<DaemonSet>::all(client.clone()),
             watcher::Config::default(),
         )
-        .owns(Api::<Pod>::all(client), watcher::Config::default())
+        .reconcile_on(pods.controllers::<DaemonSet>())
         .reconcile_all_on(node_changes)
         .run(reconcile, retry, context)
         .for_each(|result| async move {

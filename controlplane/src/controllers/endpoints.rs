@@ -48,6 +48,8 @@ use kube::runtime::{WatchStreamExt, applier};
 use kube::{Resource, ResourceExt};
 use tokio::time::Instant;
 
+use super::pod_informer::{PodChange, PodInformer, Synced};
+
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "endpointslice-controller.k8s.io";
@@ -124,6 +126,7 @@ struct Context {
     api_endpoint: SocketAddr,
     services: Store<Service>,
     pods: Store<Pod>,
+    pods_synced: Synced,
     slices: Store<EndpointSlice>,
     endpoints: Store<Endpoints>,
     nodes: Store<PartialObjectMeta<Node>>,
@@ -139,9 +142,8 @@ type Triggers = std::pin::Pin<Box<dyn Stream<Item = ObjectRef<Service>> + Send>>
 
 /// Runs both controllers; `api_endpoint` is where this API server listens,
 /// for the `kubernetes` Service.
-pub async fn run(client: kube::Client, api_endpoint: SocketAddr) {
+pub async fn run(client: kube::Client, pods: &PodInformer, api_endpoint: SocketAddr) {
     let (services, service_writer) = reflector::store();
-    let (pods, pod_writer) = reflector::store();
     let (slices, slice_writer) = reflector::store();
     let (endpoints, endpoints_writer) = reflector::store();
     let (nodes, node_writer) = reflector::store();
@@ -157,7 +159,8 @@ pub async fn run(client: kube::Client, api_endpoint: SocketAddr) {
         recorder,
         api_endpoint,
         services: services.clone(),
-        pods,
+        pods: pods.cache(),
+        pods_synced: pods.synced(),
         slices,
         endpoints,
         nodes,
@@ -169,9 +172,6 @@ pub async fn run(client: kube::Client, api_endpoint: SocketAddr) {
     let service_events = watcher(Api::<Service>::all(client.clone()), config.clone())
         .default_backoff()
         .reflect(service_writer);
-    let pod_events = watcher(Api::<Pod>::all(client.clone()), config.clone())
-        .default_backoff()
-        .reflect(pod_writer);
     let slice_events = watcher(Api::<EndpointSlice>::all(client.clone()), config.clone())
         .default_backoff()
         .reflect(slice_writer);
@@ -189,10 +189,12 @@ pub async fn run(client: kube::Client, api_endpoint: SocketAddr) {
             }
             watcher::Event::Init | watcher::Event::InitDone => Vec::new(),
         }),
-        triggered(pod_events, {
+        {
             let ctx = ctx.clone();
-            move |event| ctx.pod_changed(event)
-        }),
+            pods.changes()
+                .flat_map(move |change| stream::iter(ctx.pod_changed(change)))
+                .boxed()
+        },
         triggered(slice_events, {
             let ctx = ctx.clone();
             move |event| match event {
@@ -303,7 +305,7 @@ fn error_policy(service: Arc<Service>, _error: &Error, ctx: Arc<Context>) -> Act
 
 impl Context {
     async fn synced(&self) {
-        let _ = self.pods.wait_until_ready().await;
+        self.pods_synced.wait().await;
         let _ = self.slices.wait_until_ready().await;
         let _ = self.endpoints.wait_until_ready().await;
         let _ = self.nodes.wait_until_ready().await;
@@ -573,22 +575,29 @@ impl Context {
 
     /// The Services a pod event concerns: those selecting it now and those
     /// it belonged to before.
-    fn pod_changed(&self, event: watcher::Event<Pod>) -> Vec<ObjectRef<Service>> {
-        let (pod, gone) = match event {
-            watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => (pod, false),
-            watcher::Event::Delete(pod) => (pod, true),
-            watcher::Event::Init => {
+    fn pod_changed(&self, change: PodChange) -> Vec<ObjectRef<Service>> {
+        match change {
+            PodChange::Applied(pod) => self.follow_pod(&pod, false),
+            PodChange::Deleted(pod) => self.follow_pod(&pod, true),
+            PodChange::Relisted => {
                 lock(&self.memberships).clear();
-                return Vec::new();
+                for pod in self.pods.state() {
+                    self.follow_pod(&pod, false);
+                }
+                self.all_services()
             }
-            watcher::Event::InitDone => return self.all_services(),
-        };
+        }
+    }
+
+    /// Records which Services select `pod` now; returns those it joined,
+    /// stayed in or left.
+    fn follow_pod(&self, pod: &Pod, gone: bool) -> Vec<ObjectRef<Service>> {
         let namespace = pod.metadata.namespace.clone().unwrap_or_default();
         let now: Vec<String> = self
             .services
             .state_filter(|s| {
                 s.metadata.namespace.as_deref() == Some(namespace.as_str())
-                    && selector(s).is_some_and(|sel| selects(sel, &pod))
+                    && selector(s).is_some_and(|sel| selects(sel, pod))
             })
             .iter()
             .map(|s| s.name_any())

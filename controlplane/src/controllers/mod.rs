@@ -13,6 +13,7 @@ pub mod garbage;
 pub mod namespace;
 pub mod node_ipam;
 pub mod node_lifecycle;
+mod pod_informer;
 pub mod replicaset;
 mod revision;
 pub mod service_accounts;
@@ -40,16 +41,18 @@ pub struct Settings {
 
 /// Runs every controller until one of them fails irrecoverably.
 pub async fn run(client: kube::Client, settings: Settings) {
+    let (pods, feed_pods) = pod_informer::PodInformer::new(client.clone());
     tokio::join!(
+        feed_pods,
         namespace::run(client.clone()),
         garbage::run(client.clone()),
-        endpoints::run(client.clone(), settings.api_endpoint),
-        node_lifecycle::run(client.clone(), settings.node_monitor_grace),
+        endpoints::run(client.clone(), &pods, settings.api_endpoint),
+        node_lifecycle::run(client.clone(), &pods, settings.node_monitor_grace),
         node_ipam::run(client.clone(), settings.cluster_cidr),
-        replicaset::run(client.clone()),
+        replicaset::run(client.clone(), &pods),
         deployment::run(client.clone()),
-        statefulset::run(client.clone()),
-        daemonset::run(client.clone()),
+        statefulset::run(client.clone(), &pods),
+        daemonset::run(client.clone(), &pods),
         volume::run(client.clone(), settings.storage_dir),
         service_lb::run(client.clone()),
         service_accounts::run(client.clone(), settings.root_ca),

@@ -36,6 +36,8 @@ use kube::runtime::watcher::{self, watcher};
 use serde_json::json;
 use tokio::time::Instant;
 
+use super::pod_informer::{PodInformer, Synced};
+
 /// Upstream's `--node-monitor-grace-period`.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(40);
 /// Upstream's pod GC quarantine for pods on a missing node.
@@ -76,6 +78,7 @@ struct Monitor {
     nodes: Store<Node>,
     leases: Store<Lease>,
     pods: Store<Pod>,
+    pods_synced: Synced,
     grace: Duration,
     health: HashMap<String, Health>,
     /// Pods (by uid) already deleted by the taint eviction, until they go.
@@ -87,13 +90,13 @@ struct Monitor {
     orphans: HashMap<String, Instant>,
 }
 
-pub async fn run(client: kube::Client, grace: Duration) {
+pub async fn run(client: kube::Client, pods: &PodInformer, grace: Duration) {
     let nodes_api: Api<Node> = Api::all(client.clone());
     let pods_api: Api<Pod> = Api::all(client.clone());
     let (nodes, node_events) = reflect(nodes_api.clone());
     let (leases, lease_events) = reflect(Api::namespaced(client.clone(), LEASE_NAMESPACE));
-    let (pods, pod_events) = reflect(pods_api.clone());
-    let mut events = futures::stream::select_all([node_events, lease_events, pod_events]);
+    let (pods_synced, pods) = (pods.synced(), pods.cache());
+    let mut events = futures::stream::select_all([node_events, lease_events]);
     let recorder = Recorder::new(
         client,
         Reporter {
@@ -108,6 +111,7 @@ pub async fn run(client: kube::Client, grace: Duration) {
         nodes,
         leases,
         pods,
+        pods_synced,
         grace,
         health: HashMap::new(),
         evicted: HashSet::new(),
@@ -118,7 +122,7 @@ pub async fn run(client: kube::Client, grace: Duration) {
     let ready = async {
         let _ = monitor.nodes.wait_until_ready().await;
         let _ = monitor.leases.wait_until_ready().await;
-        let _ = monitor.pods.wait_until_ready().await;
+        monitor.pods_synced.wait().await;
     };
     tokio::select! {
         () = ready => {}

@@ -26,6 +26,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, watcher};
 use kube::{Resource, ResourceExt};
 
+use super::pod_informer::{PodChange, PodInformer, Synced};
 use super::workload::{self, Availability, Claim, Retries};
 
 const MANAGER: &str = "replicaset-controller";
@@ -41,26 +42,25 @@ const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
 pub enum Error {
     #[error("{0}: {1}")]
     Kube(&'static str, #[source] kube::Error),
-    #[error("the pod cache stopped")]
-    CacheGone,
 }
 
 struct Context {
     client: kube::Client,
     pods: Store<Pod>,
+    pods_synced: Synced,
     sets: Store<ReplicaSet>,
     expectations: Expectations,
     recorder: Recorder,
     retries: Retries,
 }
 
-pub async fn run(client: kube::Client) {
+pub async fn run(client: kube::Client, pods: &PodInformer) {
     let (sets, sets_writer) = reflector::store::<ReplicaSet>();
-    let (pods, pods_writer) = reflector::store::<Pod>();
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), Reporter::from(MANAGER)),
         client: client.clone(),
-        pods,
+        pods: pods.cache(),
+        pods_synced: pods.synced(),
         sets: sets.clone(),
         expectations: Expectations::default(),
         retries: Retries::default(),
@@ -81,20 +81,23 @@ pub async fn run(client: kube::Client) {
     })
     .applied_objects();
     let observe = ctx.clone();
-    // The reflector has stored each change before it triggers a reconcile.
-    let pod_changes = watcher(Api::<Pod>::all(client), watcher::Config::default())
-        .default_backoff()
-        .reflect(pods_writer)
-        .inspect(move |event| {
-            if let Ok(watcher::Event::Delete(pod)) = event {
-                observe.expectations.pod_gone(pod);
-            }
-        })
-        .touched_objects();
     let lookup = sets.clone();
+    // The shared cache holds each change before it is announced.
+    let pod_changes = pods.changes().map(Ok::<_, watcher::Error>);
     let queue = stream::select(
         trigger_self(set_changes, ()),
-        trigger_with(pod_changes, move |pod: Pod| sets_for_pod(&lookup, &pod)),
+        trigger_with(pod_changes, move |change| match change {
+            PodChange::Applied(pod) => sets_for_pod(&lookup, &pod),
+            PodChange::Deleted(pod) => {
+                observe.expectations.pod_gone(&pod);
+                sets_for_pod(&lookup, &pod)
+            }
+            PodChange::Relisted => lookup
+                .state()
+                .iter()
+                .map(|s| ObjectRef::from_obj(&**s))
+                .collect(),
+        }),
     );
     applier(
         |object, ctx| Box::pin(reconcile(object, ctx)),
@@ -158,10 +161,7 @@ fn error_policy(set: Arc<ReplicaSet>, error: &Error, ctx: Arc<Context>) -> Actio
 }
 
 async fn sync(set: &ReplicaSet, ctx: &Context, key: &str) -> Result<Action, Error> {
-    ctx.pods
-        .wait_until_ready()
-        .await
-        .map_err(|_| Error::CacheGone)?;
+    ctx.pods_synced.wait().await;
     let namespace = set.metadata.namespace.as_deref().unwrap_or("default");
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
     let spec = set.spec.as_ref();
@@ -602,10 +602,8 @@ fn status_of(
 }
 
 fn error_message(error: &Error) -> String {
-    match error {
-        Error::Kube(_, e) => workload::api_message(e),
-        other => other.to_string(),
-    }
+    let Error::Kube(_, e) = error;
+    workload::api_message(e)
 }
 
 /// Creates and deletes each set has in flight, until the pod cache shows

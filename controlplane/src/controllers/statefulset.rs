@@ -34,6 +34,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use serde_json::json;
 
+use super::pod_informer::PodInformer;
 use super::revision::{self, Snapshot};
 
 const POD_NAME_LABEL: &str = "statefulset.kubernetes.io/pod-name";
@@ -59,9 +60,8 @@ struct Context {
     recorder: Recorder,
 }
 
-pub async fn run(client: kube::Client) {
+pub async fn run(client: kube::Client, pods: &PodInformer) {
     let sets: Api<StatefulSet> = Api::all(client.clone());
-    let pods: Api<Pod> = Api::all(client.clone());
     let reporter = Reporter {
         controller: "statefulset-controller".into(),
         instance: None,
@@ -69,7 +69,7 @@ pub async fn run(client: kube::Client) {
     let recorder = Recorder::new(client.clone(), reporter);
     let context = Arc::new(Context { client, recorder });
     Controller::new(sets, watcher::Config::default())
-        .owns(pods, watcher::Config::default())
+        .reconcile_on(pods.controllers::<StatefulSet>())
         .run(reconcile, retry, context)
         .for_each(|result| async move {
             if let Err(e) = result {

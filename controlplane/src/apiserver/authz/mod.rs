@@ -144,7 +144,8 @@ pub async fn create_bootstrap_policy(state: &ApiState) -> Result<(), ApiError> {
 async fn follow(state: &ApiState, revision: i64) -> Result<(), crate::storage::StoreError> {
     let mut changes = state
         .store
-        .watch(RBAC_PREFIX.as_bytes(), revision + 1)
+        // `watch` is exclusive of `revision`: the next change is the first.
+        .watch(RBAC_PREFIX.as_bytes(), revision)
         .await?;
     while let Some(change) = changes.next().await {
         change?;

@@ -14,6 +14,7 @@
 mod field;
 mod fieldset;
 mod label;
+pub mod sparse;
 mod validation;
 
 pub use field::{FieldOp, FieldSelector, FieldTerm};
