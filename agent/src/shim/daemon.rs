@@ -28,8 +28,8 @@ use tokio::task::JoinHandle;
 use super::attach::{self, CLOSE_STDIN, EXIT, HELLO, RESIZE, STDERR, STDIN, STDOUT};
 use super::logwriter::{LineSplitter, LogFile};
 use super::{
-    ATTACH_SOCKET, CONSOLE_SOCKET, EXIT_FILE, ExitStatus, INIT_PID_FILE, RUNC_LOG, SHIM_LOG,
-    SHIM_PID_FILE, ShimError, ShimSpec, io_error, socket_path, write_atomically,
+    ATTACH_SOCKET, CONSOLE_SOCKET, EXIT_FILE, ExitStatus, INIT_PID_FILE, NO_THP_ENV, RUNC_LOG,
+    SHIM_LOG, SHIM_PID_FILE, ShimError, ShimSpec, io_error, socket_path, write_atomically,
 };
 use crate::crilog::Stream;
 use crate::tty;
@@ -190,9 +190,7 @@ async fn monitor(spec: ShimSpec, mut report: File) -> i32 {
     let running = match start(&spec).await {
         Ok(running) => running,
         Err(message) => {
-            let _ = tokio::process::Command::new(&spec.runtime)
-                .arg("--root")
-                .arg(&spec.runtime_root)
+            let _ = runc(&spec)
                 .args(["delete", "--force", &spec.id])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -410,9 +408,22 @@ fn pipe_pair() -> Result<(OwnedFd, OwnedFd), String> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("creating a pipe: {e}"))
 }
 
-/// `runc --root R --log state/runc.log --log-format json`.
+/// `runc --root R --log state/runc.log --log-format json`, with the
+/// machine's transparent huge page setting back (see [`NO_THP_ENV`]): the
+/// flag mimalloc set on the shim would otherwise pass to the container.
 fn runc(spec: &ShimSpec) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(&spec.runtime);
+    command.env_remove(NO_THP_ENV.0);
+    // SAFETY: prctl is a plain system call, safe between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_THP_DISABLE, 0, 0, 0, 0) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
     command
         .arg("--root")
         .arg(&spec.runtime_root)
