@@ -28,8 +28,8 @@ use tokio::task::JoinHandle;
 use super::attach::{self, CLOSE_STDIN, EXIT, HELLO, RESIZE, STDERR, STDIN, STDOUT};
 use super::logwriter::{LineSplitter, LogFile};
 use super::{
-    ATTACH_SOCKET, CONSOLE_SOCKET, EXIT_FILE, ExitStatus, INIT_PID_FILE, NO_THP_ENV, RUNC_LOG,
-    SHIM_LOG, SHIM_PID_FILE, ShimError, ShimSpec, io_error, socket_path, write_atomically,
+    ATTACH_SOCKET, CONSOLE_SOCKET, EXIT_FILE, ExitStatus, INIT_PID_FILE, RUNC_LOG, SHIM_LOG,
+    SHIM_PID_FILE, ShimError, ShimSpec, host_thp, io_error, socket_path, write_atomically,
 };
 use crate::crilog::Stream;
 use crate::tty;
@@ -409,21 +409,10 @@ fn pipe_pair() -> Result<(OwnedFd, OwnedFd), String> {
 }
 
 /// `runc --root R --log state/runc.log --log-format json`, with the
-/// machine's transparent huge page setting back (see [`NO_THP_ENV`]): the
-/// flag mimalloc set on the shim would otherwise pass to the container.
+/// machine's transparent huge page setting back (see [`NO_THP_ENV`]).
 fn runc(spec: &ShimSpec) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(&spec.runtime);
-    command.env_remove(NO_THP_ENV.0);
-    // SAFETY: prctl is a plain system call, safe between fork and exec.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_THP_DISABLE, 0, 0, 0, 0) == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
+    host_thp(&mut command);
     command
         .arg("--root")
         .arg(&spec.runtime_root)
