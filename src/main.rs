@@ -29,6 +29,15 @@ fn main() -> anyhow::Result<()> {
     if cni::plugin::invoked_by_runtime() {
         std::process::exit(cni::plugin::main());
     }
+    // The shim starts once per container and lives as long as it: it
+    // skips building the whole command line and the log filter, whose
+    // allocations it would otherwise carry for its whole life.
+    if let Some(state_dir) = shim_state_dir() {
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .init();
+        return agent::shim::main(&state_dir).context("container monitor");
+    }
     let cli = Cli::parse();
     if let Command::Cni = cli.command {
         std::process::exit(cni::plugin::main());
@@ -67,4 +76,12 @@ fn main() -> anyhow::Result<()> {
             Command::Agent(args) => join::run(args).await,
         }
     })
+}
+
+/// `DIR` when the command line is exactly `skiff shim --state-dir DIR`, as
+/// the agent starts it; anything else goes through the full parser.
+fn shim_state_dir() -> Option<std::path::PathBuf> {
+    let mut args = std::env::args_os().skip(1);
+    let (command, flag, dir) = (args.next()?, args.next()?, args.next()?);
+    (command == "shim" && flag == "--state-dir" && args.next().is_none()).then(|| dir.into())
 }

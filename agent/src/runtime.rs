@@ -150,6 +150,7 @@ impl Runtime for OciRuntime {
         timeout: Duration,
     ) -> Result<ExecOutput, ShimError> {
         let mut command = tokio::process::Command::new(&self.config.binary);
+        shim::host_thp(&mut command);
         command
             .arg("--root")
             .arg(&self.config.root)

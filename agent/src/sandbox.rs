@@ -78,8 +78,15 @@ pub async fn create(
             ipc.clone(),
             uts.clone(),
         );
-        std::thread::spawn(move || pin_ipc_uts(&dir, &ipc2, &uts2, &host))
-            .join()
+        // A thread of its own, as it unshares its namespaces; awaited, not
+        // joined, so pods starting together do not hold the runtime's
+        // threads while their namespaces are made.
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let _ = done_tx.send(pin_ipc_uts(&dir, &ipc2, &uts2, &host));
+        });
+        done_rx
+            .await
             .map_err(|_| SandboxError::Network("the namespace thread panicked".into()))??;
         record.ipc = Some(ipc);
         record.uts = Some(uts);

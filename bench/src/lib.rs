@@ -28,6 +28,11 @@ impl Samples {
         self.sorted.is_empty()
     }
 
+    /// The wall time the workload took.
+    pub fn wall(&self) -> Duration {
+        self.wall
+    }
+
     /// Operations per second over the wall time.
     pub fn rate(&self) -> f64 {
         self.sorted.len() as f64 / self.wall.as_secs_f64().max(f64::MIN_POSITIVE)

@@ -29,7 +29,7 @@ use super::attach::{self, CLOSE_STDIN, EXIT, HELLO, RESIZE, STDERR, STDIN, STDOU
 use super::logwriter::{LineSplitter, LogFile};
 use super::{
     ATTACH_SOCKET, CONSOLE_SOCKET, EXIT_FILE, ExitStatus, INIT_PID_FILE, RUNC_LOG, SHIM_LOG,
-    SHIM_PID_FILE, ShimError, ShimSpec, io_error, socket_path, write_atomically,
+    SHIM_PID_FILE, ShimError, ShimSpec, host_thp, io_error, socket_path, write_atomically,
 };
 use crate::crilog::Stream;
 use crate::tty;
@@ -190,9 +190,7 @@ async fn monitor(spec: ShimSpec, mut report: File) -> i32 {
     let running = match start(&spec).await {
         Ok(running) => running,
         Err(message) => {
-            let _ = tokio::process::Command::new(&spec.runtime)
-                .arg("--root")
-                .arg(&spec.runtime_root)
+            let _ = runc(&spec)
                 .args(["delete", "--force", &spec.id])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -410,9 +408,11 @@ fn pipe_pair() -> Result<(OwnedFd, OwnedFd), String> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("creating a pipe: {e}"))
 }
 
-/// `runc --root R --log state/runc.log --log-format json`.
+/// `runc --root R --log state/runc.log --log-format json`, with the
+/// machine's transparent huge page setting back (see [`NO_THP_ENV`]).
 fn runc(spec: &ShimSpec) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(&spec.runtime);
+    host_thp(&mut command);
     command
         .arg("--root")
         .arg(&spec.runtime_root)

@@ -131,6 +131,7 @@ async fn recv<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
 
 fn runc_command(container: &ContainerRef) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(&container.runtime);
+    crate::shim::host_thp(&mut command);
     command
         .arg("--root")
         .arg(&container.runtime_root)

@@ -1,29 +1,34 @@
-//! Pod startup benchmark: a real `skiff server` with its node agent in a
-//! network namespace of its own, real runc containers from a busybox image
-//! imported beforehand, and pods created through the API. Each pod's
-//! latency is from its create request to the moment a watch sees it
-//! `Running`; batches of 1, 10 and 50 pods go to the one node at once.
-//! Then the server's RSS with 50 pods running (the agent runs inside
-//! `skiff server`, so that figure also holds the API server, store and
-//! controllers) and the RSS of the per-container shims.
+//! Pod startup benchmark: a real `skiff server` (without its local agent)
+//! and a `skiff agent` that joined it with the server's token, as a second
+//! node would, both in one network namespace of their own; real runc
+//! containers from a busybox image imported beforehand, and pods created
+//! through the API. Each pod's latency is from its create request to the
+//! moment a watch sees it `Running`; batches of 1, 10 and 50 pods go to
+//! the one node at once. Then, with 50 pods running, the agent process's
+//! RSS (the node agent and the node's pod network, as k3s' agent holds
+//! flannel), the server's, and the per-container shims' total PSS (they
+//! are what containerd-shim processes are to containerd).
 //!
 //! Peers: upstream's pod startup SLO (p99 <= 5 s), Skiff's goal (p99 <=
-//! 1 s for 10 pods, agent <= 40 MB) and k3s' agent (275 MB with
-//! containerd). crun cannot run on this machine's hybrid cgroup layout,
-//! so only runc is measured; the output says so.
+//! 1 s for 10 pods, agent <= 40 MB), k3s' agent (275 MB with
+//! containerd), and a bare `runc run` / `crun run` of a container running
+//! `true`, timed here. crun is tried for real; on a hybrid cgroup layout
+//! it refuses, and the output says so with its own message.
 //!
 //! `cargo build --release -p skiff -p skiff-bench && target/release/pod_startup`
 
 use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::watcher::{self, watcher};
 use skiff_bench::Samples;
-use skiff_e2e::node::AgentNode;
+use skiff_e2e::node::{AgentNode, clean_up};
 
 const IMAGE: &str = "skiff-bench/busybox:1";
 const BATCHES: [usize; 3] = [1, 10, 50];
@@ -32,25 +37,34 @@ const GOAL_P99_10: Duration = Duration::from_secs(1);
 const GOAL_AGENT_MB: f64 = 40.0;
 const K3S_AGENT_MB: f64 = 275.0;
 const DEADLINE: Duration = Duration::from_secs(300);
+/// Runs of the bare runtime peer (`runc run` of `true`).
+const BARE_RUNS: usize = 10;
 
 fn main() -> anyhow::Result<()> {
     let bin = skiff_bench::skiff_binary()?;
-    let outside = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let node = outside.block_on(AgentNode::start(&bin, &[]))?;
-    node.import_busybox(&bin, IMAGE)?;
     println!(
-        "pod startup benchmark: skiff server + node agent (runc) in netns {}; busybox image \
-         present; latency = create request -> Running seen by a watch; {} build",
-        node.netns.name,
+        "pod startup benchmark: skiff server + joined skiff agent (runc), busybox image present; \
+         latency = create request -> Running seen by a watch; {} build",
         if cfg!(debug_assertions) {
             "debug"
         } else {
             "release"
         }
     );
-    println!("crun: not measured (it refuses this machine's hybrid v1/v2 cgroup layout)");
+    bare_runtimes()?;
+    let outside = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let node = outside.block_on(AgentNode::start(
+        &bin,
+        &["--disable", "agent", "--disable", "network"],
+    ))?;
+    let agent = JoinedAgent::start(&bin, &node)?;
+    println!(
+        "server and agent in netns {}; agent pid {}",
+        node.netns.name,
+        agent.child.id()
+    );
     // The API server listens inside the node's namespace, so the client
     // runs there, on a runtime whose one thread entered it.
     let netns = node.netns.name.clone();
@@ -59,26 +73,116 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|inside| inside.block_on(measure(&node)))
+            .and_then(|inside| inside.block_on(measure(&node, &agent)))
     })?;
+    if result.is_err() {
+        eprintln!("agent log:\n{}", agent.log_tail());
+    }
+    drop(agent);
     drop(node);
     result
 }
 
-async fn measure(node: &AgentNode) -> anyhow::Result<()> {
+/// A `skiff agent` that joined the bench's server from the same network
+/// namespace, with its own data dir (and binary copy, so its shims do not
+/// hold the build's binary); killed and cleaned up on drop.
+struct JoinedAgent {
+    child: Child,
+    data_dir: tempfile::TempDir,
+    name: String,
+}
+
+impl JoinedAgent {
+    fn start(bin: &Path, node: &AgentNode) -> anyhow::Result<JoinedAgent> {
+        let data_dir = tempfile::Builder::new()
+            .prefix("skiff-bench-agent-")
+            .tempdir()?;
+        let copy = data_dir.path().join("skiff");
+        std::fs::copy(bin, &copy)?;
+        let archive = data_dir.path().join("busybox.tar");
+        skiff_e2e::images::busybox_oci_archive(&archive, IMAGE)?;
+        let output = Command::new(&copy)
+            .args(["images", "import", "--data-dir"])
+            .arg(data_dir.path())
+            .arg(&archive)
+            .output()
+            .context("running skiff images import")?;
+        ensure!(
+            output.status.success(),
+            "skiff images import failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let token = std::fs::read_to_string(node.server.data_dir().join("server").join("token"))
+            .context("reading the join token")?;
+        let name = node.node_name();
+        let log = std::fs::File::create(data_dir.path().join("agent.log"))?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", node.netns.name))
+            .arg(&copy)
+            .args(["agent", "--server", &node.server.url()])
+            .args(["--token", token.trim(), "--node-name", &name])
+            .args(["--node-ip", "127.0.0.1", "--crash-loop-backoff", "2s"])
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting skiff agent")?;
+        Ok(JoinedAgent {
+            child,
+            data_dir,
+            name,
+        })
+    }
+
+    fn log_tail(&self) -> String {
+        let text =
+            std::fs::read_to_string(self.data_dir.path().join("agent.log")).unwrap_or_default();
+        let start = text.len().saturating_sub(4000);
+        text.get(start..).unwrap_or(&text).to_owned()
+    }
+}
+
+impl Drop for JoinedAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        clean_up(self.data_dir.path(), &self.name);
+    }
+}
+
+async fn measure(node: &AgentNode, agent: &JoinedAgent) -> anyhow::Result<()> {
     let config = kube::Config::from_custom_kubeconfig(
         kube::config::Kubeconfig::read_from(node.server.kubeconfig())?,
         &kube::config::KubeConfigOptions::default(),
     )
     .await?;
     let client = kube::Client::try_from(config)?;
+    wait_for_node(&client, &agent.name).await?;
     wait_for_account(&client, "default").await?;
     let mut p99_10 = None;
     for (round, &count) in BATCHES.iter().enumerate() {
         let ns = format!("startup-{round}-{count}");
         create_namespace(&client, &ns).await?;
         wait_for_account(&client, &ns).await?;
+        let server_pid = node.server.pid().context("the server is not running")?;
+        let agent_before = own_and_children_cpu(agent.child.id())?;
+        let cpu_before = (
+            skiff_bench::cpu_seconds(server_pid)?,
+            agent_before.0,
+            machine_cpu_seconds()?,
+            agent_before.1,
+        );
         let samples = start_pods(&client, &ns, count).await?;
+        let agent_after = own_and_children_cpu(agent.child.id())?;
+        let cpu = (
+            skiff_bench::cpu_seconds(server_pid)? - cpu_before.0,
+            agent_after.0 - cpu_before.1,
+            machine_cpu_seconds()? - cpu_before.2,
+            agent_after.1 - cpu_before.3,
+        );
         let (p50, p99) = (samples.percentile(50.0), samples.percentile(99.0));
         if count == 10 {
             p99_10 = Some(p99);
@@ -98,8 +202,18 @@ async fn measure(node: &AgentNode) -> anyhow::Result<()> {
                 String::new()
             }
         );
+        println!(
+            "  CPU for the batch: server {:.2} s, agent {:.2} s (+ {:.2} s in the children it \
+             waited for: shim launchers), everything else on the machine (shims, runc, kernel, \
+             other processes) {:.2} s, over {:.2} s",
+            cpu.0,
+            cpu.1,
+            cpu.3,
+            (cpu.2 - cpu.0 - cpu.1 - cpu.3).max(0.0),
+            samples.wall().as_secs_f64()
+        );
         if count == 50 {
-            report_memory(node)?;
+            report_memory(node, agent)?;
         }
         if round + 1 < BATCHES.len() {
             let api: Api<Namespace> = Api::all(client.clone());
@@ -185,12 +299,16 @@ async fn start_pods(client: &kube::Client, ns: &str, count: usize) -> anyhow::Re
     Ok(Samples::new(latencies, started.elapsed()))
 }
 
-fn report_memory(node: &AgentNode) -> anyhow::Result<()> {
-    let pid = node.server.pid().context("the server is not running")?;
-    let server = rss_mb(pid)?;
-    let marker = node.server.data_dir().display().to_string();
+fn report_memory(node: &AgentNode, agent: &JoinedAgent) -> anyhow::Result<()> {
+    let agent_mb = rss_mb(agent.child.id())?;
+    let agent_pss = pss_mb(agent.child.id())?;
+    let agent_huge = rollup_mb(agent.child.id(), "AnonHugePages:")?;
+    let server_pid = node.server.pid().context("the server is not running")?;
+    let server_mb = rss_mb(server_pid)?;
+    let marker = agent.data_dir.path().display().to_string();
     let mut shims = 0;
     let mut shim_mb = 0.0;
+    let (mut shim_cpu, mut runc_cpu) = (0.0, 0.0);
     for entry in std::fs::read_dir("/proc")?.flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
             continue;
@@ -200,14 +318,36 @@ fn report_memory(node: &AgentNode) -> anyhow::Result<()> {
         if cmdline.contains("shim") && cmdline.contains(&marker) {
             shims += 1;
             shim_mb += pss_mb(pid).unwrap_or(0.0);
+            let (own, waited) = own_and_children_cpu(pid).unwrap_or((0.0, 0.0));
+            shim_cpu += own;
+            runc_cpu += waited;
         }
     }
     println!(
-        "memory with 50 pods: skiff server (API server + store + controllers + agent) RSS \
-         {server:.1} MB ({:.2}x the 40 MB agent goal, {:.2}x k3s' 275 MB agent); \
-         {shims} container shims {shim_mb:.1} MB in all (PSS: shared pages split between them)",
-        server / GOAL_AGENT_MB,
-        server / K3S_AGENT_MB,
+        "memory with 50 pods: skiff agent RSS {agent_mb:.1} MB (PSS {agent_pss:.1} MB, \
+         {agent_huge:.1} MB of it transparent huge pages; {:.2}x the 40 MB goal: {}; {:.2}x k3s' 275 MB agent with containerd)",
+        agent_mb / GOAL_AGENT_MB,
+        if agent_mb <= GOAL_AGENT_MB {
+            "met"
+        } else {
+            "missed"
+        },
+        agent_mb / K3S_AGENT_MB,
+    );
+    println!(
+        "  plus {shims} container shims (the containerd-shim equivalent): PSS {shim_mb:.1} MB \
+         in all, {:.2} MB each (PSS: pages shared between them count once)",
+        shim_mb / shims.max(1) as f64
+    );
+    println!(
+        "  CPU per container to start it: shim {:.1} ms, `runc create` + `runc start` (the \
+         shim's waited children) {:.1} ms",
+        shim_cpu * 1000.0 / shims.max(1) as f64,
+        runc_cpu * 1000.0 / shims.max(1) as f64
+    );
+    println!(
+        "  and the skiff server (API server + store + controllers, no agent): RSS \
+         {server_mb:.1} MB"
     );
     Ok(())
 }
@@ -226,12 +366,17 @@ fn rss_mb(pid: u32) -> anyhow::Result<f64> {
 /// Proportional set size: shared pages (the shims are one binary) count
 /// once across all processes, not once per process as RSS would.
 fn pss_mb(pid: u32) -> anyhow::Result<f64> {
+    rollup_mb(pid, "Pss:")
+}
+
+/// One `field` (e.g. `Pss:`) of `/proc/PID/smaps_rollup`, in MB.
+fn rollup_mb(pid: u32, field: &str) -> anyhow::Result<f64> {
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
     let kb: f64 = rollup
         .lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next())
-        .context("no Pss")?
+        .with_context(|| format!("no {field} in smaps_rollup"))?
         .parse()?;
     Ok(kb / 1024.0)
 }
@@ -241,6 +386,66 @@ async fn create_namespace(client: &kube::Client, name: &str) -> anyhow::Result<(
     let ns = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?;
     api.create(&PostParams::default(), &ns).await?;
     Ok(())
+}
+
+/// A process's own CPU seconds and those of its children it has waited
+/// for (utime + stime, cutime + cstime in `/proc/PID/stat`).
+fn own_and_children_cpu(pid: u32) -> anyhow::Result<(f64, f64)> {
+    /// Linux reports these fields in USER_HZ ticks, fixed at 100.
+    const TICKS_PER_SECOND: f64 = 100.0;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    ensure!(fields.len() == 4, "short /proc/{pid}/stat");
+    Ok((
+        (fields[0] + fields[1]) / TICKS_PER_SECOND,
+        (fields[2] + fields[3]) / TICKS_PER_SECOND,
+    ))
+}
+
+/// Busy CPU seconds of the whole machine (all CPUs, idle and iowait
+/// excluded), from `/proc/stat`.
+fn machine_cpu_seconds() -> anyhow::Result<f64> {
+    /// Linux reports these fields in USER_HZ ticks, fixed at 100.
+    const TICKS_PER_SECOND: f64 = 100.0;
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let fields: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    ensure!(fields.len() >= 5, "short /proc/stat");
+    // user nice system idle iowait irq softirq steal ...
+    let busy: f64 = fields.iter().take(8).sum::<f64>() - fields[3] - fields[4];
+    Ok(busy / TICKS_PER_SECOND)
+}
+
+/// The joined agent's Node, Ready.
+async fn wait_for_node(client: &kube::Client, name: &str) -> anyhow::Result<()> {
+    let api: Api<Node> = Api::all(client.clone());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = api.get_opt(name).await?.is_some_and(|node| {
+            node.status
+                .and_then(|s| s.conditions)
+                .into_iter()
+                .flatten()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        });
+        if ready {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the joined node {name} did not become Ready");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Pods wait for their namespace's `default` account; the benchmark
@@ -259,4 +464,81 @@ async fn wait_for_account(client: &kube::Client, ns: &str) -> anyhow::Result<()>
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// The peer outside Skiff: `runc run` and `crun run` of a busybox
+/// container running `true`, timed, from one bundle. A runtime that
+/// refuses prints its reason.
+fn bare_runtimes() -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("skiff-bench-bare-")
+        .tempdir()?;
+    let rootfs = dir.path().join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin"))?;
+    std::fs::copy(
+        skiff_e2e::images::BUSYBOX,
+        rootfs.join("bin").join("busybox"),
+    )?;
+    std::os::unix::fs::symlink("busybox", rootfs.join("bin").join("true"))?;
+    let spec = Command::new("runc")
+        .arg("spec")
+        .current_dir(dir.path())
+        .status()
+        .context("running runc spec")?;
+    ensure!(spec.success(), "runc spec failed");
+    let config_path = dir.path().join("config.json");
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&config_path)?)?;
+    config["process"]["args"] = serde_json::json!(["/bin/true"]);
+    config["process"]["terminal"] = serde_json::json!(false);
+    std::fs::write(&config_path, serde_json::to_vec(&config)?)?;
+    for runtime in ["runc", "crun"] {
+        let root = dir.path().join(format!("{runtime}-state"));
+        let mut times = Vec::new();
+        let mut refusal = None;
+        for i in 0..BARE_RUNS {
+            let id = format!("skiff-bench-bare-{}-{runtime}-{i}", std::process::id());
+            let at = Instant::now();
+            let output = Command::new(runtime)
+                .arg("--root")
+                .arg(&root)
+                .args(["run", "--bundle"])
+                .arg(dir.path())
+                .arg(&id)
+                .stdin(Stdio::null())
+                .output();
+            let elapsed = at.elapsed();
+            let _ = Command::new(runtime)
+                .arg("--root")
+                .arg(&root)
+                .args(["delete", "--force", &id])
+                .stderr(Stdio::null())
+                .status();
+            match output {
+                Ok(o) if o.status.success() => times.push(elapsed),
+                Ok(o) => {
+                    refusal = Some(String::from_utf8_lossy(&o.stderr).trim().to_owned());
+                    break;
+                }
+                Err(e) => {
+                    refusal = Some(format!("cannot run it: {e}"));
+                    break;
+                }
+            }
+        }
+        match refusal {
+            None => {
+                let samples = Samples::new(times, Duration::ZERO);
+                println!(
+                    "{runtime}: bare `{runtime} run` of a container running `true`: p50 {:.0} ms \
+                     ({BARE_RUNS} runs)",
+                    ms(samples.percentile(50.0))
+                );
+            }
+            Some(reason) => println!(
+                "{runtime}: unusable on this machine, so pods are not measured with it; \
+                 `{runtime} run` of a container running `true` said: {reason}"
+            ),
+        }
+    }
+    Ok(())
 }
