@@ -14,7 +14,7 @@ use hickory_proto::op::{Message, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, NS, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
-use crate::index::{FxBuild, Index, Published, SHARDS, Shard, Zone, push_answer, shard_of};
+use crate::index::{FxBuild, Index, Node, Published, SHARDS, Shard, Zone, push_answer, shard_of};
 use crate::wire;
 
 /// The schema version of the Kubernetes DNS specification served.
@@ -139,6 +139,8 @@ pub struct ZoneBuilder {
     shards: Vec<Arc<Shard>>,
     dirty: HashSet<WireName, FxBuild>,
     ready: bool,
+    /// The node of every empty non-terminal, shared.
+    empty: Node,
 }
 
 /// Most CNAMEs followed inside the zone (a loop of ExternalNames stops
@@ -189,6 +191,7 @@ impl ZoneBuilder {
             shards: (0..SHARDS).map(|_| Arc::new(Shard::default())).collect(),
             dirty: HashSet::default(),
             ready: false,
+            empty: Node::from(Vec::new()),
         };
         let mut records = vec![
             Rec {
@@ -516,7 +519,12 @@ impl ZoneBuilder {
                 {
                     return;
                 }
-                Arc::make_mut(&mut self.shards[shard]).insert(name, node.into());
+                let node = if node.is_empty() {
+                    self.empty.clone()
+                } else {
+                    node.into()
+                };
+                Arc::make_mut(&mut self.shards[shard]).insert(name, node);
             }
             None => {
                 if self.shards[shard].contains_key(&name[..]) {
