@@ -15,8 +15,10 @@ pub const SHARDS: usize = 64;
 /// `[qtype: 2][head: 10][external: 1][body length: 2][body]`. Qtype 0
 /// answers every type without an answer of its own (an alias's CNAME);
 /// a node without one answers such types NODATA, and an empty node is an
-/// empty non-terminal. One allocation per name, shared between snapshots.
-pub type Node = Arc<[u8]>;
+/// empty non-terminal. One allocation per name (none for an empty node);
+/// a shard copied for a new snapshot copies its nodes, which costs less
+/// than a reference count on every node would in memory.
+pub type Node = Box<[u8]>;
 
 /// Lowercased wire name to node.
 pub type Shard = HashMap<Arc<[u8]>, Node, FxBuild>;

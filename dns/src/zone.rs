@@ -6,7 +6,7 @@
 //! names it had or has (and those whose answers embed them), and copies
 //! only the index shards they live in.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
@@ -14,7 +14,9 @@ use hickory_proto::op::{Message, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, NS, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
-use crate::index::{FxBuild, Index, Node, Published, SHARDS, Shard, Zone, push_answer, shard_of};
+use crate::index::{
+    FxBuild, Index, Node, Published, SHARDS, Shard, Zone, node_answer, push_answer, shard_of,
+};
 use crate::wire;
 
 /// The schema version of the Kubernetes DNS specification served.
@@ -131,16 +133,17 @@ pub struct ZoneBuilder {
     /// namespaces), with how many owners lie below each (`svc` and `pod`
     /// hold one more, so they always exist).
     above: HashMap<WireName, u32, FxBuild>,
-    /// PTR names (outside the zone) → their targets, one per record.
-    ptrs: HashMap<WireName, Vec<WireName>, FxBuild>,
+    /// PTR names (outside the zone) → targets added (true) or removed
+    /// since the last build, in order. A PTR name's targets are kept only
+    /// in its node; the owners' targets are distinct, as each lies under
+    /// its owner's name.
+    ptr_changes: HashMap<WireName, Vec<(WireName, bool)>, FxBuild>,
     /// Name → names in other owners whose answers embed its records (a
     /// CNAME to it, or an SRV record targeting it), one per record.
     dependents: HashMap<WireName, Vec<WireName>, FxBuild>,
     shards: Vec<Arc<Shard>>,
     dirty: HashSet<WireName, FxBuild>,
     ready: bool,
-    /// The node of every empty non-terminal, shared.
-    empty: Node,
 }
 
 /// Most CNAMEs followed inside the zone (a loop of ExternalNames stops
@@ -186,12 +189,11 @@ impl ZoneBuilder {
             zone,
             owners: HashMap::default(),
             above: HashMap::default(),
-            ptrs: HashMap::default(),
+            ptr_changes: HashMap::default(),
             dependents: HashMap::default(),
             shards: (0..SHARDS).map(|_| Arc::new(Shard::default())).collect(),
             dirty: HashSet::default(),
             ready: false,
-            empty: Node::from(Vec::new()),
         };
         let mut records = vec![
             Rec {
@@ -304,6 +306,7 @@ impl ZoneBuilder {
         for name in dirty {
             self.refresh(name);
         }
+        self.ptr_changes.clear();
         Index {
             shards: self.shards.clone(),
             zone: self.zone.clone(),
@@ -412,10 +415,10 @@ impl ZoneBuilder {
             if let Stored::Ptr(target) = &rec.data
                 && !wire::is_subdomain(&rec.name, &self.apex_wire)
             {
-                self.ptrs
+                self.ptr_changes
                     .entry(rec.name.clone())
                     .or_default()
-                    .push(target.clone());
+                    .push((target.clone(), true));
             }
             if let Some(target) = rec.data.target()
                 && !wire::is_subdomain(target, root)
@@ -434,7 +437,10 @@ impl ZoneBuilder {
             if let Stored::Ptr(target) = &rec.data
                 && !wire::is_subdomain(&rec.name, &self.apex_wire)
             {
-                remove_one(&mut self.ptrs, &rec.name, target);
+                self.ptr_changes
+                    .entry(rec.name.clone())
+                    .or_default()
+                    .push((target.clone(), false));
             }
             if let Some(target) = rec.data.target()
                 && !wire::is_subdomain(target, root)
@@ -519,12 +525,7 @@ impl ZoneBuilder {
                 {
                     return;
                 }
-                let node = if node.is_empty() {
-                    self.empty.clone()
-                } else {
-                    node.into()
-                };
-                Arc::make_mut(&mut self.shards[shard]).insert(name, node);
+                Arc::make_mut(&mut self.shards[shard]).insert(name, Node::from(node));
             }
             None => {
                 if self.shards[shard].contains_key(&name[..]) {
@@ -534,17 +535,54 @@ impl ZoneBuilder {
         }
     }
 
+    /// The PTR targets `name`'s node holds now, read back from its answer.
+    fn ptr_targets(&self, name: &[u8]) -> BTreeSet<Vec<u8>> {
+        let Some(node) = self.shards[shard_of(name)].get(name) else {
+            return BTreeSet::new();
+        };
+        let Some(answer) = node_answer(node, wire::TYPE_PTR) else {
+            return BTreeSet::new();
+        };
+        // The answer behind a header and the question it was encoded for.
+        let mut message = vec![0, 0];
+        message.extend_from_slice(answer.head);
+        message.extend_from_slice(name);
+        message.extend_from_slice(&wire::TYPE_PTR.to_be_bytes());
+        message.extend_from_slice(&wire::CLASS_IN.to_be_bytes());
+        message.extend_from_slice(answer.body);
+        let Ok(message) = Message::from_vec(&message) else {
+            tracing::warn!("cannot read back a PTR answer");
+            return BTreeSet::new();
+        };
+        message
+            .answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::PTR(ptr) => Some(name_key(&ptr.0)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The node of `name`, `None` when the name does not exist.
     fn node(&self, name: &[u8]) -> Option<Vec<u8>> {
         let qname = to_name(name)?;
         let mut node = Vec::new();
         if !wire::is_subdomain(name, &self.apex_wire) {
-            let mut targets: Vec<&WireName> = self.ptrs.get(name)?.iter().collect();
-            targets.sort();
-            targets.dedup();
+            let mut targets = self.ptr_targets(name);
+            for (target, add) in self.ptr_changes.get(name).into_iter().flatten() {
+                if *add {
+                    targets.insert(target.to_vec());
+                } else {
+                    targets.remove(&target[..]);
+                }
+            }
+            if targets.is_empty() {
+                return None;
+            }
             let records = targets
-                .into_iter()
-                .filter_map(|t| self.record(&qname, &Stored::Ptr(t.clone())))
+                .iter()
+                .filter_map(|t| self.record(&qname, &Stored::Ptr(t[..].into())))
                 .collect();
             self.push_positive(&mut node, wire::TYPE_PTR, &qname, records, Vec::new());
             return Some(node);
