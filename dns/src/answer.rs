@@ -4,7 +4,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use crate::index::{Answer, Index};
+use crate::index::{Answer, Index, node_answer};
 use crate::wire::{self, FLAG_AA, FLAG_CD, FLAG_QR, FLAG_TC, HEADER_LEN, OPT_LEN, Query, Reject};
 
 /// Room an output buffer needs for any answer the fast path writes over
@@ -35,7 +35,7 @@ pub fn answer_local(packet: &[u8], out: &mut [u8], index: &Index, udp: bool) -> 
 }
 
 fn answer_with(packet: &[u8], out: &mut [u8], index: &Index, udp: bool, chase: bool) -> Outcome {
-    let mut query = match wire::parse(packet) {
+    let query = match wire::parse(packet) {
         Ok(q) => q,
         Err(Reject::Malformed) => return formerr(packet, out),
         Err(Reject::Unusual) => return Outcome::Slow,
@@ -57,18 +57,18 @@ fn answer_with(packet: &[u8], out: &mut [u8], index: &Index, udp: bool, chase: b
         let len = wire::write_empty(&query, packet, out, [0, wire::RCODE_REFUSED]);
         return reply(len, wire::RCODE_REFUSED);
     }
-    if let Some(found) = index.get(query.key_for(qtype)) {
-        if found.external && chase && index.zone.forwarding {
+    let zone = &*index.zone;
+    if let Some(node) = index.node(query.name()) {
+        let Some(found) = node_answer(node, qtype) else {
+            let len = write_negative(&query, packet, out, wire::RCODE_NOERROR, &zone.soa);
+            return reply(len, wire::RCODE_NOERROR);
+        };
+        if found.external && chase && zone.forwarding {
             return Outcome::Slow;
         }
-        let len = write_answer(&query, packet, out, found, limit);
+        let len = write_answer(&query, packet, out, &found, limit);
         return reply(len, found.rcode());
     }
-    if let Some(found) = index.get(query.key_for(0)) {
-        let len = write_answer(&query, packet, out, found, limit);
-        return reply(len, found.rcode());
-    }
-    let zone = &*index.zone;
     if !wire::is_subdomain(query.name(), &zone.apex) {
         return Outcome::Slow;
     }
@@ -90,7 +90,7 @@ fn write_answer(
     query: &Query,
     packet: &[u8],
     out: &mut [u8],
-    found: &Answer,
+    found: &Answer<'_>,
     limit: usize,
 ) -> usize {
     let qend = query.question_end;
@@ -105,7 +105,7 @@ fn write_answer(
     out[3] = found.head[1] | if query.cd { FLAG_CD } else { 0 };
     out[4..12].copy_from_slice(&found.head[2..10]);
     out[HEADER_LEN..qend].copy_from_slice(&packet[HEADER_LEN..qend]);
-    out[qend..qend + found.body.len()].copy_from_slice(&found.body);
+    out[qend..qend + found.body.len()].copy_from_slice(found.body);
     wire::finish(query, out, qend + found.body.len())
 }
 

@@ -1,8 +1,8 @@
-//! The read side of the zone: a sharded map from lookup key (lowercased
-//! wire name + query type) to a pre-encoded answer, published as an
-//! immutable snapshot. Readers check one atomic per batch and take a lock
-//! only when a new snapshot was published; the writer (`zone`) replaces
-//! only the shards it changed.
+//! The read side of the zone: a sharded map from a lowercased wire name
+//! to its node, the pre-encoded answers of every type the name has,
+//! published as an immutable snapshot. Readers check one atomic per batch
+//! and take a lock only when a new snapshot was published; the writer
+//! (`zone`) replaces only the shards it changed.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
@@ -11,27 +11,74 @@ use std::sync::{Arc, Mutex};
 
 pub const SHARDS: usize = 64;
 
-/// A pre-encoded answer: header flags and section counts, and the sections
-/// after the question. Names in `body` may point into the question (offset
-/// 12), which the client's question replaces byte for byte up to case.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Answer {
+/// A name's node: its answers one after the other, each
+/// `[qtype: 2][head: 10][external: 1][body length: 2][body]`. Qtype 0
+/// answers every type without an answer of its own (an alias's CNAME);
+/// a node without one answers such types NODATA, and an empty node is an
+/// empty non-terminal. One allocation per name (none for an empty node);
+/// a shard copied for a new snapshot copies its nodes, which costs less
+/// than a reference count on every node would in memory.
+pub type Node = Box<[u8]>;
+
+/// Lowercased wire name to node.
+pub type Shard = HashMap<Arc<[u8]>, Node, FxBuild>;
+
+/// Bytes of an answer's fixed part in a node.
+const ENTRY_HEAD: usize = 2 + 10 + 1 + 2;
+
+/// A pre-encoded answer inside a node. Names in `body` may point into the
+/// question (offset 12), which the client's question replaces byte for
+/// byte up to case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Answer<'a> {
     /// Flags (2 bytes, without RD/CD which come from the query) and the
     /// QD/AN/NS/AR counts.
-    pub head: [u8; 10],
-    pub body: Box<[u8]>,
+    pub head: &'a [u8],
+    pub body: &'a [u8],
     /// An ExternalName answer whose CNAME chain leaves the zone: the
     /// target's addresses come from upstream, off the hot path.
     pub external: bool,
 }
 
-impl Answer {
+impl Answer<'_> {
     pub fn rcode(&self) -> u8 {
         self.head[1] & 0x0f
     }
 }
 
-pub type Shard = HashMap<Box<[u8]>, Arc<Answer>, FxBuild>;
+/// Appends an answer for `qtype` to a node under construction.
+pub fn push_answer(node: &mut Vec<u8>, qtype: u16, head: &[u8; 10], external: bool, body: &[u8]) {
+    node.extend_from_slice(&qtype.to_be_bytes());
+    node.extend_from_slice(head);
+    node.push(u8::from(external));
+    node.extend_from_slice(&(body.len().min(usize::from(u16::MAX)) as u16).to_be_bytes());
+    node.extend_from_slice(&body[..body.len().min(usize::from(u16::MAX))]);
+}
+
+/// The answer `node` holds for `qtype`, else its catch-all (qtype 0).
+/// `None` means NODATA.
+pub fn node_answer(node: &[u8], qtype: u16) -> Option<Answer<'_>> {
+    let mut fallback = None;
+    let mut pos = 0;
+    while let Some(fixed) = node.get(pos..pos + ENTRY_HEAD) {
+        let t = u16::from_be_bytes([fixed[0], fixed[1]]);
+        let len = usize::from(u16::from_be_bytes([fixed[13], fixed[14]]));
+        let body = node.get(pos + ENTRY_HEAD..pos + ENTRY_HEAD + len)?;
+        let answer = Answer {
+            head: &fixed[2..12],
+            body,
+            external: fixed[12] != 0,
+        };
+        if t == qtype {
+            return Some(answer);
+        }
+        if t == 0 {
+            fallback = Some(answer);
+        }
+        pos += ENTRY_HEAD + len;
+    }
+    fallback
+}
 
 /// What the fast path needs to know about the zone besides the map.
 #[derive(Debug)]
@@ -67,11 +114,12 @@ impl Index {
         }
     }
 
-    pub fn get(&self, key: &[u8]) -> Option<&Answer> {
-        self.shards[shard_of(key)].get(key).map(|a| &**a)
+    /// The node of `name`, a lowercased wire name.
+    pub fn node(&self, name: &[u8]) -> Option<&[u8]> {
+        self.shards[shard_of(name)].get(name).map(|n| &**n)
     }
 
-    /// Number of keys, for tests and logs.
+    /// Number of names, for tests and logs.
     pub fn len(&self) -> usize {
         self.shards.iter().map(|s| s.len()).sum()
     }

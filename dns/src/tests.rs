@@ -977,3 +977,270 @@ fn ipv4_helpers_agree_with_std() {
         "20.0.43.10.in-addr.arpa."
     );
 }
+
+/// Every name's node in `index`, for comparing whole indexes; the apex
+/// is left out, as its SOA serial is the builder's creation time.
+fn contents(index: &Index) -> std::collections::BTreeMap<Vec<u8>, Vec<u8>> {
+    index
+        .shards
+        .iter()
+        .flat_map(|s| s.iter())
+        .filter(|(k, _)| ***k != *index.zone.apex)
+        .map(|(k, v)| (k.to_vec(), v.to_vec()))
+        .collect()
+}
+
+/// Service number `n` in one of several shapes, drawn by `roll`: names,
+/// addresses and targets overlap on purpose (shared PTR names, aliases
+/// to other services and to their endpoints' hostnames).
+fn random_service(n: u32, roll: u32) -> (ServiceInfo, Vec<SliceInfo>, Vec<PodInfo>) {
+    let headless = ServiceInfo {
+        kind: ServiceKind::Headless,
+        ports: vec![port("http", "tcp", 80)],
+        publish_not_ready: roll.is_multiple_of(7),
+    };
+    match roll % 5 {
+        0 => (
+            cluster_ip(&[&format!("10.43.0.{}", roll % 6 + 1)]),
+            vec![],
+            vec![],
+        ),
+        1 => (
+            external(&format!("svc-{}.default.svc.cluster.local", roll % 4)),
+            vec![],
+            vec![],
+        ),
+        2 => (
+            external("db-0.svc-3.default.svc.cluster.local"),
+            vec![],
+            vec![],
+        ),
+        3 => (external("example.com"), vec![], vec![]),
+        _ => {
+            let endpoints = (0..roll % 4)
+                .map(|e| {
+                    let host = format!("db-{e}");
+                    endpoint(
+                        &format!("10.42.0.{}", (roll / 5 + e) % 5 + 1),
+                        (e % 2 == 0).then_some(host.as_str()),
+                        !(roll / 3 + e).is_multiple_of(3),
+                    )
+                })
+                .collect();
+            let slice = SliceInfo {
+                service: format!("svc-{n}"),
+                ports: vec![port("http", "tcp", 80)],
+                endpoints,
+            };
+            let pods = roll
+                .is_multiple_of(3)
+                .then(|| PodInfo {
+                    hostname: "pinned".into(),
+                    subdomain: format!("svc-{n}"),
+                    ips: vec![ip("10.42.0.9")],
+                    ready: true,
+                })
+                .into_iter()
+                .collect();
+            (headless, vec![slice], pods)
+        }
+    }
+}
+
+#[test]
+fn incremental_updates_equal_a_fresh_build() {
+    // A fixed pseudo-random walk of creations, changes and deletions; after
+    // every step the index must be exactly what a builder fed only the
+    // current state builds.
+    let mut seed: u64 = 0x5eed_1234;
+    let mut next = move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) as u32
+    };
+    let mut b = builder();
+    let mut state: std::collections::BTreeMap<u32, u32> = Default::default();
+    for step in 0..300 {
+        let n = next() % 6;
+        let roll = next();
+        let name = format!("svc-{n}");
+        if roll % 4 == 0 {
+            state.remove(&n);
+            b.set_owner(Owner::Service("default".into(), name), Vec::new());
+        } else {
+            state.insert(n, roll);
+            let (svc, slices, pods) = random_service(n, roll);
+            add_service(&mut b, "default", &name, &svc, &slices, &pods);
+        }
+        if step % 3 != 0 {
+            continue; // several updates per build, as the watch batches
+        }
+        let mut fresh = builder();
+        for (n, roll) in &state {
+            let (svc, slices, pods) = random_service(*n, *roll);
+            add_service(
+                &mut fresh,
+                "default",
+                &format!("svc-{n}"),
+                &svc,
+                &slices,
+                &pods,
+            );
+        }
+        assert_eq!(
+            contents(&b.build()),
+            contents(&fresh.build()),
+            "step {step}"
+        );
+    }
+    // Everything deleted: only the apex's names remain.
+    for n in 0..6 {
+        b.set_owner(Owner::Service("default".into(), format!("svc-{n}")), vec![]);
+    }
+    assert_eq!(contents(&b.build()), contents(&builder().build()));
+}
+
+#[test]
+fn an_update_replaces_exactly_its_names() {
+    let mut b = builder();
+    let headless = ServiceInfo {
+        kind: ServiceKind::Headless,
+        ports: vec![port("http", "tcp", 80)],
+        publish_not_ready: false,
+    };
+    let slice = |hosts: &[(&str, &str)]| SliceInfo {
+        service: "db".into(),
+        ports: vec![port("http", "tcp", 80)],
+        endpoints: hosts
+            .iter()
+            .map(|(h, a)| endpoint(a, Some(h), true))
+            .collect(),
+    };
+    add_service(
+        &mut b,
+        "default",
+        "web",
+        &cluster_ip(&["10.43.0.20"]),
+        &[],
+        &[],
+    );
+    add_service(
+        &mut b,
+        "default",
+        "db",
+        &headless,
+        &[slice(&[("db-0", "10.42.0.5"), ("db-1", "10.42.0.6")])],
+        &[],
+    );
+    let before = contents(&b.build());
+    add_service(
+        &mut b,
+        "default",
+        "db",
+        &headless,
+        &[slice(&[("db-1", "10.42.0.6"), ("db-2", "10.42.0.7")])],
+        &[],
+    );
+    let index = b.build();
+    let after = contents(&index);
+    let changed: std::collections::BTreeSet<String> = before
+        .keys()
+        .chain(after.keys())
+        .filter(|k| before.get(*k) != after.get(*k))
+        .map(|k| Name::from_labels(to_labels(k)).unwrap().to_string())
+        .collect();
+    let expected: std::collections::BTreeSet<String> = [
+        "db.default.svc.cluster.local.",
+        "db-0.db.default.svc.cluster.local.",
+        "db-2.db.default.svc.cluster.local.",
+        "_http._tcp.db.default.svc.cluster.local.",
+        "5.0.42.10.in-addr.arpa.",
+        "7.0.42.10.in-addr.arpa.",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    assert_eq!(changed, expected);
+    assert_negative(
+        &ask(&index, "db-0.db.default.svc.cluster.local.", RecordType::A),
+        ResponseCode::NXDomain,
+    );
+    assert_eq!(
+        addrs(&ask(
+            &index,
+            "db-2.db.default.svc.cluster.local.",
+            RecordType::A
+        )),
+        vec![ip("10.42.0.7")]
+    );
+    // The same records again change nothing, down to the shards.
+    let again = b.build();
+    add_service(
+        &mut b,
+        "default",
+        "db",
+        &headless,
+        &[slice(&[("db-1", "10.42.0.6"), ("db-2", "10.42.0.7")])],
+        &[],
+    );
+    let same = b.build();
+    assert!(
+        again
+            .shards
+            .iter()
+            .zip(&same.shards)
+            .all(|(a, b)| Arc::ptr_eq(a, b))
+    );
+}
+
+#[test]
+fn shared_ptr_names_keep_the_other_owners_target() {
+    let mut b = builder();
+    let headless = |svc: &str| {
+        (
+            ServiceInfo {
+                kind: ServiceKind::Headless,
+                ports: vec![],
+                publish_not_ready: false,
+            },
+            SliceInfo {
+                service: svc.into(),
+                ports: vec![],
+                endpoints: vec![endpoint("10.42.0.5", Some("pod"), true)],
+            },
+        )
+    };
+    for svc in ["a", "b"] {
+        let (info, slice) = headless(svc);
+        add_service(&mut b, "default", svc, &info, &[slice], &[]);
+    }
+    let index = b.build();
+    assert_eq!(
+        ask(&index, "5.0.42.10.in-addr.arpa.", RecordType::PTR)
+            .answers
+            .len(),
+        2
+    );
+    b.set_owner(Owner::Service("default".into(), "a".into()), vec![]);
+    let index = b.build();
+    let m = ask(&index, "5.0.42.10.in-addr.arpa.", RecordType::PTR);
+    let RData::PTR(ptr) = &m.answers[0].data else {
+        panic!("not PTR");
+    };
+    assert_eq!(m.answers.len(), 1);
+    assert_eq!(ptr.0.to_string(), "pod.b.default.svc.cluster.local.");
+}
+
+fn to_labels(wire: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let mut at = wire;
+    while let Some((&len, rest)) = at.split_first() {
+        if len == 0 {
+            break;
+        }
+        out.push(&rest[..usize::from(len)]);
+        at = &rest[usize::from(len)..];
+    }
+    out
+}

@@ -14,7 +14,7 @@ use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Api, Client, ResourceExt};
 
 use crate::index::Published;
-use crate::records::{self, PodInfo, ServiceInfo, SliceInfo};
+use crate::records::{self, PodInfo, ServiceInfo, ServiceKind, SliceInfo};
 use crate::zone::{Owner, ZoneBuilder};
 
 /// Most events applied before a publish, so a long burst still shows up.
@@ -71,7 +71,10 @@ pub async fn run(client: Client, mut builder: ZoneBuilder, published: Arc<Publis
 /// What the watches have seen, reduced to DNS's needs.
 #[derive(Default)]
 pub struct ClusterState {
-    services: HashMap<Key, ServiceInfo>,
+    /// Every Service, with what rendering it needs: headless Services keep
+    /// their info (their records follow slices and pods); the others only
+    /// until their next flush, as nothing else changes their records.
+    services: HashMap<Key, Option<Box<ServiceInfo>>>,
     slices: HashMap<Key, SliceInfo>,
     slices_by_service: HashMap<Key, BTreeSet<String>>,
     pods: HashMap<Key, PodInfo>,
@@ -150,7 +153,11 @@ impl ClusterState {
 
     pub fn set_service(&mut self, key: Key, info: Option<ServiceInfo>) {
         let changed = match info {
-            Some(info) => self.services.insert(key.clone(), info.clone()) != Some(info),
+            Some(info) => {
+                let info = Some(Box::new(info));
+                let old = self.services.insert(key.clone(), info.clone());
+                old != Some(info)
+            }
             None => self.services.remove(&key).is_some(),
         };
         if changed {
@@ -221,7 +228,10 @@ impl ClusterState {
         for key in std::mem::take(&mut self.dirty) {
             let (ns, name) = &key;
             let records = match self.services.get(&key) {
-                Some(svc) => {
+                // A Service whose records nothing but itself changes, and
+                // that has not changed since they were rendered.
+                Some(None) => continue,
+                Some(Some(svc)) => {
                     let slices = self
                         .slices_by_service
                         .get(&key)
@@ -238,6 +248,13 @@ impl ClusterState {
                 }
                 None => Vec::new(),
             };
+            if let Some(info) = self.services.get_mut(&key)
+                && info
+                    .as_ref()
+                    .is_some_and(|i| i.kind != ServiceKind::Headless)
+            {
+                *info = None;
+            }
             builder.set_owner(Owner::Service(ns.clone(), name.clone()), records);
         }
     }
@@ -245,4 +262,89 @@ impl ClusterState {
 
 fn key_of<K: kube::Resource>(obj: &K) -> Key {
     (obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::{EndpointInfo, PortInfo, ServiceKind};
+
+    fn key(name: &str) -> Key {
+        ("default".into(), name.into())
+    }
+
+    fn nodes(builder: &mut ZoneBuilder) -> usize {
+        builder.build().len()
+    }
+
+    #[test]
+    fn slices_re_render_headless_services_and_leave_the_others() {
+        let mut builder = crate::tests::builder();
+        let mut state = ClusterState::default();
+        let empty = nodes(&mut builder);
+        let cluster_ip = ServiceInfo {
+            kind: ServiceKind::ClusterIp(vec!["10.43.0.5".parse().unwrap()]),
+            ports: vec![],
+            publish_not_ready: false,
+        };
+        state.set_service(key("web"), Some(cluster_ip.clone()));
+        state.set_service(
+            key("db"),
+            Some(ServiceInfo {
+                kind: ServiceKind::Headless,
+                ..cluster_ip.clone()
+            }),
+        );
+        state.flush(&mut builder);
+        // web, its PTR name and default.svc.
+        assert_eq!(nodes(&mut builder), empty + 3);
+        let slice = |service: &str, ip: &str| SliceInfo {
+            service: service.into(),
+            ports: vec![PortInfo {
+                name: "http".into(),
+                protocol: "tcp".into(),
+                port: 80,
+            }],
+            endpoints: vec![EndpointInfo {
+                addresses: vec![ip.parse().unwrap()],
+                hostname: None,
+                ready: true,
+            }],
+        };
+        // A slice of the ClusterIP Service changes nothing; one of the
+        // headless Service gives it names.
+        state.set_slice(key("web-1"), Some(slice("web", "10.42.0.7")));
+        state.set_slice(key("db-1"), Some(slice("db", "10.42.0.8")));
+        state.flush(&mut builder);
+        let index = builder.build();
+        let name = |n: &str| crate::wire::encode_name(n).unwrap();
+        assert!(index.node(&name("web.default.svc.cluster.local")).is_some());
+        assert!(index.node(&name("db.default.svc.cluster.local")).is_some());
+        assert!(
+            index
+                .node(&name("10-42-0-8.db.default.svc.cluster.local"))
+                .is_some()
+        );
+        assert!(
+            index
+                .node(&name("10-42-0-7.web.default.svc.cluster.local"))
+                .is_none()
+        );
+        // The ClusterIP Service changes, then goes; the headless one too.
+        state.set_service(
+            key("web"),
+            Some(ServiceInfo {
+                kind: ServiceKind::ClusterIp(vec!["10.43.0.6".parse().unwrap()]),
+                ..cluster_ip
+            }),
+        );
+        state.flush(&mut builder);
+        let index = builder.build();
+        assert!(index.node(&name("5.0.43.10.in-addr.arpa")).is_none());
+        assert!(index.node(&name("6.0.43.10.in-addr.arpa")).is_some());
+        state.set_service(key("web"), None);
+        state.set_service(key("db"), None);
+        state.flush(&mut builder);
+        assert_eq!(nodes(&mut builder), empty);
+    }
 }

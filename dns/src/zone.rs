@@ -1,7 +1,10 @@
-//! The write side of the zone: records grouped by owner (a Service, or the
-//! zone itself), merged per name, encoded once per (name, type) with
-//! `hickory-proto` and published as an `Index`. An update re-encodes only
-//! the names its owner touched and copies only the shards they live in.
+//! The write side of the zone. Each owner (a Service, or the zone itself)
+//! keeps its records once, compactly (wire names shared as `Arc<[u8]>`),
+//! sorted by name; every name of the zone is answered from the records
+//! of the one owner whose subtree holds it, so the builder keeps no
+//! per-name copy. An update replaces an owner's records, re-encodes the
+//! names it had or has (and those whose answers embed them), and copies
+//! only the index shards they live in.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -11,13 +14,16 @@ use hickory_proto::op::{Message, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, NS, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
-use crate::index::{Answer, Index, Published, SHARDS, Shard, Zone, shard_of};
+use crate::index::{
+    FxBuild, Index, Node, Published, SHARDS, Shard, Zone, node_answer, push_answer, shard_of,
+};
 use crate::wire;
 
 /// The schema version of the Kubernetes DNS specification served.
 pub const SCHEMA_VERSION: &str = "1.1.0";
 
-/// Record data, with names lowercased and fully qualified.
+/// Record data, with names lowercased and fully qualified: what `records`
+/// renders and hands to `ZoneBuilder::set_owner`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Data {
     A(Ipv4Addr),
@@ -42,19 +48,6 @@ impl Data {
             IpAddr::V6(v6) => Data::Aaaa(v6),
         }
     }
-
-    fn rtype(&self) -> u16 {
-        match self {
-            Data::A(_) => wire::TYPE_A,
-            Data::Aaaa(_) => wire::TYPE_AAAA,
-            Data::Cname(_) => wire::TYPE_CNAME,
-            Data::Ptr(_) => wire::TYPE_PTR,
-            Data::Srv { .. } => wire::TYPE_SRV,
-            Data::Txt(_) => wire::TYPE_TXT,
-            Data::Ns(_) => wire::TYPE_NS,
-            Data::Soa => wire::TYPE_SOA,
-        }
-    }
 }
 
 /// One record: a lowercased, fully qualified owner name and its data.
@@ -65,7 +58,8 @@ pub struct Rec {
 }
 
 /// Who contributed a set of records; an owner's records are replaced as a
-/// whole.
+/// whole, and all of them lie at or below the owner's name (the zone's
+/// apex, or `<svc>.<ns>.svc.<zone>`), except PTR records.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Owner {
     /// dns-version, the apex SOA and NS.
@@ -74,36 +68,90 @@ pub enum Owner {
     Service(String, String),
 }
 
-#[derive(Debug)]
-struct NameState {
-    name: Name,
-    records: Vec<(Owner, Data)>,
-    /// Names directly below this one; a name with children but no records
-    /// is an empty non-terminal (NODATA, not NXDOMAIN).
-    children: u32,
-    /// Types with an encoded answer in the index.
-    encoded: Vec<u16>,
+/// A lowercased wire name, shared between the records, the index keys
+/// and the maps below.
+type WireName = Arc<[u8]>;
+
+/// Record data as stored: `Data` with wire names. The variant order keeps
+/// records of one type next to each other once sorted.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Stored {
+    A(Ipv4Addr),
+    Aaaa(Ipv6Addr),
+    Cname(WireName),
+    Ptr(WireName),
+    Srv {
+        priority: u16,
+        weight: u16,
+        port: u16,
+        target: WireName,
+    },
+    Txt(Box<str>),
+    Ns(WireName),
+    Soa,
+}
+
+impl Stored {
+    fn rtype(&self) -> u16 {
+        match self {
+            Stored::A(_) => wire::TYPE_A,
+            Stored::Aaaa(_) => wire::TYPE_AAAA,
+            Stored::Cname(_) => wire::TYPE_CNAME,
+            Stored::Ptr(_) => wire::TYPE_PTR,
+            Stored::Srv { .. } => wire::TYPE_SRV,
+            Stored::Txt(_) => wire::TYPE_TXT,
+            Stored::Ns(_) => wire::TYPE_NS,
+            Stored::Soa => wire::TYPE_SOA,
+        }
+    }
+
+    /// The name this record's answer embeds data of.
+    fn target(&self) -> Option<&WireName> {
+        match self {
+            Stored::Cname(t) | Stored::Srv { target: t, .. } => Some(t),
+            _ => None,
+        }
+    }
+}
+
+/// A record as an owner keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct StoredRec {
+    name: WireName,
+    data: Stored,
 }
 
 pub struct ZoneBuilder {
     apex: Name,
+    apex_wire: WireName,
     ttl: u32,
     soa: SOA,
     zone: Arc<Zone>,
-    owners: HashMap<Owner, Vec<Rec>>,
-    names: HashMap<Vec<u8>, NameState>,
+    /// Owner name → its records, sorted by name.
+    owners: HashMap<WireName, Box<[StoredRec]>, FxBuild>,
+    /// Names between the apex and the owners' names (`svc`, `pod`,
+    /// namespaces), with how many owners lie below each (`svc` and `pod`
+    /// hold one more, so they always exist).
+    above: HashMap<WireName, u32, FxBuild>,
+    /// PTR names (outside the zone) → targets added (true) or removed
+    /// since the last build, in order. A PTR name's targets are kept only
+    /// in its node; the owners' targets are distinct, as each lies under
+    /// its owner's name.
+    ptr_changes: HashMap<WireName, Vec<(WireName, bool)>, FxBuild>,
+    /// Name → names in other owners whose answers embed its records (a
+    /// CNAME to it, or an SRV record targeting it), one per record.
+    dependents: HashMap<WireName, Vec<WireName>, FxBuild>,
     shards: Vec<Arc<Shard>>,
-    dirty: HashSet<Vec<u8>>,
-    /// CNAME target → aliases pointing at it (with a count per alias, as
-    /// several owners may hold the same alias), so an alias is re-encoded
-    /// when its in-zone target's addresses change.
-    aliases: HashMap<Vec<u8>, HashMap<Vec<u8>, u32>>,
+    dirty: HashSet<WireName, FxBuild>,
     ready: bool,
 }
 
 /// Most CNAMEs followed inside the zone (a loop of ExternalNames stops
 /// here).
 const MAX_CHAIN: usize = 8;
+
+/// Largest answer body a node can hold (its length is 16 bits).
+const MAX_BODY: usize = u16::MAX as usize;
 
 impl ZoneBuilder {
     /// A zone for `domain` (e.g. `cluster.local`) with record TTL `ttl`.
@@ -129,20 +177,22 @@ impl ZoneBuilder {
         let zone = Arc::new(Zone {
             pod_suffix: wire::encode_name(&format!("pod.{domain}")).ok_or_else(bad)?,
             soa: raw_soa(&apex_wire, ttl, &soa),
-            apex: apex_wire,
+            apex: apex_wire.clone(),
             ttl,
             forwarding,
         });
         let mut builder = ZoneBuilder {
             apex: apex.clone(),
+            apex_wire: apex_wire.into(),
             ttl,
             soa,
             zone,
-            owners: HashMap::new(),
-            names: HashMap::new(),
+            owners: HashMap::default(),
+            above: HashMap::default(),
+            ptr_changes: HashMap::default(),
+            dependents: HashMap::default(),
             shards: (0..SHARDS).map(|_| Arc::new(Shard::default())).collect(),
-            dirty: HashSet::new(),
-            aliases: HashMap::new(),
+            dirty: HashSet::default(),
             ready: false,
         };
         let mut records = vec![
@@ -168,7 +218,9 @@ impl ZoneBuilder {
         // `svc` and `pod` exist even in an empty cluster.
         for label in ["svc", "pod"] {
             if let Some(name) = child(&apex, &[label]) {
-                builder.touch(&name, 1);
+                let name: WireName = name_key(&name).into();
+                builder.above.insert(name.clone(), 1);
+                builder.dirty.insert(name);
             }
         }
         builder.set_owner(Owner::Apex, records);
@@ -189,83 +241,72 @@ impl ZoneBuilder {
     }
 
     /// Replaces everything `owner` contributes with `records` (which may be
-    /// empty, to remove the owner).
+    /// empty, to remove the owner). Records outside the owner's subtree
+    /// (other than PTR records outside the zone) are ignored.
     pub fn set_owner(&mut self, owner: Owner, records: Vec<Rec>) {
-        let old = if records.is_empty() {
-            self.owners.remove(&owner).unwrap_or_default()
-        } else {
-            self.owners
-                .insert(owner.clone(), records.clone())
-                .unwrap_or_default()
+        let Some(root) = self.owner_name(&owner) else {
+            return;
         };
-        if old == records {
+        let old = self.owners.remove(&root[..]).unwrap_or_default();
+        // Reuse the old record's names, so a name kept across the update
+        // stays one allocation shared with the index.
+        let mut pool: HashSet<WireName, FxBuild> = HashSet::default();
+        pool.insert(root.clone());
+        for rec in old.iter() {
+            pool.insert(rec.name.clone());
+            if let Some(t) = rec.data.target() {
+                pool.insert(t.clone());
+            }
+        }
+        let mut new: Vec<StoredRec> = records
+            .into_iter()
+            .filter_map(|rec| self.store(&root, rec, &mut pool))
+            .collect();
+        new.sort();
+        new.dedup();
+        let new = new.into_boxed_slice();
+        if *old == *new {
+            if !old.is_empty() {
+                self.owners.insert(root, old);
+            }
             return;
         }
-        let old_names: BTreeSet<Vec<u8>> = old.iter().map(|r| name_key(&r.name)).collect();
-        let new_names: BTreeSet<Vec<u8>> = records.iter().map(|r| name_key(&r.name)).collect();
-        for key in &old_names {
-            if let Some(state) = self.names.get_mut(key) {
-                state.records.retain(|(o, _)| *o != owner);
-            }
-            self.dirty.insert(key.clone());
+        self.unlink(&root, &old);
+        self.link(&root, &new);
+        if old.is_empty() != new.is_empty() {
+            self.count_above(&root, !new.is_empty());
         }
-        for rec in &old {
-            if let Data::Cname(target) = &rec.data {
-                self.unlink_alias(&name_key(target), &name_key(&rec.name));
-            }
-        }
-        for rec in &records {
-            if let Data::Cname(target) = &rec.data {
-                *self
-                    .aliases
-                    .entry(name_key(target))
-                    .or_default()
-                    .entry(name_key(&rec.name))
-                    .or_default() += 1;
-            }
-        }
-        for rec in records {
-            let key = name_key(&rec.name);
-            if !self.names.contains_key(&key) {
-                self.touch(&rec.name, 0);
-            }
-            if let Some(state) = self.names.get_mut(&key)
-                && !state
-                    .records
-                    .iter()
-                    .any(|(o, d)| *o == owner && *d == rec.data)
-            {
-                state.records.push((owner.clone(), rec.data));
-            }
-            self.dirty.insert(key);
-        }
-        // Names this owner no longer has go only after the new records are
-        // in, so a name kept across the update keeps its index entries.
-        for key in old_names.difference(&new_names) {
-            self.collect_if_empty(key.clone());
+        let names: Vec<WireName> = self
+            .names_of(&root, &old)
+            .chain(self.names_of(&root, &new))
+            .collect();
+        self.dirty.extend(names);
+        if !new.is_empty() {
+            self.owners.insert(root, new);
         }
     }
 
     /// Re-encodes what changed and returns the new index.
     pub fn build(&mut self) -> Index {
-        // A changed name also changes the answers of the aliases that lead
-        // to it, directly or through other aliases.
-        let mut dirty: Vec<Vec<u8>> = self.dirty.drain().collect();
-        let mut seen: HashSet<Vec<u8>> = dirty.iter().cloned().collect();
+        // A changed name also changes the answers that embed it, directly
+        // or through other aliases.
+        let mut dirty: Vec<WireName> = self.dirty.drain().collect();
+        let mut seen: HashSet<WireName, FxBuild> = dirty.iter().cloned().collect();
         let mut next = 0;
         while next < dirty.len() {
-            if let Some(aliases) = self.aliases.get(&dirty[next]) {
-                for alias in aliases.keys() {
-                    if seen.insert(alias.clone()) {
-                        dirty.push(alias.clone());
+            if let Some(names) = self.dependents.get(&dirty[next]) {
+                for name in names {
+                    if seen.insert(name.clone()) {
+                        dirty.push(name.clone());
                     }
                 }
             }
             next += 1;
         }
-        for key in dirty {
-            self.encode_name(&key);
+        for name in dirty {
+            self.refresh(name);
         }
+        self.ptr_changes.clear();
         Index {
             shards: self.shards.clone(),
             zone: self.zone.clone(),
@@ -279,245 +320,446 @@ impl ZoneBuilder {
         to.publish(index);
     }
 
-    fn unlink_alias(&mut self, target: &[u8], alias: &[u8]) {
-        let Some(aliases) = self.aliases.get_mut(target) else {
-            return;
-        };
-        if let Some(count) = aliases.get_mut(alias) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                aliases.remove(alias);
+    /// The wire name an owner's records live under.
+    fn owner_name(&self, owner: &Owner) -> Option<WireName> {
+        match owner {
+            Owner::Apex => Some(self.apex_wire.clone()),
+            Owner::Service(ns, name) => {
+                let name = child(&self.apex, &[name, ns, "svc"])?;
+                Some(name_key(&name).into())
             }
         }
-        if aliases.is_empty() {
-            self.aliases.remove(target);
-        }
     }
 
-    /// Creates `name` (and its missing ancestors inside the zone) with
-    /// `children` extra child references.
-    fn touch(&mut self, name: &Name, children: u32) {
-        let key = name_key(name);
-        if let Some(state) = self.names.get_mut(&key) {
-            state.children += children;
-            return;
-        }
-        self.names.insert(
-            key.clone(),
-            NameState {
-                name: name.clone(),
-                records: Vec::new(),
-                children,
-                encoded: Vec::new(),
-            },
-        );
-        self.dirty.insert(key);
-        if let Some(parent) = self.parent_in_zone(name) {
-            self.touch(&parent, 1);
-        }
-    }
-
-    /// Drops a name with no records and no children, with its index
-    /// entries, and releases its parent.
-    fn collect_if_empty(&mut self, key: Vec<u8>) {
-        let Some(state) = self.names.get(&key) else {
-            return;
-        };
-        if !state.records.is_empty() || state.children > 0 || state.name == self.apex {
-            return;
-        }
-        let Some(state) = self.names.remove(&key) else {
-            return;
-        };
-        for t in state.encoded.iter().copied().chain([0]) {
-            self.remove(&key, t);
-        }
-        if let Some(parent) = self.parent_in_zone(&state.name) {
-            let parent_key = name_key(&parent);
-            if let Some(p) = self.names.get_mut(&parent_key) {
-                p.children = p.children.saturating_sub(1);
+    /// `rec` as stored, with its names taken from `pool` when already
+    /// there; `None` when it lies outside `root`'s subtree.
+    fn store(
+        &self,
+        root: &[u8],
+        rec: Rec,
+        pool: &mut HashSet<WireName, FxBuild>,
+    ) -> Option<StoredRec> {
+        let mut intern = |name: &Name| -> WireName {
+            let key = name_key(name);
+            if let Some(found) = pool.get(&key[..]) {
+                return found.clone();
             }
-            self.dirty.insert(parent_key.clone());
-            self.collect_if_empty(parent_key);
-        }
-    }
-
-    fn parent_in_zone(&self, name: &Name) -> Option<Name> {
-        if name == &self.apex || !self.apex.zone_of(name) {
+            let name: WireName = key.into();
+            pool.insert(name.clone());
+            name
+        };
+        let name = intern(&rec.name);
+        let in_zone = wire::is_subdomain(&name, &self.apex_wire);
+        let fits = match rec.data {
+            Data::Ptr(_) => !in_zone || wire::is_subdomain(&name, root),
+            _ => wire::is_subdomain(&name, root),
+        };
+        if !fits {
+            tracing::warn!(name = %rec.name, "record outside its owner's subtree ignored");
             return None;
         }
-        Some(name.base_name())
+        let data = match rec.data {
+            Data::A(ip) => Stored::A(ip),
+            Data::Aaaa(ip) => Stored::Aaaa(ip),
+            Data::Cname(t) => Stored::Cname(intern(&t)),
+            Data::Ptr(t) => Stored::Ptr(intern(&t)),
+            Data::Srv {
+                priority,
+                weight,
+                port,
+                target,
+            } => Stored::Srv {
+                priority,
+                weight,
+                port,
+                target: intern(&target),
+            },
+            Data::Txt(text) => Stored::Txt(text.into()),
+            Data::Ns(t) => Stored::Ns(intern(&t)),
+            Data::Soa => Stored::Soa,
+        };
+        Some(StoredRec { name, data })
     }
 
-    /// Writes the index entries of one name from its current records.
-    fn encode_name(&mut self, key: &[u8]) {
-        let Some(state) = self.names.get(key) else {
-            return;
-        };
-        let stale: Vec<u16> = state.encoded.clone();
-        if state.records.is_empty() && state.children == 0 && state.name != self.apex {
-            for t in stale.iter().copied().chain([0]) {
-                self.remove(key, t);
+    /// Every name `records` make exist: their own names and, inside the
+    /// zone, the names between them and `root`.
+    fn names_of<'a>(
+        &self,
+        root: &'a [u8],
+        records: &'a [StoredRec],
+    ) -> impl Iterator<Item = WireName> + 'a {
+        let apex = self.apex_wire.clone();
+        let mut last: Option<WireName> = None;
+        records.iter().flat_map(move |rec| {
+            let mut out = Vec::new();
+            if last.as_ref() == Some(&rec.name) {
+                return out;
             }
-            self.names.remove(key);
-            return;
-        }
-        let name = state.name.clone();
-        let mut by_type: HashMap<u16, BTreeSet<Data>> = HashMap::new();
-        for (_, data) in &state.records {
-            by_type
-                .entry(data.rtype())
-                .or_default()
-                .insert(data.clone());
-        }
-        let mut answers: Vec<(u16, Answer)> = Vec::new();
-        for (rtype, datas) in &by_type {
-            if let Some(answer) = self.positive(&name, datas) {
-                answers.push((*rtype, answer));
-            }
-        }
-        let mut types: Vec<u16> = by_type.keys().copied().collect();
-        let default = match by_type.get(&wire::TYPE_CNAME) {
-            Some(cname) => {
-                // As CoreDNS: an address question about an ExternalName
-                // gets the CNAME chain and the addresses it ends at.
-                for rtype in [wire::TYPE_A, wire::TYPE_AAAA] {
-                    if let Some(answer) = self.alias(&name, cname, rtype) {
-                        answers.push((rtype, answer));
-                        if !types.contains(&rtype) {
-                            types.push(rtype);
-                        }
-                    }
+            last = Some(rec.name.clone());
+            out.push(rec.name.clone());
+            if wire::is_subdomain(&rec.name, &apex) {
+                let mut at = &rec.name[..];
+                while at.len() > root.len() {
+                    at = parent(at);
+                    out.push(at.into());
                 }
-                self.positive(&name, cname)
             }
-            None => self.negative(&name, ResponseCode::NoError),
-        };
-        for t in stale {
-            if !types.contains(&t) {
-                self.remove(key, t);
-            }
-        }
-        for (rtype, answer) in answers {
-            self.insert(key, rtype, answer);
-        }
-        if let Some(answer) = default {
-            self.insert(key, 0, answer);
-        }
-        if let Some(state) = self.names.get_mut(key) {
-            state.encoded = types;
-        }
+            out
+        })
     }
 
-    fn insert(&mut self, name_key: &[u8], rtype: u16, answer: Answer) {
-        let key = lookup_key(name_key, rtype);
-        let shard = shard_of(&key);
-        if self.shards[shard]
-            .get(&key[..])
-            .is_some_and(|a| **a == answer)
-        {
-            return;
-        }
-        Arc::make_mut(&mut self.shards[shard]).insert(key, Arc::new(answer));
-    }
-
-    fn remove(&mut self, name_key: &[u8], rtype: u16) {
-        let key = lookup_key(name_key, rtype);
-        let shard = shard_of(&key);
-        if self.shards[shard].contains_key(&key[..]) {
-            Arc::make_mut(&mut self.shards[shard]).remove(&key[..]);
-        }
-    }
-
-    fn positive(&self, name: &Name, datas: &BTreeSet<Data>) -> Option<Answer> {
-        let answers: Vec<Record> = datas.iter().map(|d| self.record(name, d)).collect();
-        let mut additionals = Vec::new();
-        for data in datas {
-            if let Data::Srv { target, .. } = data
-                && let Some(state) = self.names.get(&name_key(target))
+    /// Adds a PTR name's targets and the cross-owner dependencies of
+    /// `records`.
+    fn link(&mut self, root: &[u8], records: &[StoredRec]) {
+        for rec in records {
+            if let Stored::Ptr(target) = &rec.data
+                && !wire::is_subdomain(&rec.name, &self.apex_wire)
             {
-                let mut addrs: Vec<&Data> = state
-                    .records
-                    .iter()
-                    .map(|(_, d)| d)
-                    .filter(|d| matches!(d, Data::A(_) | Data::Aaaa(_)))
-                    .collect();
-                addrs.sort();
-                addrs.dedup();
-                additionals.extend(addrs.into_iter().map(|d| self.record(target, d)));
+                self.ptr_changes
+                    .entry(rec.name.clone())
+                    .or_default()
+                    .push((target.clone(), true));
+            }
+            if let Some(target) = rec.data.target()
+                && !wire::is_subdomain(target, root)
+            {
+                self.dependents
+                    .entry(target.clone())
+                    .or_default()
+                    .push(rec.name.clone());
             }
         }
-        encode(
-            name,
+    }
+
+    /// Undoes `link` for `records`.
+    fn unlink(&mut self, root: &[u8], records: &[StoredRec]) {
+        for rec in records {
+            if let Stored::Ptr(target) = &rec.data
+                && !wire::is_subdomain(&rec.name, &self.apex_wire)
+            {
+                self.ptr_changes
+                    .entry(rec.name.clone())
+                    .or_default()
+                    .push((target.clone(), false));
+            }
+            if let Some(target) = rec.data.target()
+                && !wire::is_subdomain(target, root)
+            {
+                remove_one(&mut self.dependents, target, &rec.name);
+            }
+        }
+    }
+
+    /// Counts an owner in (or out of) the names between it and the apex.
+    fn count_above(&mut self, root: &[u8], add: bool) {
+        let mut at = root;
+        while at.len() > self.apex_wire.len() {
+            at = parent(at);
+            if at.len() <= self.apex_wire.len() {
+                break;
+            }
+            let name: WireName = match self.above.get_key_value(at) {
+                Some((k, _)) => k.clone(),
+                None => at.into(),
+            };
+            let count = self.above.entry(name.clone()).or_default();
+            if add {
+                *count += 1;
+            } else {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    self.above.remove(at);
+                }
+            }
+            self.dirty.insert(name);
+        }
+    }
+
+    /// The owner whose subtree holds `name` (in the zone): its name and
+    /// records.
+    fn owner_of(&self, name: &[u8]) -> Option<(&[u8], &[StoredRec])> {
+        let mut at = name;
+        loop {
+            if let Some((root, records)) = self.owners.get_key_value(at) {
+                return Some((root, records));
+            }
+            if at.len() <= self.apex_wire.len() || at.len() <= 1 {
+                return None;
+            }
+            at = parent(at);
+        }
+    }
+
+    /// The records at `name`, a name in the zone.
+    fn records_at(&self, name: &[u8]) -> &[StoredRec] {
+        let Some((_, records)) = self.owner_of(name) else {
+            return &[];
+        };
+        let start = records.partition_point(|r| &r.name[..] < name);
+        let end = start + records[start..].partition_point(|r| &r.name[..] == name);
+        &records[start..end]
+    }
+
+    /// Whether `name` (in the zone, without records of its own) exists
+    /// as an empty non-terminal.
+    fn exists_empty(&self, name: &[u8]) -> bool {
+        if *name == *self.apex_wire || self.above.contains_key(name) {
+            return true;
+        }
+        self.owner_of(name).is_some_and(|(_, records)| {
+            records
+                .iter()
+                .any(|r| r.name.len() > name.len() && wire::is_subdomain(&r.name, name))
+        })
+    }
+
+    /// Writes `name`'s node from the current records, or removes it.
+    fn refresh(&mut self, name: WireName) {
+        let node = self.node(&name);
+        let shard = shard_of(&name);
+        match node {
+            Some(node) => {
+                if self.shards[shard]
+                    .get(&name[..])
+                    .is_some_and(|n| **n == *node)
+                {
+                    return;
+                }
+                Arc::make_mut(&mut self.shards[shard]).insert(name, Node::from(node));
+            }
+            None => {
+                if self.shards[shard].contains_key(&name[..]) {
+                    Arc::make_mut(&mut self.shards[shard]).remove(&name[..]);
+                }
+            }
+        }
+    }
+
+    /// The PTR targets `name`'s node holds now, read back from its answer.
+    fn ptr_targets(&self, name: &[u8]) -> BTreeSet<Vec<u8>> {
+        let Some(node) = self.shards[shard_of(name)].get(name) else {
+            return BTreeSet::new();
+        };
+        let Some(answer) = node_answer(node, wire::TYPE_PTR) else {
+            return BTreeSet::new();
+        };
+        // The answer behind a header and the question it was encoded for.
+        let mut message = vec![0, 0];
+        message.extend_from_slice(answer.head);
+        message.extend_from_slice(name);
+        message.extend_from_slice(&wire::TYPE_PTR.to_be_bytes());
+        message.extend_from_slice(&wire::CLASS_IN.to_be_bytes());
+        message.extend_from_slice(answer.body);
+        let Ok(message) = Message::from_vec(&message) else {
+            tracing::warn!("cannot read back a PTR answer");
+            return BTreeSet::new();
+        };
+        message
+            .answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::PTR(ptr) => Some(name_key(&ptr.0)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The node of `name`, `None` when the name does not exist.
+    fn node(&self, name: &[u8]) -> Option<Vec<u8>> {
+        let qname = to_name(name)?;
+        let mut node = Vec::new();
+        if !wire::is_subdomain(name, &self.apex_wire) {
+            let mut targets = self.ptr_targets(name);
+            for (target, add) in self.ptr_changes.get(name).into_iter().flatten() {
+                if *add {
+                    targets.insert(target.to_vec());
+                } else {
+                    targets.remove(&target[..]);
+                }
+            }
+            if targets.is_empty() {
+                return None;
+            }
+            let records = targets
+                .iter()
+                .filter_map(|t| self.record(&qname, &Stored::Ptr(t[..].into())))
+                .collect();
+            self.push_positive(&mut node, wire::TYPE_PTR, &qname, records, Vec::new());
+            return Some(node);
+        }
+        let records = self.records_at(name);
+        if records.is_empty() {
+            return self.exists_empty(name).then_some(node);
+        }
+        let mut cnames: &[StoredRec] = &[];
+        for group in records.chunk_by(|a, b| a.data.rtype() == b.data.rtype()) {
+            let rtype = group[0].data.rtype();
+            let answers = group
+                .iter()
+                .filter_map(|r| self.record(&qname, &r.data))
+                .collect();
+            let additionals = self.additionals(group);
+            self.push_positive(&mut node, rtype, &qname, answers, additionals);
+            if rtype == wire::TYPE_CNAME {
+                cnames = group;
+            }
+        }
+        if let Some(first) = cnames.first() {
+            // As CoreDNS: an address question about an ExternalName gets
+            // the CNAME chain and the addresses it ends at.
+            for rtype in [wire::TYPE_A, wire::TYPE_AAAA] {
+                self.push_alias(&mut node, &qname, first, rtype);
+            }
+            let answers = cnames
+                .iter()
+                .filter_map(|r| self.record(&qname, &r.data))
+                .collect();
+            self.push_positive(&mut node, 0, &qname, answers, Vec::new());
+        }
+        Some(node)
+    }
+
+    /// The addresses of the SRV targets in `group`.
+    fn additionals(&self, group: &[StoredRec]) -> Vec<Record> {
+        let mut out = Vec::new();
+        for rec in group {
+            let Stored::Srv { target, .. } = &rec.data else {
+                continue;
+            };
+            let Some(target_name) = to_name(target) else {
+                continue;
+            };
+            for addr in self.records_at(target) {
+                if matches!(addr.data, Stored::A(_) | Stored::Aaaa(_))
+                    && let Some(r) = self.record(&target_name, &addr.data)
+                {
+                    out.push(r);
+                }
+            }
+        }
+        out
+    }
+
+    fn push_positive(
+        &self,
+        node: &mut Vec<u8>,
+        qtype: u16,
+        qname: &Name,
+        answers: Vec<Record>,
+        additionals: Vec<Record>,
+    ) {
+        if let Some((head, body)) = encode(
+            qname,
             ResponseCode::NoError,
             answers,
             Vec::new(),
             additionals,
-        )
+        ) {
+            push_answer(node, qtype, &head, false, &body);
+        }
     }
 
     /// The answer to an `rtype` (A or AAAA) question about an alias: its
     /// CNAME, the CNAMEs it leads to inside the zone, then the final
     /// name's addresses when that name is in the zone, or a mark that they
     /// are to be asked upstream when it is not.
-    fn alias(&self, name: &Name, cnames: &BTreeSet<Data>, rtype: u16) -> Option<Answer> {
-        let mut answers: Vec<Record> = cnames.iter().map(|d| self.record(name, d)).collect();
-        let Some(Data::Cname(mut target)) = cnames.first().cloned() else {
-            return None;
+    fn push_alias(&self, node: &mut Vec<u8>, qname: &Name, cname: &StoredRec, rtype: u16) {
+        let Stored::Cname(first) = &cname.data else {
+            return;
         };
+        let mut answers: Vec<Record> = self.record(qname, &cname.data).into_iter().collect();
+        let mut target = first.clone();
         let mut external = false;
         for _ in 0..MAX_CHAIN {
-            if !self.apex.zone_of(&target) {
+            if !wire::is_subdomain(&target, &self.apex_wire) {
                 external = true;
                 break;
             }
-            let Some(state) = self.names.get(&name_key(&target)) else {
+            let records = self.records_at(&target);
+            let Some(target_name) = to_name(&target) else {
                 break;
             };
-            let mut datas: Vec<&Data> = state.records.iter().map(|(_, d)| d).collect();
-            datas.sort();
-            datas.dedup();
-            if let Some(Data::Cname(next)) = datas.iter().find(|d| matches!(d, Data::Cname(_))) {
-                answers.push(self.record(&target, &Data::Cname(next.clone())));
+            if let Some(next) = records.iter().find(|r| matches!(r.data, Stored::Cname(_))) {
+                answers.extend(self.record(&target_name, &next.data));
+                let Stored::Cname(next) = &next.data else {
+                    break;
+                };
                 target = next.clone();
                 continue;
             }
             answers.extend(
-                datas
-                    .into_iter()
-                    .filter(|d| d.rtype() == rtype)
-                    .map(|d| self.record(&target, d)),
+                records
+                    .iter()
+                    .filter(|r| r.data.rtype() == rtype)
+                    .filter_map(|r| self.record(&target_name, &r.data)),
             );
             break;
         }
-        let mut answer = encode(name, ResponseCode::NoError, answers, Vec::new(), Vec::new())?;
-        answer.external = external;
-        Some(answer)
+        if let Some((head, body)) = encode(
+            qname,
+            ResponseCode::NoError,
+            answers,
+            Vec::new(),
+            Vec::new(),
+        ) {
+            push_answer(node, rtype, &head, external, &body);
+        }
     }
 
-    fn negative(&self, name: &Name, rcode: ResponseCode) -> Option<Answer> {
-        let soa = Record::from_rdata(self.apex.clone(), self.ttl, RData::SOA(self.soa.clone()));
-        encode(name, rcode, Vec::new(), vec![soa], Vec::new())
-    }
-
-    fn record(&self, name: &Name, data: &Data) -> Record {
+    fn record(&self, name: &Name, data: &Stored) -> Option<Record> {
         let rdata = match data {
-            Data::A(ip) => RData::A(A(*ip)),
-            Data::Aaaa(ip) => RData::AAAA(AAAA(*ip)),
-            Data::Cname(target) => RData::CNAME(CNAME(target.clone())),
-            Data::Ptr(target) => RData::PTR(PTR(target.clone())),
-            Data::Srv {
+            Stored::A(ip) => RData::A(A(*ip)),
+            Stored::Aaaa(ip) => RData::AAAA(AAAA(*ip)),
+            Stored::Cname(target) => RData::CNAME(CNAME(to_name(target)?)),
+            Stored::Ptr(target) => RData::PTR(PTR(to_name(target)?)),
+            Stored::Srv {
                 priority,
                 weight,
                 port,
                 target,
-            } => RData::SRV(SRV::new(*priority, *weight, *port, target.clone())),
-            Data::Txt(text) => RData::TXT(TXT::new(vec![text.clone()])),
-            Data::Ns(target) => RData::NS(NS(target.clone())),
-            Data::Soa => RData::SOA(self.soa.clone()),
+            } => RData::SRV(SRV::new(*priority, *weight, *port, to_name(target)?)),
+            Stored::Txt(text) => RData::TXT(TXT::new(vec![text.to_string()])),
+            Stored::Ns(target) => RData::NS(NS(to_name(target)?)),
+            Stored::Soa => RData::SOA(self.soa.clone()),
         };
-        Record::from_rdata(name.clone(), self.ttl, rdata)
+        Some(Record::from_rdata(name.clone(), self.ttl, rdata))
     }
+}
+
+/// Removes one `value` from the list at `key`, and the list when empty.
+fn remove_one(map: &mut HashMap<WireName, Vec<WireName>, FxBuild>, key: &[u8], value: &[u8]) {
+    let Some(list) = map.get_mut(key) else {
+        return;
+    };
+    if let Some(i) = list.iter().position(|v| **v == *value) {
+        list.swap_remove(i);
+    }
+    if list.is_empty() {
+        map.remove(key);
+    }
+}
+
+/// The wire name one label up (`name` must not be the root).
+fn parent(name: &[u8]) -> &[u8] {
+    let skip = 1 + usize::from(name[0]);
+    name.get(skip..).unwrap_or(&[0])
+}
+
+/// A hickory name from a wire name.
+fn to_name(wire: &[u8]) -> Option<Name> {
+    let mut labels = Vec::new();
+    let mut at = wire;
+    while let Some((&len, rest)) = at.split_first() {
+        if len == 0 {
+            break;
+        }
+        let label = rest.get(..usize::from(len))?;
+        labels.push(label);
+        at = &rest[usize::from(len)..];
+    }
+    let mut name = Name::from_labels(labels).ok()?;
+    name.set_fqdn(true);
+    Some(name)
 }
 
 /// `labels` (innermost first) prepended to `parent`.
@@ -543,13 +785,6 @@ pub fn name_key(name: &Name) -> Vec<u8> {
     out
 }
 
-fn lookup_key(name_key: &[u8], rtype: u16) -> Box<[u8]> {
-    let mut key = Vec::with_capacity(name_key.len() + 2);
-    key.extend_from_slice(name_key);
-    key.extend_from_slice(&rtype.to_be_bytes());
-    key.into_boxed_slice()
-}
-
 /// Encodes a full answer with hickory and keeps what follows the question.
 fn encode(
     name: &Name,
@@ -557,7 +792,7 @@ fn encode(
     answers: Vec<Record>,
     authorities: Vec<Record>,
     additionals: Vec<Record>,
-) -> Option<Answer> {
+) -> Option<([u8; 10], Vec<u8>)> {
     let mut message = Message::response(0, OpCode::Query);
     message.metadata.authoritative = true;
     message.metadata.response_code = rcode;
@@ -573,17 +808,14 @@ fn encode(
         }
     };
     let qend = wire::HEADER_LEN + name_key(name).len() + 4;
-    if bytes.len() < qend {
+    if bytes.len() < qend || bytes.len() - qend > MAX_BODY {
+        tracing::warn!(%name, "a DNS answer too large to keep");
         return None;
     }
     let mut head = [0u8; 10];
     head.copy_from_slice(&bytes[2..12]);
     head[0] &= !(wire::FLAG_QR | wire::FLAG_RD);
-    Some(Answer {
-        head,
-        body: bytes[qend..].into(),
-        external: false,
-    })
+    Some((head, bytes[qend..].to_vec()))
 }
 
 /// The SOA record without compression, to follow any question.
