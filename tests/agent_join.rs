@@ -6,15 +6,14 @@
 //! it obtained, and joins the pod network overlay (a pod on node 2 reaches
 //! one on node 1 by its pod IP).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{bail, ensure};
 use serde_json::Value;
-use skiff_e2e::images::busybox_oci_archive;
 use skiff_e2e::netns::Netns;
-use skiff_e2e::node::clean_up;
+use skiff_e2e::node::{JoinedAgent, import_busybox};
 use skiff_e2e::server::Server;
 
 const SKIFF: &str = env!("CARGO_BIN_EXE_skiff");
@@ -69,30 +68,6 @@ impl Underlay {
     }
 }
 
-/// A joined agent process and its data, cleaned up on drop.
-struct JoinedAgent {
-    child: Child,
-    data_dir: tempfile::TempDir,
-    name: String,
-    log: PathBuf,
-}
-
-impl JoinedAgent {
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let start = text.len().saturating_sub(4000);
-        text.get(start..).unwrap_or(&text).to_owned()
-    }
-}
-
-impl Drop for JoinedAgent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        clean_up(self.data_dir.path(), &self.name);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_node_joins_with_the_token_and_runs_pods() -> anyhow::Result<()> {
     let prefix = format!("skj{:x}", std::process::id() % 0x10000);
@@ -114,42 +89,16 @@ async fn a_second_node_joins_with_the_token_and_runs_pods() -> anyhow::Result<()
     )
     .await?;
 
-    // The joining node: its own data dir and binary copy (its shims outlive
-    // rebuilds), the token file's K10 token.
-    let data_dir = tempfile::Builder::new()
-        .prefix("skiff-test-agent-")
-        .tempdir()?;
-    let bin = data_dir.path().join("skiff");
-    std::fs::copy(SKIFF, &bin)?;
-    let archive = data_dir.path().join("busybox.tar");
-    busybox_oci_archive(&archive, IMAGE)?;
-    let output = Command::new(&bin)
-        .args(["images", "import", "--data-dir"])
-        .arg(data_dir.path())
-        .arg(&archive)
-        .output()?;
-    ensure!(output.status.success(), "{output:?}");
-    let token = std::fs::read_to_string(server.data_dir().join("server").join("token"))?;
-    let log = data_dir.path().join("agent.log");
-    let child = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", underlay.nodes[1].name()))
-        .arg(&bin)
-        .args(["agent", "--server"])
-        .arg(format!("https://{server_ip}:{}", server.port))
-        .args(["--token", token.trim(), "--node-name", &second])
-        .args(["--crash-loop-backoff", "2s", "--data-dir"])
-        .arg(data_dir.path())
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&log)?)
-        .stderr(std::fs::File::create(&log)?)
-        .spawn()
-        .context("starting skiff agent")?;
-    let agent = JoinedAgent {
-        child,
-        data_dir,
-        name: second.clone(),
-        log,
-    };
+    // The joining node, with the token file's K10 token.
+    let agent = JoinedAgent::start(
+        Path::new(SKIFF),
+        &server,
+        &format!("https://{server_ip}:{}", server.port),
+        underlay.nodes[1].name(),
+        &second,
+        IMAGE,
+        &[],
+    )?;
 
     // The joined Node: Ready, with the address the agent found for itself
     // (no --node-ip given) and its kubelet port.
@@ -226,14 +175,7 @@ spec:
     command: ["sh", "-c", "mkdir -p /www && echo hello from $(hostname) > /www/index.html && exec httpd -f -p 8080 -h /www"]
 "#
     );
-    let archive = server.data_dir().join("busybox.tar");
-    busybox_oci_archive(&archive, IMAGE)?;
-    let output = Command::new(SKIFF)
-        .args(["images", "import", "--data-dir"])
-        .arg(server.data_dir())
-        .arg(&archive)
-        .output()?;
-    ensure!(output.status.success(), "{output:?}");
+    import_busybox(Path::new(SKIFF), server.data_dir(), IMAGE)?;
     server.kubectl_stdin(&["apply", "-f", "-"], &manifest)?;
     let local_ip = eventually(&server, &agent, "the local pod running", || {
         let pod: Value =

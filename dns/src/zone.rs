@@ -271,8 +271,8 @@ impl ZoneBuilder {
             }
             return;
         }
-        self.unlink(&root, &old);
-        self.link(&root, &new);
+        self.link(&root, &old, false);
+        self.link(&root, &new, true);
         if old.is_empty() != new.is_empty() {
             self.count_above(&root, !new.is_empty());
         }
@@ -408,9 +408,9 @@ impl ZoneBuilder {
         })
     }
 
-    /// Adds a PTR name's targets and the cross-owner dependencies of
-    /// `records`.
-    fn link(&mut self, root: &[u8], records: &[StoredRec]) {
+    /// Adds (`linked`) or takes back a PTR name's targets and the
+    /// cross-owner dependencies of `records`.
+    fn link(&mut self, root: &[u8], records: &[StoredRec], linked: bool) {
         for rec in records {
             if let Stored::Ptr(target) = &rec.data
                 && !wire::is_subdomain(&rec.name, &self.apex_wire)
@@ -418,34 +418,19 @@ impl ZoneBuilder {
                 self.ptr_changes
                     .entry(rec.name.clone())
                     .or_default()
-                    .push((target.clone(), true));
+                    .push((target.clone(), linked));
             }
             if let Some(target) = rec.data.target()
                 && !wire::is_subdomain(target, root)
             {
-                self.dependents
-                    .entry(target.clone())
-                    .or_default()
-                    .push(rec.name.clone());
-            }
-        }
-    }
-
-    /// Undoes `link` for `records`.
-    fn unlink(&mut self, root: &[u8], records: &[StoredRec]) {
-        for rec in records {
-            if let Stored::Ptr(target) = &rec.data
-                && !wire::is_subdomain(&rec.name, &self.apex_wire)
-            {
-                self.ptr_changes
-                    .entry(rec.name.clone())
-                    .or_default()
-                    .push((target.clone(), false));
-            }
-            if let Some(target) = rec.data.target()
-                && !wire::is_subdomain(target, root)
-            {
-                remove_one(&mut self.dependents, target, &rec.name);
+                if linked {
+                    self.dependents
+                        .entry(target.clone())
+                        .or_default()
+                        .push(rec.name.clone());
+                } else {
+                    remove_one(&mut self.dependents, target, &rec.name);
+                }
             }
         }
     }

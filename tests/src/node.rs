@@ -4,7 +4,7 @@
 //! mounts, cgroups — which also serves to check that nothing is left.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -271,21 +271,7 @@ impl AgentNode {
     /// Imports the busybox test image as `reference` with the `skiff`
     /// binary `bin`, as `skiff images import` would on a node.
     pub fn import_busybox(&self, bin: &Path, reference: &str) -> anyhow::Result<()> {
-        let archive = self.server.data_dir().join("busybox.tar");
-        crate::images::busybox_oci_archive(&archive, reference)?;
-        let output = Command::new(bin)
-            .args(["images", "import", "--data-dir"])
-            .arg(self.server.data_dir())
-            .arg(&archive)
-            .output()
-            .context("running skiff images import")?;
-        if !output.status.success() {
-            bail!(
-                "skiff images import failed: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        Ok(())
+        import_busybox(bin, self.server.data_dir(), reference)
     }
 
     /// Starts the server in a new namespace, named after it, with short
@@ -368,5 +354,93 @@ impl Drop for AgentNode {
     fn drop(&mut self) {
         self.server.kill();
         clean_up(self.server.data_dir(), &self.netns.name);
+    }
+}
+
+/// Imports the busybox test image as `reference` into the images of the
+/// node whose data dir is `data_dir`.
+pub fn import_busybox(bin: &Path, data_dir: &Path, reference: &str) -> anyhow::Result<()> {
+    let archive = data_dir.join("busybox.tar");
+    crate::images::busybox_oci_archive(&archive, reference)?;
+    let output = Command::new(bin)
+        .args(["images", "import", "--data-dir"])
+        .arg(data_dir)
+        .arg(&archive)
+        .output()
+        .context("running skiff images import")?;
+    if !output.status.success() {
+        bail!(
+            "skiff images import failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// A `skiff agent` joined to a server with its token, running in the
+/// network namespace `netns`; stopped and its containers removed on drop.
+pub struct JoinedAgent {
+    pub child: Child,
+    pub data_dir: tempfile::TempDir,
+    pub name: String,
+}
+
+impl JoinedAgent {
+    /// Starts the agent `name` with its own data dir and copy of `bin` (its
+    /// shims outlive rebuilds), the busybox image imported as `image`,
+    /// short crash back-offs, and `extra_args`.
+    pub fn start(
+        bin: &Path,
+        server: &crate::server::Server,
+        server_url: &str,
+        netns: &str,
+        name: &str,
+        image: &str,
+        extra_args: &[&str],
+    ) -> anyhow::Result<JoinedAgent> {
+        let data_dir = tempfile::Builder::new()
+            .prefix("skiff-test-agent-")
+            .tempdir()?;
+        let copy = data_dir.path().join("skiff");
+        std::fs::copy(bin, &copy)?;
+        import_busybox(&copy, data_dir.path(), image)?;
+        let token = std::fs::read_to_string(server.data_dir().join("server").join("token"))
+            .context("reading the join token")?;
+        let log = std::fs::File::create(data_dir.path().join("agent.log"))?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{netns}"))
+            .arg(&copy)
+            .args(["agent", "--server", server_url])
+            .args(["--token", token.trim(), "--node-name", name])
+            .args(["--crash-loop-backoff", "2s"])
+            .args(extra_args)
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting skiff agent")?;
+        Ok(JoinedAgent {
+            child,
+            data_dir,
+            name: name.to_owned(),
+        })
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text =
+            std::fs::read_to_string(self.data_dir.path().join("agent.log")).unwrap_or_default();
+        let start = text.len().saturating_sub(4000);
+        text.get(start..).unwrap_or(&text).to_owned()
+    }
+}
+
+impl Drop for JoinedAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        clean_up(self.data_dir.path(), &self.name);
     }
 }

@@ -18,8 +18,7 @@
 //! `cargo build --release -p skiff -p skiff-bench && target/release/pod_startup`
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
@@ -28,7 +27,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::watcher::{self, watcher};
 use skiff_bench::Samples;
-use skiff_e2e::node::{AgentNode, clean_up};
+use skiff_e2e::node::{AgentNode, JoinedAgent};
 
 const IMAGE: &str = "skiff-bench/busybox:1";
 const BATCHES: [usize; 3] = [1, 10, 50];
@@ -59,7 +58,15 @@ fn main() -> anyhow::Result<()> {
         &bin,
         &["--disable", "agent", "--disable", "network"],
     ))?;
-    let agent = JoinedAgent::start(&bin, &node)?;
+    let agent = JoinedAgent::start(
+        &bin,
+        &node.server,
+        &node.server.url(),
+        &node.netns.name,
+        &node.node_name(),
+        IMAGE,
+        &["--node-ip", "127.0.0.1"],
+    )?;
     println!(
         "server and agent in netns {}; agent pid {}",
         node.netns.name,
@@ -81,76 +88,6 @@ fn main() -> anyhow::Result<()> {
     drop(agent);
     drop(node);
     result
-}
-
-/// A `skiff agent` that joined the bench's server from the same network
-/// namespace, with its own data dir (and binary copy, so its shims do not
-/// hold the build's binary); killed and cleaned up on drop.
-struct JoinedAgent {
-    child: Child,
-    data_dir: tempfile::TempDir,
-    name: String,
-}
-
-impl JoinedAgent {
-    fn start(bin: &Path, node: &AgentNode) -> anyhow::Result<JoinedAgent> {
-        let data_dir = tempfile::Builder::new()
-            .prefix("skiff-bench-agent-")
-            .tempdir()?;
-        let copy = data_dir.path().join("skiff");
-        std::fs::copy(bin, &copy)?;
-        let archive = data_dir.path().join("busybox.tar");
-        skiff_e2e::images::busybox_oci_archive(&archive, IMAGE)?;
-        let output = Command::new(&copy)
-            .args(["images", "import", "--data-dir"])
-            .arg(data_dir.path())
-            .arg(&archive)
-            .output()
-            .context("running skiff images import")?;
-        ensure!(
-            output.status.success(),
-            "skiff images import failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let token = std::fs::read_to_string(node.server.data_dir().join("server").join("token"))
-            .context("reading the join token")?;
-        let name = node.node_name();
-        let log = std::fs::File::create(data_dir.path().join("agent.log"))?;
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", node.netns.name))
-            .arg(&copy)
-            .args(["agent", "--server", &node.server.url()])
-            .args(["--token", token.trim(), "--node-name", &name])
-            .args(["--node-ip", "127.0.0.1", "--crash-loop-backoff", "2s"])
-            .arg("--data-dir")
-            .arg(data_dir.path())
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting skiff agent")?;
-        Ok(JoinedAgent {
-            child,
-            data_dir,
-            name,
-        })
-    }
-
-    fn log_tail(&self) -> String {
-        let text =
-            std::fs::read_to_string(self.data_dir.path().join("agent.log")).unwrap_or_default();
-        let start = text.len().saturating_sub(4000);
-        text.get(start..).unwrap_or(&text).to_owned()
-    }
-}
-
-impl Drop for JoinedAgent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        clean_up(self.data_dir.path(), &self.name);
-    }
 }
 
 async fn measure(node: &AgentNode, agent: &JoinedAgent) -> anyhow::Result<()> {

@@ -25,11 +25,12 @@ pub fn parse(bytes: &[u8]) -> Option<Value> {
 /// The whole object, pruning `spec` and `status`.
 struct Top;
 
-/// A `spec` or `status`: scalars and `podIPs` only.
-struct Section;
-
-/// One member of a section: kept if it is a scalar.
-struct Scalar;
+/// A part of `spec` or `status`: the section itself (`member: false`),
+/// whose members are kept if scalar, or one member (`member: true`),
+/// which is `None` if it is an object or an array.
+struct Part {
+    member: bool,
+}
 
 impl<'de> DeserializeSeed<'de> for Top {
     type Value = Value;
@@ -50,7 +51,9 @@ impl<'de> Visitor<'de> for Top {
         let mut object = Map::new();
         while let Some(key) = map.next_key::<String>()? {
             let value = match key.as_str() {
-                "spec" | "status" => map.next_value_seed(Section)?,
+                "spec" | "status" => map
+                    .next_value_seed(Part { member: false })?
+                    .unwrap_or(Value::Null),
                 _ => map.next_value::<Value>()?,
             };
             object.insert(key, value);
@@ -59,69 +62,7 @@ impl<'de> Visitor<'de> for Top {
     }
 }
 
-impl<'de> DeserializeSeed<'de> for Section {
-    type Value = Value;
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Section {
-    type Value = Value;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let mut object = Map::new();
-        while let Some(key) = map.next_key::<String>()? {
-            let value = if key == "podIPs" {
-                Some(map.next_value::<Value>()?)
-            } else {
-                map.next_value_seed(Scalar)?
-            };
-            if let Some(value) = value {
-                object.insert(key, value);
-            }
-        }
-        Ok(Value::Object(object))
-    }
-
-    // A section that is not an object is kept whole (invalid objects read
-    // as upstream reads them: zero values).
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Value::Null)
-    }
-
-    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
-        Ok(Value::Bool(v))
-    }
-
-    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
-        Ok(Value::from(v))
-    }
-
-    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
-        Ok(Value::from(v))
-    }
-
-    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
-        Ok(Value::from(v))
-    }
-
-    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
-        Ok(Value::String(v.to_owned()))
-    }
-
-    fn visit_unit<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
-    }
-}
-
-impl<'de> DeserializeSeed<'de> for Scalar {
+impl<'de> DeserializeSeed<'de> for Part {
     type Value = Option<Value>;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
@@ -129,7 +70,7 @@ impl<'de> DeserializeSeed<'de> for Scalar {
     }
 }
 
-impl<'de> Visitor<'de> for Scalar {
+impl<'de> Visitor<'de> for Part {
     type Value = Option<Value>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -137,10 +78,26 @@ impl<'de> Visitor<'de> for Scalar {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(None)
+        if self.member {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            return Ok(None);
+        }
+        let mut object = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let value = if key == "podIPs" {
+                Some(map.next_value::<Value>()?)
+            } else {
+                map.next_value_seed(Part { member: true })?
+            };
+            if let Some(value) = value {
+                object.insert(key, value);
+            }
+        }
+        Ok(Some(Value::Object(object)))
     }
 
+    // A section that is an array reads as absent (invalid objects read as
+    // upstream reads them: zero values).
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
         Ok(None)
