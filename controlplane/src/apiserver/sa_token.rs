@@ -3,7 +3,9 @@
 //! made on first start and kept under `DATA_DIR/server/tls/`, so tokens
 //! stay valid across restarts.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Mutex;
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -88,7 +90,20 @@ struct Header {
 pub struct TokenKeys {
     pair: EcdsaKeyPair,
     key_id: String,
+    verified: VerifiedTokens,
 }
+
+/// Tokens whose signature has been checked, by SHA-256 of the token. An
+/// in-cluster client sends the same token with every request, and an ECDSA
+/// verification costs more than the rest of a typical request; the claims
+/// a signature vouches for never change, so only the time and audience
+/// checks (and the caller's binding checks) are repeated.
+struct VerifiedTokens {
+    claims: Mutex<HashMap<[u8; 32], Claims>>,
+}
+
+/// Bounds the cache: a flood of distinct valid tokens cannot grow it.
+const VERIFIED_CAPACITY: usize = 4096;
 
 const PEM_LABEL: &str = "PRIVATE KEY";
 
@@ -135,7 +150,13 @@ impl TokenKeys {
                 .map_err(|_| TokenError::BadKey("key".into()))?;
         let digest = ring::digest::digest(&ring::digest::SHA256, pair.public_key().as_ref());
         let key_id = URL_SAFE_NO_PAD.encode(digest.as_ref());
-        Ok(TokenKeys { pair, key_id })
+        Ok(TokenKeys {
+            pair,
+            key_id,
+            verified: VerifiedTokens {
+                claims: Mutex::new(HashMap::new()),
+            },
+        })
     }
 
     /// `header.payload.signature`, each part base64url without padding.
@@ -164,6 +185,36 @@ impl TokenKeys {
     /// The claims of `token` if this key signed it, it is current at
     /// `now` (Unix seconds) and names one of `audiences`.
     pub fn verify(&self, token: &str, now: i64, audiences: &[&str]) -> Result<Claims, TokenError> {
+        let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+        let mut key = [0u8; 32];
+        key.copy_from_slice(digest.as_ref());
+        let claims = match self.verified.get(&key) {
+            Some(claims) => claims,
+            None => {
+                let claims = self.check_signature(token)?;
+                self.verified.insert(key, &claims, now);
+                claims
+            }
+        };
+        if claims.iss != ISSUER {
+            return Err(TokenError::Issuer(claims.iss));
+        }
+        // A little leeway for clocks, as upstream allows.
+        const LEEWAY: i64 = 60;
+        if claims.exp <= now {
+            return Err(TokenError::Expired);
+        }
+        if claims.nbf > now + LEEWAY {
+            return Err(TokenError::NotYetValid);
+        }
+        if !claims.aud.iter().any(|a| audiences.contains(&a.as_str())) {
+            return Err(TokenError::Audience(claims.aud));
+        }
+        Ok(claims)
+    }
+
+    /// The claims of `token` if this key signed it.
+    fn check_signature(&self, token: &str) -> Result<Claims, TokenError> {
         let mut parts = token.split('.');
         let (Some(header), Some(payload), Some(signature), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -184,23 +235,27 @@ impl TokenKeys {
         UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, self.pair.public_key().as_ref())
             .verify(&token.as_bytes()[..signed_len], &decode(signature)?)
             .map_err(|_| TokenError::Signature)?;
-        let claims: Claims =
-            serde_json::from_slice(&decode(payload)?).map_err(|_| TokenError::Malformed)?;
-        if claims.iss != ISSUER {
-            return Err(TokenError::Issuer(claims.iss));
+        serde_json::from_slice(&decode(payload)?).map_err(|_| TokenError::Malformed)
+    }
+}
+
+impl VerifiedTokens {
+    fn get(&self, key: &[u8; 32]) -> Option<Claims> {
+        let claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        claims.get(key).cloned()
+    }
+
+    /// Remembers `token`'s claims; when full, forgets the expired ones, or
+    /// everything if none has expired.
+    fn insert(&self, key: [u8; 32], token: &Claims, now: i64) {
+        let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        if claims.len() >= VERIFIED_CAPACITY {
+            claims.retain(|_, c| c.exp > now);
+            if claims.len() >= VERIFIED_CAPACITY {
+                claims.clear();
+            }
         }
-        // A little leeway for clocks, as upstream allows.
-        const LEEWAY: i64 = 60;
-        if claims.exp <= now {
-            return Err(TokenError::Expired);
-        }
-        if claims.nbf > now + LEEWAY {
-            return Err(TokenError::NotYetValid);
-        }
-        if !claims.aud.iter().any(|a| audiences.contains(&a.as_str())) {
-            return Err(TokenError::Audience(claims.aud));
-        }
-        Ok(claims)
+        claims.insert(key, token.clone());
     }
 }
 
@@ -311,6 +366,8 @@ mod tests {
     fn expired_or_early_tokens_are_refused() {
         let keys = TokenKeys::generate().unwrap();
         let token = keys.sign(&claims(1000, 3600)).unwrap();
+        // Once while valid, so that the later checks meet the cached claims.
+        assert!(keys.verify(&token, 1001, &[ISSUER]).is_ok());
         assert!(matches!(
             keys.verify(&token, 4600, &[ISSUER]),
             Err(TokenError::Expired)
@@ -338,6 +395,18 @@ mod tests {
             Err(TokenError::Audience(_))
         ));
         assert!(keys.verify(&token, 1001, &["vault"]).is_ok());
+    }
+
+    #[test]
+    fn the_verified_token_cache_stays_bounded() {
+        let keys = TokenKeys::generate().unwrap();
+        for i in 0..=VERIFIED_CAPACITY as i64 {
+            let token = keys.sign(&claims(1000 + i, 3600)).unwrap();
+            assert!(keys.verify(&token, 1001 + i, &[ISSUER]).is_ok());
+        }
+        let cached = keys.verified.claims.lock().unwrap().len();
+        assert!(cached <= VERIFIED_CAPACITY, "{cached}");
+        assert!(cached >= 1);
     }
 
     #[test]
