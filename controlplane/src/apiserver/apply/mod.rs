@@ -323,16 +323,18 @@ fn record(
     let shape = schema::root(kind);
     let mut managed = chosen_managed_fields(subresource, old, new);
     set_managed_fields(new, None);
-    let old_body = match old {
-        Some(old) => {
-            let mut body = old.clone();
-            set_managed_fields(&mut body, None);
-            body
-        }
-        None => schema::skeleton(kind),
+    // The tracked views leave managedFields out, so `old` needs no copy
+    // without them.
+    let old_view = match old {
+        Some(old) => tracked(old, scope),
+        None => tracked(&schema::skeleton(kind), scope),
     };
-    let comparison = compare(&tracked(&old_body, scope), &tracked(new, scope), shape);
-    let changed = comparison.changed();
+    let compare::Comparison {
+        added: mut changed,
+        modified,
+        removed,
+    } = compare(&old_view, &tracked(new, scope), shape);
+    changed.union_with(&modified);
 
     let api_version = match string_at(new, "apiVersion") {
         "" => old.map_or("", |old| string_at(old, "apiVersion")),
@@ -347,18 +349,23 @@ fn record(
     let previous = managed.take(&me);
     for entry in &mut managed.entries {
         entry.fields.remove_all(&changed);
-        entry.fields.remove_all(&comparison.removed);
+        entry.fields.remove_all(&removed);
     }
-    let (mut fields, mut time) = match previous {
-        Some(previous) => (previous.fields, previous.time),
-        None => (FieldSet::default(), None),
+    let (fields, time) = match previous {
+        Some(mut previous) => {
+            previous.fields.remove_all(&removed);
+            if changed.is_empty() {
+                (previous.fields, previous.time)
+            } else {
+                previous.fields.union_with(&changed);
+                (previous.fields, Some(now.to_owned()))
+            }
+        }
+        // A first write owns what it set (nothing was there to remove);
+        // only a write that set something has a time.
+        None if changed.is_empty() => (FieldSet::default(), None),
+        None => (changed, Some(now.to_owned())),
     };
-    fields.remove_all(&comparison.removed);
-    if !changed.is_empty() {
-        // Only a write that set something moves the entry's time.
-        fields.union_with(&changed);
-        time = Some(now.to_owned());
-    }
     managed.push(Entry {
         owner: me,
         time,
