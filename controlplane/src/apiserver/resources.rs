@@ -268,7 +268,8 @@ where
 }
 
 fn round_trip<T: DeserializeOwned + Serialize>(value: &Value) -> Result<Value, serde_json::Error> {
-    let typed: T = serde_json::from_value(value.clone())?;
+    // From the borrowed tree: no copy of the whole object first.
+    let typed = T::deserialize(value)?;
     serde_json::to_value(typed)
 }
 
