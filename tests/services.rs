@@ -265,6 +265,50 @@ async fn node_ports_answer_on_every_node() -> anyhow::Result<()> {
         let (from, answer) = udp_exchange_in(cluster.underlay(), udp, b"ping")?;
         ensure!(from == udp, "the UDP echo came from {from}, not {udp}");
         ensure!(answer.ends_with(":ping"), "echo answered {answer:?}");
+
+        // A LoadBalancer Service answers on its own port at every node IP.
+        let lb = SocketAddr::from((node_ip, 8088));
+        wait_until(
+            &cluster,
+            &format!(
+                "every endpoint answers on node {}'s LoadBalancer port",
+                index + 1
+            ),
+            || Ok(spread_in(cluster.underlay(), lb, 30)?.len() == 3),
+        )
+        .await?;
+    }
+
+    // A LoadBalancer port that a process of the node listens on (here the
+    // API server on node 1) stays that process's.
+    let api_port = cluster.server().port;
+    if !(30000..=32767).contains(&api_port) {
+        let taken = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: api-lb}}\nspec:\n  type: LoadBalancer\n  selector: {{app: web}}\n  ports: [{{port: {api_port}, targetPort: 8080}}]\n"
+        );
+        cluster
+            .server()
+            .kubectl_stdin(&["apply", "-f", "-"], &taken)?;
+        wait_until(&cluster, "node 1 to refuse the API server's port", || {
+            Ok(cluster.dataplane_log(0).contains("is in use on this node"))
+        })
+        .await?;
+        let rules = cluster.node(0).netns.ip(&["rule", "show"])?;
+        ensure!(
+            rules.contains("dport 8088") && !rules.contains(&format!("dport {api_port} ")),
+            "LoadBalancer rules on node 1:\n{rules}"
+        );
+        cluster
+            .server()
+            .kubectl_ok(&["delete", "service", "web-lb"])?;
+        wait_until(&cluster, "the LoadBalancer port's rule to go", || {
+            Ok(!cluster
+                .node(0)
+                .netns
+                .ip(&["rule", "show"])?
+                .contains("dport 8088"))
+        })
+        .await?;
     }
 
     // The steering is Skiff's own rules, in front of the local table.
@@ -525,6 +569,14 @@ spec:
   type: NodePort
   selector: {app: web}
   ports: [{name: echo, port: 53, targetPort: 5353, protocol: UDP, nodePort: 30053}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-lb}
+spec:
+  type: LoadBalancer
+  selector: {app: web}
+  ports: [{name: http, port: 8088, targetPort: 8080}]
 "#;
 
 const MANIFESTS: &str = r#"

@@ -48,7 +48,7 @@ use kube::api::Api;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, watcher};
 
-use crate::service::{Metrics, Published, ServiceTable, TableConfig};
+use crate::service::{LoadBalancerPort, Metrics, Published, ServiceTable, TableConfig};
 
 /// The label tying an EndpointSlice to its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -65,6 +65,8 @@ pub struct Services {
     published: Arc<Published>,
     pub metrics: Arc<Metrics>,
     pub dump: FlowDump,
+    /// The table's LoadBalancer ports, for the routing that steers them.
+    load_balancer: tokio::sync::watch::Sender<BTreeSet<LoadBalancerPort>>,
 }
 
 impl Services {
@@ -75,11 +77,18 @@ impl Services {
             table: Mutex::new(table),
             metrics: Arc::new(Metrics::default()),
             dump: FlowDump::default(),
+            load_balancer: tokio::sync::watch::Sender::new(BTreeSet::new()),
         }
     }
 
     pub fn published(&self) -> Arc<Published> {
         self.published.clone()
+    }
+
+    /// Follows the ports of LoadBalancer Services (see
+    /// [`ServiceTable::load_balancer_ports`]).
+    pub fn load_balancer_ports(&self) -> tokio::sync::watch::Receiver<BTreeSet<LoadBalancerPort>> {
+        self.load_balancer.subscribe()
     }
 
     /// Services installed in the table.
@@ -406,7 +415,7 @@ pub async fn watch(client: kube::Client, services: Arc<Services>) -> Result<(), 
 
 /// Re-translates the `touched` Services into the table.
 fn sync(known: &Known, services: &Services, touched: &[Key]) {
-    services.with_table(|table| {
+    let ports = services.with_table(|table| {
         for key in touched {
             match known.services.get(key) {
                 Some(service) => {
@@ -422,5 +431,13 @@ fn sync(known: &Known, services: &Services, touched: &[Key]) {
                 }
             }
         }
+        table.load_balancer_ports()
+    });
+    services.load_balancer.send_if_modified(|current| {
+        let changed = *current != ports;
+        if changed {
+            *current = ports;
+        }
+        changed
     });
 }

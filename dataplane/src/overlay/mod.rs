@@ -188,11 +188,15 @@ struct Running {
     stop: Arc<AtomicBool>,
     /// Whether NodePort rules were installed, to be removed on the way out.
     node_ports: bool,
+    /// Keeps the LoadBalancer port rules in step with the Services.
+    load_balancer_ports: Option<AbortOnDrop>,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        // No rule may be added after they are all removed.
+        self.load_balancer_ports.take();
         if self.node_ports {
             node_ports::remove_blocking();
         }
@@ -227,12 +231,18 @@ async fn start(
         .configure(config.max_super_packet, worker::MAX_SEGMENTS as u32)
         .await?;
     enable_forwarding();
-    let node_ports = match (&services, config.underlay_ip) {
-        (Some(_), IpAddr::V4(node_ip)) if !node_ip.is_unspecified() => {
+    let (node_ports, load_balancer_ports) = match (&services, config.underlay_ip) {
+        (Some(services), IpAddr::V4(node_ip)) if !node_ip.is_unspecified() => {
             steer_node_ports(config, &routes, node_ip).await?;
-            true
+            let follow = node_ports::follow_load_balancer_ports(
+                routes.handle(),
+                node_ip,
+                config.node_port_range.clone(),
+                services.load_balancer_ports(),
+            );
+            (true, Some(AbortOnDrop(tokio::spawn(follow))))
         }
-        _ => false,
+        _ => (false, None),
     };
 
     let listen = SocketAddr::new(config.underlay_ip, config.port);
@@ -245,6 +255,7 @@ async fn start(
         routes,
         stop: stop.clone(),
         node_ports,
+        load_balancer_ports,
     };
     for (i, queue) in queues.into_iter().enumerate() {
         let rx = udp::UdpSocket::bind(

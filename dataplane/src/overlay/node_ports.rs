@@ -10,17 +10,22 @@
 //! 0:  from all lookup local                 (the kernel's, removed)
 //! 0:  from all to NODE_IP ipproto tcp dport 30000-32767 lookup 152 proto 152
 //! 0:  from all to NODE_IP ipproto udp dport 30000-32767 lookup 152 proto 152
-//! 0:  from all lookup local proto 152       (its replacement)
+//! 1:  from all lookup local proto 152       (its replacement)
 //! ```
 //!
-//! Rules of equal preference are consulted in the order they were added,
-//! so the local rule is moved behind Skiff's by adding a copy (tagged
-//! `proto 152`) and then deleting the original: local delivery never
-//! lapses. On shutdown the kernel's rule is put back first, then Skiff's
+//! LoadBalancer Services add one such rule per port (`dport 8080`) at
+//! preference 0, kept in step with the Services by
+//! [`follow_load_balancer_ports`]; they come before the local rule
+//! whenever they are added.
+//!
+//! The local rule is moved behind Skiff's by adding a copy (tagged `proto
+//! 152`, at preference 1) and then deleting the original: local delivery
+//! never lapses. On shutdown the kernel's rule is put back first, then Skiff's
 //! are removed. After a crash the stale rules are harmless: table 152's
 //! route went away with the device, so its rules fall through to the local
 //! copy, and the next start replaces them.
 
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::ops::RangeInclusive;
 
@@ -30,13 +35,18 @@ use rtnetlink::packet_route::route::RouteProtocol;
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage, RulePortRange};
 use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
 
+use tokio::sync::watch;
+
 use super::routes::Error;
+use crate::service::LoadBalancerPort;
 
 /// The routing table (and the protocol tag of every rule and route this
 /// module adds): `ip rule` shows them as `lookup 152 proto 152`.
 pub const TABLE: u8 = 152;
 /// The `local` routing table (`RT_TABLE_LOCAL`).
 const LOCAL_TABLE: u32 = 255;
+/// Where the local rule goes: after every rule at 0.
+const LOCAL_COPY_PREFERENCE: u32 = 1;
 /// The kernel's protocol tag on the rules it creates.
 const KERNEL: RouteProtocol = RouteProtocol::Kernel;
 
@@ -71,29 +81,13 @@ impl NodePorts {
             .execute()
             .await?;
         for protocol in [IpProtocol::Tcp, IpProtocol::Udp] {
-            let mut rule = steering
-                .handle
-                .rule()
-                .add()
-                .v4()
-                .priority(0)
-                .table_id(u32::from(TABLE))
-                .action(RuleAction::ToTable)
-                .destination_prefix(node_ip, 32);
-            let attributes = &mut rule.message_mut().attributes;
-            attributes.push(RuleAttribute::Protocol(RouteProtocol::Other(TABLE)));
-            attributes.push(RuleAttribute::IpProtocol(protocol));
-            attributes.push(RuleAttribute::DestinationPortRange(RulePortRange {
-                start: *ports.start(),
-                end: *ports.end(),
-            }));
-            rule.execute().await?;
+            steering.add_port_rule(node_ip, protocol, &ports).await?;
         }
         let kernel_local: Vec<RuleMessage> = steering
             .rules()
             .await?
             .into_iter()
-            .filter(|r| is_plain_local(r) && !is_ours(r))
+            .filter(|r| local_lookup_preference(r) == Some(0) && !is_ours(r))
             .collect();
         if kernel_local.is_empty() {
             // The local rule lives at another preference (as in VRF
@@ -106,7 +100,7 @@ impl NodePorts {
             .rule()
             .add()
             .v4()
-            .priority(0)
+            .priority(LOCAL_COPY_PREFERENCE)
             .table_id(LOCAL_TABLE)
             .action(RuleAction::ToTable);
         copy.message_mut()
@@ -119,6 +113,62 @@ impl NodePorts {
         Ok(steering)
     }
 
+    /// `to node_ip ipproto protocol dport ports lookup 152`, after the
+    /// rules already at preference 0.
+    async fn add_port_rule(
+        &self,
+        node_ip: Ipv4Addr,
+        protocol: IpProtocol,
+        ports: &RangeInclusive<u16>,
+    ) -> Result<(), Error> {
+        let mut rule = self
+            .handle
+            .rule()
+            .add()
+            .v4()
+            .priority(0)
+            .table_id(u32::from(TABLE))
+            .action(RuleAction::ToTable)
+            .destination_prefix(node_ip, 32);
+        let attributes = &mut rule.message_mut().attributes;
+        attributes.push(RuleAttribute::Protocol(RouteProtocol::Other(TABLE)));
+        attributes.push(RuleAttribute::IpProtocol(protocol));
+        attributes.push(RuleAttribute::DestinationPortRange(RulePortRange {
+            start: *ports.start(),
+            end: *ports.end(),
+        }));
+        rule.execute().await?;
+        Ok(())
+    }
+
+    /// Makes the single-port rules match `wanted`.
+    async fn set_single_ports(
+        &self,
+        node_ip: Ipv4Addr,
+        node_port_range: &RangeInclusive<u16>,
+        wanted: &BTreeSet<LoadBalancerPort>,
+    ) -> Result<(), Error> {
+        let rules = self.rules().await?;
+        let mut present = BTreeSet::new();
+        for rule in &rules {
+            // A NodePort range of one port has a single-port rule too.
+            let Some(port) = single_port(rule).filter(|p| !node_port_range.contains(&p.1)) else {
+                continue;
+            };
+            if is_ours(rule) && wanted.contains(&port) {
+                present.insert(port);
+            } else if is_ours(rule) {
+                self.handle.rule().del(rule.clone()).execute().await?;
+            }
+        }
+        let missing: Vec<_> = wanted.difference(&present).copied().collect();
+        for (protocol, port) in &missing {
+            self.add_port_rule(node_ip, IpProtocol::from(*protocol), &(*port..=*port))
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Puts the kernel's local rule back in front and removes every rule
     /// and route this module adds.
     pub async fn remove(self) -> Result<(), Error> {
@@ -128,8 +178,12 @@ impl NodePorts {
     async fn restore(&self) -> Result<(), Error> {
         let rules = self.rules().await?;
         // Only put a local rule back if Skiff moved it.
-        let moved = rules.iter().any(|r| is_plain_local(r) && is_ours(r))
-            && !rules.iter().any(|r| is_plain_local(r) && !is_ours(r));
+        let moved = rules
+            .iter()
+            .any(|r| local_lookup_preference(r).is_some() && is_ours(r))
+            && !rules
+                .iter()
+                .any(|r| local_lookup_preference(r) == Some(0) && !is_ours(r));
         if moved {
             let mut local = self
                 .handle
@@ -176,6 +230,112 @@ impl NodePorts {
     }
 }
 
+/// Steers the ports of LoadBalancer Services on `node_ip` into the device
+/// as they come and go (k3s's service load balancer serves them on every
+/// node the same way). Ports in the NodePort range are already steered; a
+/// port a process of this node listens on (the API server, the ingress,
+/// DNS) is left to it, with a warning, so that a Service cannot take it.
+pub async fn follow_load_balancer_ports(
+    handle: Handle,
+    node_ip: Ipv4Addr,
+    node_port_range: RangeInclusive<u16>,
+    mut ports: watch::Receiver<BTreeSet<LoadBalancerPort>>,
+) {
+    let steering = NodePorts { handle };
+    let mut warned = BTreeSet::new();
+    loop {
+        let requested: BTreeSet<LoadBalancerPort> = ports
+            .borrow_and_update()
+            .iter()
+            .copied()
+            .filter(|(_, port)| !node_port_range.contains(port))
+            .collect();
+        let busy = listening_ports(node_ip);
+        let wanted: BTreeSet<LoadBalancerPort> = requested
+            .iter()
+            .copied()
+            .filter(|port| {
+                let taken = busy.contains(port);
+                if taken && warned.insert(*port) {
+                    tracing::warn!(protocol = port.0, port = port.1, %node_ip, "a LoadBalancer Service port is in use on this node; it is not steered to the Service here");
+                }
+                !taken
+            })
+            .collect();
+        warned.retain(|port| requested.contains(port));
+        match steering
+            .set_single_ports(node_ip, &node_port_range, &wanted)
+            .await
+        {
+            Ok(()) => {
+                tracing::debug!(ports = ?wanted, "LoadBalancer ports steered into the device")
+            }
+            Err(e) => tracing::warn!(error = %e, "steering LoadBalancer ports"),
+        }
+        if ports.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The (protocol, port) pairs that a socket of this network namespace
+/// holds on `node_ip` or on every address: TCP listeners and bound UDP
+/// sockets, IPv4 and dual-stack IPv6.
+fn listening_ports(node_ip: Ipv4Addr) -> BTreeSet<LoadBalancerPort> {
+    const TCP_LISTEN: &str = "0A";
+    let mut busy = BTreeSet::new();
+    let tables = [
+        ("/proc/net/tcp", IpProtocol::Tcp),
+        ("/proc/net/tcp6", IpProtocol::Tcp),
+        ("/proc/net/udp", IpProtocol::Udp),
+        ("/proc/net/udp6", IpProtocol::Udp),
+    ];
+    // The kernel prints an IPv4 address as its four bytes in memory order.
+    let node_hex = format!("{:08X}", u32::from_ne_bytes(node_ip.octets()));
+    let mapped_hex = format!("0000000000000000FFFF0000{node_hex}");
+    for (path, protocol) in tables {
+        let Ok(text) = std::fs::read_to_string(path) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let mut fields = line.split_whitespace();
+            let (Some(local), Some(_remote), Some(state)) =
+                (fields.nth(1), fields.next(), fields.next())
+            else {
+                continue;
+            };
+            if protocol == IpProtocol::Tcp && state != TCP_LISTEN {
+                continue;
+            }
+            let Some((address, port)) = local.split_once(':') else {
+                continue;
+            };
+            let everywhere = address.bytes().all(|b| b == b'0');
+            if !(everywhere || address == node_hex || address == mapped_hex) {
+                continue;
+            }
+            if let Ok(port) = u16::from_str_radix(port, 16) {
+                busy.insert((u8::from(protocol), port));
+            }
+        }
+    }
+    busy
+}
+
+/// The port of a rule that matches exactly one destination port.
+fn single_port(rule: &RuleMessage) -> Option<LoadBalancerPort> {
+    let protocol = rule.attributes.iter().find_map(|a| match a {
+        RuleAttribute::IpProtocol(p) => Some(u8::from(*p)),
+        _ => None,
+    })?;
+    rule.attributes.iter().find_map(|a| match a {
+        RuleAttribute::DestinationPortRange(range) if range.start == range.end => {
+            Some((protocol, range.start))
+        }
+        _ => None,
+    })
+}
+
 /// Removes the rules from a fresh netlink connection on a thread of its
 /// own: for `Drop`, which cannot wait on the caller's runtime.
 pub fn remove_blocking() {
@@ -200,9 +360,10 @@ pub fn remove_blocking() {
     }
 }
 
-/// `from all lookup local`, with no selector: the rule that delivers
-/// packets for the node's own addresses.
-fn is_plain_local(rule: &RuleMessage) -> bool {
+/// The preference of a `from all lookup local` rule with no selector (the
+/// rule that delivers packets for the node's own addresses); `None` for
+/// any other rule.
+fn local_lookup_preference(rule: &RuleMessage) -> Option<u32> {
     let table = rule
         .attributes
         .iter()
@@ -219,8 +380,7 @@ fn is_plain_local(rule: &RuleMessage) -> bool {
             _ => None,
         })
         .unwrap_or(0);
-    table == LOCAL_TABLE
-        && priority == 0
+    let plain = table == LOCAL_TABLE
         && rule.header.action == RuleAction::ToTable
         && rule.header.dst_len == 0
         && rule.header.src_len == 0
@@ -234,7 +394,8 @@ fn is_plain_local(rule: &RuleMessage) -> bool {
                     | RuleAttribute::DestinationPortRange(_)
                     | RuleAttribute::SourcePortRange(_)
             )
-        })
+        });
+    plain.then_some(priority)
 }
 
 fn is_ours(rule: &RuleMessage) -> bool {

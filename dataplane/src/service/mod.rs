@@ -30,7 +30,9 @@ pub use engine::{Engine, EngineConfig, FlowInfo, PacketMeta, Verdict};
 pub use metrics::{DropReason, Metrics};
 pub use model::{Backend, Protocol, ServiceKey, ServicePort, ServiceSpec};
 pub use state::{Direction, FlowState, TcpState, Timeouts};
-pub use table::{FrontendKind, Published, ServiceCounters, ServiceTable, TableConfig};
+pub use table::{
+    FrontendKind, LoadBalancerPort, Published, ServiceCounters, ServiceTable, TableConfig,
+};
 pub use translate::{DEFAULT_AFFINITY_TIMEOUT_SECS, TranslateError, translate};
 
 #[cfg(test)]

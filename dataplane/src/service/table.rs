@@ -6,7 +6,7 @@
 //! number of Services. Packet loops read without locks; every change bumps
 //! a generation so loops know to re-check the flows they track.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -224,12 +224,17 @@ impl Published {
     }
 }
 
-/// Per Service: the keys it owns and its counters.
+/// Per Service: the keys it owns, its counters and its LoadBalancer ports.
 #[derive(Debug)]
 struct Installed {
     keys: Vec<FrontendKey>,
     counters: Arc<ServiceCounters>,
+    load_balancer: Vec<LoadBalancerPort>,
 }
+
+/// A LoadBalancer Service's port on the node addresses: (IP protocol
+/// number, port).
+pub type LoadBalancerPort = (u8, u16);
 
 /// The control side of the table: owned by the task that watches Services
 /// and EndpointSlices.
@@ -237,6 +242,8 @@ pub struct ServiceTable {
     config: TableConfig,
     published: Arc<Published>,
     installed: HashMap<ServiceKey, Installed>,
+    /// How many installed Services use each LoadBalancer port.
+    load_balancer: BTreeMap<LoadBalancerPort, usize>,
 }
 
 impl ServiceTable {
@@ -245,6 +252,7 @@ impl ServiceTable {
             config,
             published: Arc::new(Published::new()),
             installed: HashMap::new(),
+            load_balancer: BTreeMap::new(),
         }
     }
 
@@ -286,11 +294,23 @@ impl ServiceTable {
             let old = self.installed.remove(&spec.key);
             let counters = old.as_ref().map(|o| o.counters.clone()).unwrap_or_default();
             let entries = self.entries(spec, counters.clone());
+            let load_balancer = if spec.load_balancer {
+                spec.ports
+                    .iter()
+                    .map(|p| (p.protocol.number(), p.port))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let (old_keys, old_load_balancer) =
+                old.map(|o| (o.keys, o.load_balancer)).unwrap_or_default();
             changes.push(Change {
                 key: spec.key.clone(),
-                old_keys: old.map(|o| o.keys).unwrap_or_default(),
+                old_keys,
+                old_load_balancer,
                 entries,
                 counters,
+                load_balancer,
             });
         }
         self.publish(changes);
@@ -304,8 +324,10 @@ impl ServiceTable {
         self.publish(vec![Change {
             key: key.clone(),
             old_keys: old.keys,
+            old_load_balancer: old.load_balancer,
             entries: Vec::new(),
             counters: old.counters,
+            load_balancer: Vec::new(),
         }]);
         self.installed.remove(key);
         true
@@ -317,6 +339,12 @@ impl ServiceTable {
 
     pub fn is_empty(&self) -> bool {
         self.installed.is_empty()
+    }
+
+    /// The ports LoadBalancer Services are served on at the node addresses,
+    /// which the node must route into the device.
+    pub fn load_balancer_ports(&self) -> BTreeSet<LoadBalancerPort> {
+        self.load_balancer.keys().copied().collect()
     }
 
     /// New flows per Service, for `/metrics`.
@@ -472,8 +500,19 @@ impl ServiceTable {
         let owned: HashMap<ServiceKey, Vec<FrontendKey>> =
             owned.into_iter().map(|(k, v)| (k.clone(), v)).collect();
         for change in changes {
+            for port in &change.old_load_balancer {
+                if let Some(users) = self.load_balancer.get_mut(port) {
+                    *users -= 1;
+                    if *users == 0 {
+                        self.load_balancer.remove(port);
+                    }
+                }
+            }
             if change.entries.is_empty() {
                 continue;
+            }
+            for port in &change.load_balancer {
+                *self.load_balancer.entry(*port).or_default() += 1;
             }
             let keys = owned.get(&change.key).cloned().unwrap_or_default();
             self.installed.insert(
@@ -481,6 +520,7 @@ impl ServiceTable {
                 Installed {
                     keys,
                     counters: change.counters,
+                    load_balancer: change.load_balancer,
                 },
             );
         }
@@ -490,8 +530,10 @@ impl ServiceTable {
 struct Change {
     key: ServiceKey,
     old_keys: Vec<FrontendKey>,
+    old_load_balancer: Vec<LoadBalancerPort>,
     entries: Vec<(FrontendKey, Slot)>,
     counters: Arc<ServiceCounters>,
+    load_balancer: Vec<LoadBalancerPort>,
 }
 
 #[cfg(test)]

@@ -1073,6 +1073,36 @@ fn load_balancer_is_served_on_node_ips_at_its_port() {
 }
 
 #[test]
+fn load_balancer_ports_follow_the_services_that_use_them() {
+    let mut h = Harness::new();
+    assert!(h.table.load_balancer_ports().is_empty());
+    let mut first = web(three());
+    first.load_balancer = true;
+    h.table.upsert(&first);
+    let mut second = service("dns", "10.43.0.9", 80, Protocol::Tcp, three());
+    second.load_balancer = true;
+    h.table.upsert(&second);
+    let mut udp_lb = service("syslog", "10.43.0.8", 514, Protocol::Udp, three());
+    udp_lb.load_balancer = true;
+    h.table.upsert(&udp_lb);
+    let tcp_80 = (Protocol::Tcp.number(), 80);
+    let udp_514 = (Protocol::Udp.number(), 514);
+    assert_eq!(
+        h.table
+            .load_balancer_ports()
+            .into_iter()
+            .collect::<Vec<_>>(),
+        [tcp_80, udp_514]
+    );
+    // Port 80 stays while one of its two Services is still a LoadBalancer.
+    h.table.upsert(&web(three()));
+    assert!(h.table.load_balancer_ports().contains(&tcp_80));
+    h.table.remove(&second.key);
+    h.table.remove(&udp_lb.key);
+    assert!(h.table.load_balancer_ports().is_empty());
+}
+
+#[test]
 fn other_traffic_passes_untouched() {
     let mut h = Harness::new();
     h.table.upsert(&web(three()));
