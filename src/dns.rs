@@ -43,6 +43,12 @@ pub fn serve_for_server(
 
 /// `skiff dns`: only the DNS server, fed through a kubeconfig.
 pub async fn run(args: DnsArgs) -> anyhow::Result<()> {
+    // Sized like the agent it runs in on a node: by memory. With
+    // transparent huge pages mimalloc's heaps fill 2 MB pages, which
+    // were most of this process's RSS (12 of 35 MB with 1,200 objects).
+    if let Err(e) = agent::shim::disable_own_thp() {
+        tracing::warn!(error = %e, "cannot turn transparent huge pages off for DNS");
+    }
     let kubeconfig = kube::config::Kubeconfig::read_from(&args.kubeconfig)
         .with_context(|| format!("reading {}", args.kubeconfig.display()))?;
     let options = kube::config::KubeConfigOptions::default();
