@@ -6,13 +6,17 @@
 //! outside the cluster go to a test upstream on 127.0.0.9.
 
 use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use skiff_e2e::node::AgentNode;
 use skiff_e2e::server::Server;
 
 const SKIFF: &str = env!("CARGO_BIN_EXE_skiff");
+const IMAGE: &str = "skiff-test/busybox:1";
 /// How long a change may take to show before the test gives up. Only a
 /// liveness bound: how long it took is printed.
 const VISIBLE_WITHIN: Duration = Duration::from_secs(30);
@@ -147,9 +151,36 @@ fn free_udp_port() -> anyhow::Result<u16> {
 /// else NXDOMAIN. Hand-encoded so the test does not share code with the
 /// server.
 fn start_upstream() -> anyhow::Result<SocketAddr> {
-    let socket = UdpSocket::bind("127.0.0.9:0")?;
-    let addr = socket.local_addr()?;
+    start_upstream_at("127.0.0.9:0", None)
+}
+
+/// The test upstream bound to `bind`, inside network namespace `netns`
+/// when given (its thread enters it; the rest of the test stays out).
+fn start_upstream_at(bind: &str, netns: Option<&str>) -> anyhow::Result<SocketAddr> {
+    let (bound, bound_rx) = std::sync::mpsc::channel();
+    let bind = bind.to_owned();
+    let netns = netns.map(|n| format!("/run/netns/{n}"));
     std::thread::spawn(move || {
+        let socket = (|| {
+            if let Some(path) = &netns {
+                let ns = std::fs::File::open(path).with_context(|| format!("opening {path}"))?;
+                // SAFETY: setns on a file descriptor we own; it moves only
+                // this thread into the namespace.
+                let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+                ensure!(rc == 0, "setns {path}: {}", std::io::Error::last_os_error());
+            }
+            Ok(UdpSocket::bind(&bind)?)
+        })();
+        let socket = match socket.and_then(|s| Ok((s.local_addr()?, s))) {
+            Ok((addr, socket)) => {
+                let _ = bound.send(Ok(addr));
+                socket
+            }
+            Err(e) => {
+                let _ = bound.send(Err(e));
+                return;
+            }
+        };
         let mut buf = [0u8; 1500];
         while let Ok((n, from)) = socket.recv_from(&mut buf) {
             if n < 12 {
@@ -173,7 +204,7 @@ fn start_upstream() -> anyhow::Result<SocketAddr> {
             let _ = socket.send_to(&out, from);
         }
     });
-    Ok(addr)
+    bound_rx.recv().context("the upstream thread ended")?
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -379,5 +410,177 @@ async fn big_answers_truncate_over_udp_and_pods_get_names() -> anyhow::Result<()
         Duration::from_secs(5),
         |d| d.answers == ["A 10.42.2.7"],
     )?;
+    Ok(())
+}
+
+/// What the in-pod test runs: a Deployment behind a ClusterIP Service, a
+/// StatefulSet behind a headless one, and a client pod to ask from.
+const IN_POD: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers:
+      - name: httpd
+        image: IMAGE
+        imagePullPolicy: IfNotPresent
+        command: ["sh", "-c", "mkdir -p /www && echo hello from web > /www/index.html && exec httpd -f -p 8080 -h /www"]
+        readinessProbe: {httpGet: {path: /, port: 8080}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db}
+spec:
+  clusterIP: None
+  selector: {app: db}
+  ports: [{name: pg, port: 5432}]
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: db}
+spec:
+  serviceName: db
+  replicas: 1
+  selector: {matchLabels: {app: db}}
+  template:
+    metadata: {labels: {app: db}}
+    spec:
+      containers:
+      - {name: db, image: IMAGE, imagePullPolicy: IfNotPresent, command: [sleep, "3600"]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client}
+spec:
+  containers:
+  - {name: client, image: IMAGE, imagePullPolicy: IfNotPresent, command: [sleep, "3600"]}
+"#;
+
+/// Runs `args` in the client pod with `kubectl exec`; returns whether it
+/// succeeded and what it printed (stdout and stderr).
+fn in_client(node: &AgentNode, args: &[&str]) -> anyhow::Result<(bool, String)> {
+    let output = node
+        .server
+        .kubectl()
+        .args(["exec", "client", "--"])
+        .args(args)
+        .output()
+        .context("running kubectl exec")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok((output.status.success(), text))
+}
+
+/// The issue's "from inside a pod": busybox's `wget` and `nslookup` in a
+/// pod the real agent runs with runc, asking the node's DNS at the
+/// cluster DNS address through the pod's resolv.conf.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_find_services_by_name() -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("skiff-test-dns-pod-")
+        .tempdir()?;
+    // The upstream listens inside the node's namespace, on port 53 as a
+    // resolv.conf nameserver must.
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 127.0.0.9\n")?;
+    let node = AgentNode::start(
+        Path::new(SKIFF),
+        &[
+            "--dns-upstream-resolv-conf",
+            resolv.to_str().context("path")?,
+        ],
+    )
+    .await?;
+    start_upstream_at("127.0.0.9:53", Some(&node.netns.name))?;
+    node.import_busybox(Path::new(SKIFF), IMAGE)?;
+    node.server
+        .kubectl_stdin(&["apply", "-f", "-"], &IN_POD.replace("IMAGE", IMAGE))?;
+    for pod in ["client", "db-0"] {
+        node.eventually(&format!("{pod} ready"), || {
+            let pod = node.pod_json(pod)?;
+            let ready = pod["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+            Ok(ready.then_some(()))
+        })
+        .await?;
+    }
+    node.server
+        .kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=120s"])
+        .with_context(|| node.server.log_tail())?;
+
+    // The pod asks the cluster DNS address, and busybox's nslookup applies
+    // the pod's search path.
+    let cluster_ip =
+        node.server
+            .kubectl_ok(&["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"])?;
+    let (_, out) = in_client(&node, &["nslookup", "web"])?;
+    ensure!(
+        out.contains("Server:\t\t10.43.0.10")
+            && out.contains("Name:\tweb.default.svc.cluster.local")
+            && out.contains(&format!("Address: {cluster_ip}")),
+        "web through the search path from the cluster DNS at 10.43.0.10 is {cluster_ip}: {out}"
+    );
+    // A Deployment by `http://<svc>`: libc's resolver turns `web` into
+    // web.default.svc.cluster.local, the data plane takes the ClusterIP to
+    // the pod. (No `-T`: Debian's busybox wget crashes with it.)
+    let page = node
+        .eventually("wget http://web from the client pod", || {
+            let (ok, out) = in_client(&node, &["wget", "-qO-", "http://web"])?;
+            ensure!(ok, "wget: {out}");
+            Ok(Some(out))
+        })
+        .await?;
+    ensure!(page.trim() == "hello from web", "page: {page:?}");
+
+    // The StatefulSet pod's own name under its headless Service.
+    let db_ip = node.pod_json("db-0")?["status"]["podIP"]
+        .as_str()
+        .context("db-0 has no IP")?
+        .to_owned();
+    let (ok, out) = in_client(&node, &["nslookup", "db-0.db.default.svc.cluster.local."])?;
+    ensure!(
+        ok && out.contains(&format!("Address: {db_ip}")),
+        "db-0.db is {db_ip}: {out}"
+    );
+
+    // A name outside the cluster goes to the node's upstream.
+    let (ok, out) = in_client(&node, &["nslookup", "www.example.org."])?;
+    ensure!(
+        ok && out.contains("Address: 192.0.2.80"),
+        "forwarded: {out}"
+    );
+
+    // Gone after deletion.
+    node.server.kubectl_ok(&["delete", "service", "web"])?;
+    let start = Instant::now();
+    node.eventually("web's name to go", || {
+        let (_, out) = in_client(&node, &["nslookup", "web.default.svc.cluster.local"])?;
+        Ok(out.contains("NXDOMAIN").then_some(()))
+    })
+    .await?;
+    println!(
+        "deleted Service NXDOMAIN in the pod after {:?}",
+        start.elapsed()
+    );
+    let (ok, out) = in_client(&node, &["wget", "-qO-", "-T", "3", "http://web"])?;
+    ensure!(!ok, "wget http://web after the Service went: {out}");
     Ok(())
 }

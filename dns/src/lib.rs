@@ -2,9 +2,10 @@
 //! node-local from a watch-fed index of pre-encoded answers, with names
 //! outside the cluster forwarded upstream through a cache.
 //!
-//! Layout, top-down: `watch` (API → cluster state) → `records` (objects
-//! → records) → `zone` (records → encoded answers, published) → `index`
-//! (the published, read-only map) → `answer` (the hot path) fed by `udp`
+//! Layout, top-down: `watch` (API → cluster state, from the slim
+//! `objects` it decodes) → `records` (objects → records) → `zone`
+//! (records → encoded answers, published) → `index` (the published,
+//! read-only map) → `answer` (the hot path) fed by `udp`
 //! and `tcp`; `slow` (full decoder), `forward` and `cache` for the rest;
 //! `wire` (zero-copy query view) and `metrics` underneath.
 
@@ -13,6 +14,7 @@ pub mod cache;
 pub mod forward;
 pub mod index;
 pub mod metrics;
+pub mod objects;
 pub mod records;
 pub mod slow;
 pub mod tcp;

@@ -6,9 +6,9 @@
 use std::net::IpAddr;
 
 use hickory_proto::rr::Name;
-use k8s_openapi::api::core::v1::{Pod, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::ResourceExt;
 
+use crate::objects::{EndpointSlice, Pod, Port, Service};
 use crate::zone::{Data, Rec, child};
 
 /// The label that ties an EndpointSlice to its Service.
@@ -82,18 +82,7 @@ impl ServiceInfo {
             }
             ServiceKind::ClusterIp(ips)
         };
-        let ports = spec
-            .ports
-            .iter()
-            .flatten()
-            .filter_map(|p| {
-                Some(PortInfo {
-                    name: p.name.clone().filter(|n| !n.is_empty())?,
-                    protocol: p.protocol.as_deref().unwrap_or("TCP").to_ascii_lowercase(),
-                    port: u16::try_from(p.port).ok()?,
-                })
-            })
-            .collect();
+        let ports = PortInfo::named(spec.ports.as_deref());
         Some(ServiceInfo {
             kind,
             ports,
@@ -102,17 +91,11 @@ impl ServiceInfo {
     }
 }
 
-impl SliceInfo {
-    pub fn from_slice(slice: &EndpointSlice) -> Option<Self> {
-        let service = slice
-            .metadata
-            .labels
-            .as_ref()?
-            .get(SERVICE_NAME_LABEL)?
-            .clone();
-        let ports = slice
-            .ports
-            .iter()
+impl PortInfo {
+    /// The named ones of `ports`, as SRV records need them.
+    fn named(ports: Option<&[Port]>) -> Vec<PortInfo> {
+        ports
+            .into_iter()
             .flatten()
             .filter_map(|p| {
                 Some(PortInfo {
@@ -121,12 +104,25 @@ impl SliceInfo {
                     port: u16::try_from(p.port?).ok()?,
                 })
             })
-            .collect();
+            .collect()
+    }
+}
+
+impl SliceInfo {
+    pub fn from_slice(slice: &EndpointSlice) -> Option<Self> {
+        let service = slice.labels().get(SERVICE_NAME_LABEL)?.clone();
+        let ports = PortInfo::named(slice.ports.as_deref());
         let endpoints = slice
             .endpoints
             .iter()
+            .flatten()
             .map(|ep| EndpointInfo {
-                addresses: ep.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
+                addresses: ep
+                    .addresses
+                    .iter()
+                    .flatten()
+                    .filter_map(|a| a.parse().ok())
+                    .collect(),
                 hostname: ep.hostname.clone().filter(|h| !h.is_empty()),
                 // An unknown readiness counts as ready (the API's rule).
                 ready: ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true),
@@ -150,7 +146,7 @@ impl PodInfo {
             .and_then(|s| s.pod_ips.as_ref())
             .into_iter()
             .flatten()
-            .filter_map(|ip| ip.ip.parse().ok())
+            .filter_map(|ip| ip.ip.as_deref()?.parse().ok())
             .chain(
                 status
                     .and_then(|s| s.pod_ip.as_ref())
@@ -163,7 +159,7 @@ impl PodInfo {
             .and_then(|s| s.conditions.as_ref())
             .into_iter()
             .flatten()
-            .any(|c| c.type_ == "Ready" && c.status == "True");
+            .any(|c| c.type_.as_deref() == Some("Ready") && c.status.as_deref() == Some("True"));
         Some(PodInfo {
             hostname,
             subdomain,

@@ -7,20 +7,20 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::{Pod, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Api, Client, ResourceExt};
 
 use crate::index::Published;
+use crate::objects::{EndpointSlice, Pod, Service};
 use crate::records::{self, PodInfo, ServiceInfo, ServiceKind, SliceInfo};
 use crate::zone::{Owner, ZoneBuilder};
 
 /// Most events applied before a publish, so a long burst still shows up.
 const MAX_BURST: usize = 4096;
 
-type Key = (String, String);
+/// (namespace, name); boxed, as the state holds one per object.
+type Key = (Box<str>, Box<str>);
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 enum Kind {
@@ -76,9 +76,9 @@ pub struct ClusterState {
     /// until their next flush, as nothing else changes their records.
     services: HashMap<Key, Option<Box<ServiceInfo>>>,
     slices: HashMap<Key, SliceInfo>,
-    slices_by_service: HashMap<Key, BTreeSet<String>>,
+    slices_by_service: HashMap<Key, BTreeSet<Box<str>>>,
     pods: HashMap<Key, PodInfo>,
-    pods_by_subdomain: HashMap<Key, BTreeSet<String>>,
+    pods_by_subdomain: HashMap<Key, BTreeSet<Box<str>>>,
     /// Keys seen during a relist, per kind; absent when not relisting.
     relisting: HashMap<Kind, HashSet<Key>>,
     synced: HashSet<Kind>,
@@ -175,7 +175,7 @@ impl ClusterState {
             return;
         }
         if let Some(old) = old {
-            let svc = (ns.clone(), old.service);
+            let svc = (ns.clone(), old.service.into());
             if let Some(set) = self.slices_by_service.get_mut(&svc) {
                 set.remove(&name);
                 if set.is_empty() {
@@ -185,7 +185,7 @@ impl ClusterState {
             self.dirty.insert(svc);
         }
         if let Some(info) = info {
-            let svc = (ns, info.service);
+            let svc = (ns, info.service.into());
             self.slices_by_service
                 .entry(svc.clone())
                 .or_default()
@@ -204,7 +204,7 @@ impl ClusterState {
             return;
         }
         if let Some(old) = old {
-            let svc = (ns.clone(), old.subdomain);
+            let svc = (ns.clone(), old.subdomain.into());
             if let Some(set) = self.pods_by_subdomain.get_mut(&svc) {
                 set.remove(&name);
                 if set.is_empty() {
@@ -214,7 +214,7 @@ impl ClusterState {
             self.dirty.insert(svc);
         }
         if let Some(info) = info {
-            let svc = (ns, info.subdomain);
+            let svc = (ns, info.subdomain.into());
             self.pods_by_subdomain
                 .entry(svc.clone())
                 .or_default()
@@ -255,13 +255,16 @@ impl ClusterState {
             {
                 *info = None;
             }
-            builder.set_owner(Owner::Service(ns.clone(), name.clone()), records);
+            builder.set_owner(Owner::Service(ns.to_string(), name.to_string()), records);
         }
     }
 }
 
 fn key_of<K: kube::Resource>(obj: &K) -> Key {
-    (obj.namespace().unwrap_or_default(), obj.name_any())
+    (
+        obj.namespace().unwrap_or_default().into(),
+        obj.name_any().into(),
+    )
 }
 
 #[cfg(test)]

@@ -22,7 +22,8 @@
 //!
 //! `cargo build --release -p skiff --bin skiff -p skiff-bench --bin dns &&
 //!  target/release/dns [ROUNDS]`; `target/release/dns zone` prints only
-//! the in-process zone figure.
+//! the in-process zone figure, `target/release/dns memory` only the
+//! memory figures (no dnsperf runs).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::fmt::Write as _;
@@ -52,6 +53,8 @@ const WRITERS: u64 = 50;
 const PORT_SKIFF: u16 = 5300;
 const PORT_UNBOUND: u16 = 5301;
 const PORT_NSD: u16 = 5302;
+/// The second `skiff dns`, started on the full cluster for its memory.
+const PORT_SKIFF_SECOND: u16 = 5303;
 
 /// Counts the bytes this process holds, to weigh the zone in memory.
 struct Counting;
@@ -124,8 +127,10 @@ async fn main() -> anyhow::Result<()> {
         print_zone_memory()?;
         return Ok(());
     }
+    let memory_only = std::env::args().nth(1).as_deref() == Some("memory");
     let rounds: usize = std::env::args()
         .nth(1)
+        .filter(|_| !memory_only)
         .map(|r| r.parse())
         .transpose()
         .context("ROUNDS must be a number")?
@@ -185,6 +190,16 @@ async fn main() -> anyhow::Result<()> {
     )?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_full = rss_kib(skiff.child.id())?;
+    let memory = Memory {
+        empty: rss_empty,
+        full: rss_full,
+        huge_pages: huge_pages_kib(skiff.child.id())?,
+        restarted: restarted_rss(&bin, &server.kubeconfig())?,
+    };
+    if memory_only {
+        print_memory(&memory)?;
+        return Ok(());
+    }
 
     println!(
         "DNS benchmark: {NAMES} A records, {QUERIES} queries (90% hits, 10% NXDOMAIN), dnsperf -l {RUN_SECONDS} -T 1 -c 4 -q 200 on CPU 1, server on CPU 0, {rounds} interleaved rounds, median"
@@ -248,13 +263,53 @@ async fn main() -> anyhow::Result<()> {
 
     churn(&client, &skiff, &churn_queries).await?;
 
+    print_memory(&memory)
+}
+
+/// `skiff dns`'s resident memory (KiB) around the objects' creation.
+struct Memory {
+    /// Started on the (nearly) empty cluster.
+    empty: u64,
+    /// The same process once it serves every object.
+    full: u64,
+    /// Of `full`, in transparent huge pages.
+    huge_pages: u64,
+    /// A second `skiff dns` started on the full cluster (its first LIST
+    /// brings everything at once).
+    restarted: u64,
+}
+
+fn print_memory(m: &Memory) -> anyhow::Result<()> {
     let objects = NAMES + 2 * HEADLESS;
-    let per_object = (rss_full as f64 - rss_empty as f64) * 1024.0 / objects as f64;
+    let per_object = |kib: u64| (kib as f64 - m.empty as f64) * 1024.0 / objects as f64;
     print_zone_memory()?;
     println!(
-        "dns skiff memory: RSS {rss_empty} KiB on an empty cluster, {rss_full} KiB with {objects} more objects ({NAMES} Services, {HEADLESS} headless Services, {HEADLESS} EndpointSlices): {per_object:.0} B per object (goal <= 1024; CoreDNS per the issue: ~860 B per object + 49 MB)"
+        "dns skiff memory: RSS {} KiB on an empty cluster, {} KiB with {objects} more objects ({NAMES} Services, {HEADLESS} headless Services, {HEADLESS} EndpointSlices; {} KiB of it in huge pages): {:.0} B per object (goal <= 1024; CoreDNS per the issue: ~860 B per object + 49 MB)",
+        m.empty,
+        m.full,
+        m.huge_pages,
+        per_object(m.full)
+    );
+    println!(
+        "dns skiff memory: a second skiff dns started on the full cluster: RSS {} KiB, {:.0} B per object over the empty-cluster figure",
+        m.restarted,
+        per_object(m.restarted)
     );
     Ok(())
+}
+
+/// RSS of a `skiff dns` started once every object exists, after it
+/// answers the last one.
+fn restarted_rss(bin: &Path, kubeconfig: &Path) -> anyhow::Result<u64> {
+    let mut command = skiff_dns_command(bin, kubeconfig, PORT_SKIFF_SECOND);
+    let second = start_peer("skiff (second)", PORT_SKIFF_SECOND, &mut command)?;
+    wait_answering(
+        &second,
+        &format!("hl-{}.default.svc.cluster.local", HEADLESS - 1),
+        "A",
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    rss_kib(second.child.id())
 }
 
 /// Skiff under dnsperf while the queried headless Services' endpoints
@@ -491,15 +546,23 @@ fn write_peer_configs(peers: &Path, work: &Path, names: &[(String, String)]) -> 
 }
 
 fn start_skiff_dns(bin: &Path, kubeconfig: &Path) -> anyhow::Result<Peer> {
+    start_peer(
+        "skiff",
+        PORT_SKIFF,
+        &mut skiff_dns_command(bin, kubeconfig, PORT_SKIFF),
+    )
+}
+
+fn skiff_dns_command(bin: &Path, kubeconfig: &Path, port: u16) -> Command {
     let mut command = Command::new(bin);
     command
         .arg("dns")
         .arg("--kubeconfig")
         .arg(kubeconfig)
-        .args(["--listen", &format!("127.0.0.1:{PORT_SKIFF}")])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--workers", "1", "--upstream-resolv-conf", "none"])
         .env("RUST_LOG", "warn");
-    start_peer("skiff", PORT_SKIFF, &mut command)
+    command
 }
 
 /// Starts `command` pinned to CPU 0 (`taskset` execs it, so the child's
@@ -680,7 +743,7 @@ fn zone_bytes_per_service() -> anyhow::Result<ZoneMemory> {
             }],
             publish_not_ready: false,
         };
-        state.set_service(("default".into(), format!("svc-{i}")), Some(svc));
+        state.set_service(("default".into(), format!("svc-{i}").into()), Some(svc));
         // One publish per Service, as when they are created one by one.
         state.flush(&mut builder);
         builder.publish(&published);
@@ -711,6 +774,16 @@ fn pin_to_cpu1(pid: u32) -> anyhow::Result<()> {
         .context("running taskset")?;
     ensure!(status.success(), "taskset -p {pid} failed");
     Ok(())
+}
+
+/// Anonymous memory of `pid` in transparent huge pages, from /proc.
+fn huge_pages_kib(pid: u32) -> anyhow::Result<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("AnonHugePages:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no AnonHugePages")
 }
 
 /// Resident memory of `pid`, from /proc.
