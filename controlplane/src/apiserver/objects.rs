@@ -24,21 +24,19 @@ pub fn encode(object: &Value) -> Result<Vec<u8>, ApiError> {
     let mut out = Vec::with_capacity(1024);
     out.extend_from_slice(b"{\"metadata\":");
     match map.get("metadata") {
+        // Member by member, leaving resourceVersion out, rather than
+        // through a copy of the metadata (managedFields are most of it).
         Some(Value::Object(meta)) => {
-            let mut meta = meta.clone();
-            meta.remove("resourceVersion");
-            write_json(&mut out, &Value::Object(meta))?;
+            write_members(
+                &mut out,
+                meta.iter().filter(|(k, _)| *k != "resourceVersion"),
+            )?;
         }
         _ => out.extend_from_slice(b"{}"),
     }
-    for (key, value) in map {
-        if key == "metadata" {
-            continue;
-        }
+    for (key, value) in map.iter().filter(|(k, _)| *k != "metadata") {
         out.push(b',');
-        write_json(&mut out, &Value::String(key.clone()))?;
-        out.push(b':');
-        write_json(&mut out, value)?;
+        write_member(&mut out, key, value)?;
     }
     out.push(b'}');
     // The store keeps these bytes for as long as the version lives: do not
@@ -206,9 +204,32 @@ pub fn name_of(object: &Value) -> &str {
     meta_str(object, "name").unwrap_or("")
 }
 
-fn write_json(out: &mut Vec<u8>, value: &Value) -> Result<(), ApiError> {
+fn write_json(out: &mut Vec<u8>, value: &(impl serde::Serialize + ?Sized)) -> Result<(), ApiError> {
     serde_json::to_writer(out, value)
         .map_err(|e| ApiError::internal(format!("encoding object: {e}")))
+}
+
+/// `{"k":v,...}`.
+fn write_members<'a>(
+    out: &mut Vec<u8>,
+    members: impl Iterator<Item = (&'a String, &'a Value)>,
+) -> Result<(), ApiError> {
+    out.push(b'{');
+    for (i, (key, value)) in members.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_member(out, key, value)?;
+    }
+    out.push(b'}');
+    Ok(())
+}
+
+/// `"k":v`.
+fn write_member(out: &mut Vec<u8>, key: &str, value: &Value) -> Result<(), ApiError> {
+    write_json(out, key)?;
+    out.push(b':');
+    write_json(out, value)
 }
 
 #[cfg(test)]
