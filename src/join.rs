@@ -95,7 +95,6 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     if let Some(domain) = &cluster.cluster_domain {
         agent_config.cluster_domain = domain.clone();
     }
-    agent_config.release_startup_pages = true;
     agent_config.tls = Some(agent::KubeletTls {
         cert_pem: credentials.serving_cert,
         key_pem: credentials.serving_key,

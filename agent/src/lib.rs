@@ -21,7 +21,6 @@ pub mod resources;
 pub mod runtime;
 pub mod sandbox;
 pub mod shim;
-pub mod startup_memory;
 pub mod streaming;
 pub mod tty;
 
@@ -52,9 +51,6 @@ pub struct AgentConfig {
     pub pod_network: bool,
     /// The kubelet API's TLS material; without it the API is not served.
     pub tls: Option<KubeletTls>,
-    /// Unmap the executable's code once started (see [`startup_memory`]):
-    /// for an agent process of its own, not one inside `skiff server`.
-    pub release_startup_pages: bool,
 }
 
 /// The serving certificate of the kubelet API and the CA whose client
@@ -81,7 +77,6 @@ impl AgentConfig {
             backoff: Backoff::default(),
             pod_network: true,
             tls: None,
-            release_startup_pages: false,
             data_dir,
         }
     }
@@ -149,15 +144,6 @@ pub async fn run(client: kube::Client, config: AgentConfig) -> Result<(), AgentE
         },
         config,
     });
-    if ctx.config.release_startup_pages {
-        match startup_memory::release_executable_pages() {
-            Ok(bytes) => tracing::info!(
-                mb = bytes / (1 << 20),
-                "unmapped the executable's start-up code"
-            ),
-            Err(e) => tracing::warn!(error = %e, "cannot unmap the start-up code"),
-        }
-    }
     pod::run(ctx, node_pods).await;
     Ok(())
 }
