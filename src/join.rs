@@ -3,7 +3,10 @@
 //! the one the `K10…` token pins, asks for its credentials with the token
 //! (see `controlplane::apiserver::node_join`), keeps them under
 //! `DATA_DIR/agent/tls` with a kubeconfig naming them, and runs the node
-//! agent and the node's pod network overlay with them.
+//! agent and the node's pod network overlay with them. The server's answer
+//! also names the cluster DNS address and domain (for pods'
+//! `resolv.conf`) and the Service and pod ranges (for the node's data
+//! plane); an older server's answer lacks them and the defaults stay.
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::OpenOptionsExt;
@@ -12,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use controlplane::apiserver::node_join::{
-    CACERTS_PATH, CERTIFICATES_PATH, CertificateRequest, NodeCredentials,
+    CACERTS_PATH, CERTIFICATES_PATH, CertificateRequest, ClusterSettings, NodeCredentials,
 };
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use sha2::{Digest, Sha256};
@@ -84,6 +87,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let client = client_for(&kubeconfig).await?;
 
     let mut agent_config = agent_config;
+    let cluster = &credentials.cluster;
+    check_settings(cluster)?;
+    if let Some(dns) = cluster.cluster_dns {
+        agent_config.cluster_dns = dns;
+    }
+    if let Some(domain) = &cluster.cluster_domain {
+        agent_config.cluster_domain = domain.clone();
+    }
     agent_config.tls = Some(agent::KubeletTls {
         cert_pem: credentials.serving_cert,
         key_pem: credentials.serving_key,
@@ -93,18 +104,38 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         server = %args.server,
         node = %agent_config.node_name,
         %node_ip,
+        cluster_dns = %agent_config.cluster_dns,
+        cluster_domain = %agent_config.cluster_domain,
         "joined; running the node agent"
     );
-    // The node's end of the pod network overlay, as the server runs its own.
-    tokio::spawn(dataplane::overlay::run_supervised(
-        client.clone(),
-        dataplane::overlay::OverlayConfig::new(agent_config.node_name.clone(), node_ip),
-    ));
+    // The node's end of the pod network overlay, as the server runs its
+    // own: with the server's Service range it balances Services too.
+    let mut overlay =
+        dataplane::overlay::OverlayConfig::new(agent_config.node_name.clone(), node_ip);
+    overlay.service_cidr = cluster.service_cidr;
+    overlay.cluster_cidr = cluster.cluster_cidr;
+    tokio::spawn(dataplane::overlay::run_supervised(client.clone(), overlay));
     let agent = agent::run(client, agent_config);
     tokio::select! {
         result = agent => result.context("the node agent stopped"),
         stop = tokio::signal::ctrl_c() => stop.context("waiting for the stop signal"),
     }
+}
+
+/// A node agent's runtime is sized for its memory: its blocking jobs
+/// (making network namespaces, allocating pod addresses) come in bursts
+/// of one per pod, and an unbounded pool grew to one thread per pod
+/// starting (42 threads for 50 pods), each keeping its own allocator
+/// heap. A few threads do those short jobs as fast, as they contend on
+/// the kernel's and the address allocator's locks anyway; and its async
+/// work is I/O waiting that two workers keep up with.
+pub fn size_runtime(builder: &mut tokio::runtime::Builder) {
+    const MAX_WORKERS: usize = 2;
+    const MAX_BLOCKING: usize = 4;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    builder
+        .worker_threads(cpus.min(MAX_WORKERS))
+        .max_blocking_threads(MAX_BLOCKING);
 }
 
 /// The server CA as `GET /cacerts` gives it, before anything is trusted:
@@ -174,6 +205,28 @@ fn kubeconfig_yaml(
 /// A YAML scalar, quoted as JSON (a subset of YAML).
 fn json_str(s: &str) -> String {
     serde_json::Value::String(s.to_owned()).to_string()
+}
+
+/// The server's settings are applied to every pod: a domain that is not a
+/// DNS name would break every pod's resolver, so it is refused here.
+fn check_settings(cluster: &ClusterSettings) -> anyhow::Result<()> {
+    if let Some(domain) = &cluster.cluster_domain {
+        let valid = !domain.is_empty()
+            && domain.len() <= 253
+            && domain.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            });
+        if !valid {
+            bail!("the server's cluster domain {domain:?} is not a DNS name; refusing to join");
+        }
+    }
+    Ok(())
 }
 
 /// The hash a `K10<sha256>::user:secret` token pins; `None` for a bare secret.
@@ -269,6 +322,25 @@ mod tests {
     fn k10_tokens_pin_the_ca() {
         assert_eq!(pinned_hash("K10AbC::server:secret").as_deref(), Some("abc"));
         assert_eq!(pinned_hash("secret"), None);
+    }
+
+    #[test]
+    fn cluster_domains_must_be_dns_names() {
+        for good in ["cluster.local", "corp.example", "a"] {
+            let cluster = ClusterSettings {
+                cluster_domain: Some(good.into()),
+                ..ClusterSettings::default()
+            };
+            assert!(check_settings(&cluster).is_ok(), "{good}");
+        }
+        for bad in ["", "a..b", "-a.b", "a b", "a\nnameserver 1.2.3.4"] {
+            let cluster = ClusterSettings {
+                cluster_domain: Some(bad.into()),
+                ..ClusterSettings::default()
+            };
+            assert!(check_settings(&cluster).is_err(), "{bad:?}");
+        }
+        assert!(check_settings(&ClusterSettings::default()).is_ok());
     }
 
     #[test]

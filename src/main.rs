@@ -54,15 +54,19 @@ fn main() -> anyhow::Result<()> {
     // A proxy given one CPU (`skiff ingress` pinned, as in the benchmark)
     // runs best on a single-threaded runtime.
     let one_cpu = std::thread::available_parallelism().is_ok_and(|n| n.get() == 1);
-    let runtime = if matches!(cli.command, Command::Ingress(_)) && one_cpu {
+    let mut builder = if matches!(cli.command, Command::Ingress(_)) && one_cpu {
         tokio::runtime::Builder::new_current_thread()
     } else {
         tokio::runtime::Builder::new_multi_thread()
+    };
+    if matches!(cli.command, Command::Agent(_)) {
+        join::size_runtime(&mut builder);
     }
-    .enable_all()
-    .thread_name("skiff")
-    .build()
-    .context("starting the async runtime")?;
+    let runtime = builder
+        .enable_all()
+        .thread_name("skiff")
+        .build()
+        .context("starting the async runtime")?;
     runtime.block_on(async {
         match cli.command {
             Command::Server(args) => server::run(args).await,

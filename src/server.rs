@@ -163,7 +163,14 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {bind}"))?;
     tracing::info!(%bind, kubeconfig = %data_dir.join("kubeconfig.yaml").display(), "API server listening");
     // Joining nodes present the token to routes outside the API's authentication.
-    let router = router.merge(apiserver::node_join::routes(pki.clone()));
+    // They also learn the cluster settings their pods and data plane share.
+    let cluster = apiserver::node_join::ClusterSettings {
+        cluster_dns: Some(args.cluster_dns),
+        cluster_domain: Some(args.cluster_domain.clone()),
+        service_cidr: Some(args.service_cidr),
+        cluster_cidr: Some(args.cluster_cidr),
+    };
+    let router = router.merge(apiserver::node_join::routes(pki.clone(), cluster));
     tls::serve(listener, tls_config, router, async {
         if let Err(e) = tokio::signal::ctrl_c().await {
             tracing::error!(error = %e, "cannot wait for the stop signal");

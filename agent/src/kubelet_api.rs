@@ -4,9 +4,10 @@
 //! record and each shim's spec), and resource usage read from the pods'
 //! cgroups for `/metrics/resource`.
 //!
-//! Pods are looked up by name in a watch of the pods bound to this node,
-//! so a pod recreated under the same name is never confused with the one
-//! before it (their folders are by uid).
+//! Pods are looked up by name in the pod workers' cache of the pods bound
+//! to this node (one watch for both), so a pod recreated under the same
+//! name is never confused with the one before it (their folders are by
+//! uid).
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -14,12 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::Api;
-use kube::runtime::WatchStreamExt;
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::watcher::{self, watcher};
+use kube::runtime::reflector::{ObjectRef, Store};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
@@ -31,7 +28,7 @@ const BIND_RETRY: Duration = Duration::from_secs(5);
 
 /// Serves the kubelet API until the process stops. Without TLS material
 /// nothing is served: the API must only ever answer the API server.
-pub async fn run(client: kube::Client, config: Arc<AgentConfig>) {
+pub async fn run(pods: Store<Pod>, config: Arc<AgentConfig>) {
     let Some(material) = &config.tls else {
         tracing::info!("no serving certificate: the kubelet API is not served");
         return;
@@ -48,7 +45,7 @@ pub async fn run(client: kube::Client, config: Arc<AgentConfig>) {
         }
     };
     let pods = NodePods {
-        pods: pod_store(client, &config.node_name),
+        pods,
         pods_dir: config.data_dir.join("pods"),
         logs_dir: config.data_dir.join("logs"),
         runtime: config.runtime.binary.clone(),
@@ -66,23 +63,6 @@ pub async fn run(client: kube::Client, config: Arc<AgentConfig>) {
     };
     tracing::info!(%bind, "kubelet API listening");
     streaming::serve(listener, tls, Arc::new(pods)).await;
-}
-
-/// The pods bound to `node`, kept current by a watch.
-fn pod_store(client: kube::Client, node: &str) -> Store<Pod> {
-    let api: Api<Pod> = Api::all(client);
-    let selector = format!("spec.nodeName={node}");
-    let (reader, writer) = reflector::store();
-    let stream = watcher(api, watcher::Config::default().fields(&selector))
-        .default_backoff()
-        .reflect(writer)
-        .for_each(|event| async move {
-            if let Err(e) = event {
-                tracing::debug!(error = %e, "kubelet API pod watch error");
-            }
-        });
-    tokio::spawn(stream);
-    reader
 }
 
 /// This node's pods as the kubelet API sees them.

@@ -110,7 +110,8 @@ pub async fn run(client: kube::Client, config: AgentConfig) -> Result<(), AgentE
         }
     }
     tokio::spawn(node::heartbeat(client.clone(), config.clone()));
-    tokio::spawn(kubelet_api::run(client.clone(), config.clone()));
+    let node_pods = pod::NodePods::watch(&client, &config.node_name);
+    tokio::spawn(kubelet_api::run(node_pods.store.clone(), config.clone()));
     let (network_tx, network_rx) = tokio::sync::watch::channel(None);
     if config.pod_network {
         tokio::spawn(network::run(client.clone(), config.clone(), network_tx));
@@ -143,6 +144,6 @@ pub async fn run(client: kube::Client, config: AgentConfig) -> Result<(), AgentE
         },
         config,
     });
-    pod::run(ctx).await;
+    pod::run(ctx, node_pods).await;
     Ok(())
 }

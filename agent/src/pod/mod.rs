@@ -164,21 +164,35 @@ where
     reader
 }
 
+/// The watch of the pods bound to this node and the cache it fills; the
+/// cache is shared with the kubelet API, the events drive [`run`].
+pub struct NodePods {
+    pub store: Store<Pod>,
+    events: futures::stream::BoxStream<'static, Result<watcher::Event<Pod>, watcher::Error>>,
+}
+
+impl NodePods {
+    pub fn watch(client: &kube::Client, node_name: &str) -> NodePods {
+        let pods: Api<Pod> = Api::all(client.clone());
+        let selector = format!("spec.nodeName={node_name}");
+        let (store, writer) = reflector::store();
+        let events = watcher(pods, watcher::Config::default().fields(&selector))
+            .default_backoff()
+            .reflect(writer)
+            .boxed();
+        NodePods { store, events }
+    }
+}
+
 /// Runs pods bound to this node until the process stops.
-pub async fn run(ctx: Arc<Context>) {
+pub async fn run(ctx: Arc<Context>, pods: NodePods) {
     if let Some(storage) = reclaim::storage_dir(&ctx.config.data_dir) {
         tokio::spawn(reclaim::run(storage, ctx.volumes.clone()));
     }
     // For the Service variables of containers.
     let services: Store<Service> = cache(Api::all(ctx.client.clone()));
-    let pods: Api<Pod> = Api::all(ctx.client.clone());
-    let selector = format!("spec.nodeName={}", ctx.config.node_name);
-    let (store, writer) = reflector::store();
-    let mut events = watcher(pods, watcher::Config::default().fields(&selector))
-        .default_backoff()
-        .reflect(writer)
-        .boxed();
-    let mut workers: HashMap<String, watch::Sender<Option<Pod>>> = HashMap::new();
+    let NodePods { store, mut events } = pods;
+    let mut workers: HashMap<String, watch::Sender<Option<Arc<Pod>>>> = HashMap::new();
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let mut adopted = false;
     loop {
@@ -227,13 +241,13 @@ pub async fn run(ctx: Arc<Context>) {
                         let changed = current.as_ref().map(|p| &p.metadata.resource_version)
                             != Some(&pod.metadata.resource_version);
                         if changed {
-                            *current = Some((*pod).clone());
+                            *current = Some(pod.clone());
                         }
                         changed
                     });
                 }
                 None => {
-                    let (tx, rx) = watch::channel(Some((*pod).clone()));
+                    let (tx, rx) = watch::channel(Some(pod.clone()));
                     workers.insert(uid.clone(), tx);
                     spawn_worker(&ctx, &services, uid, rx, done_tx.clone());
                 }
@@ -251,7 +265,7 @@ fn spawn_worker(
     ctx: &Arc<Context>,
     services: &Store<Service>,
     uid: String,
-    rx: watch::Receiver<Option<Pod>>,
+    rx: watch::Receiver<Option<Arc<Pod>>>,
     done: tokio::sync::mpsc::UnboundedSender<String>,
 ) {
     let ctx = ctx.clone();

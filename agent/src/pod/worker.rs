@@ -94,7 +94,8 @@ pub struct Worker {
     pub ctx: Arc<Context>,
     pub uid: String,
     pub dir: PathBuf,
-    pub pod: Option<Pod>,
+    /// Shared with the pod cache: a pod is never copied per worker.
+    pub pod: Option<Arc<Pod>>,
     pub sandbox: Option<SandboxRecord>,
     pub sandbox_error: Option<String>,
     pub containers: Vec<Ctr>,
@@ -116,7 +117,7 @@ pub async fn run(
     ctx: Arc<Context>,
     services: Store<Service>,
     uid: String,
-    mut pod_rx: watch::Receiver<Option<Pod>>,
+    mut pod_rx: watch::Receiver<Option<Arc<Pod>>>,
 ) {
     let dir = ctx.pods_dir().join(&uid);
     let (exits_tx, mut exits_rx) = mpsc::unbounded_channel();

@@ -271,6 +271,13 @@ fn report_memory(node: &AgentNode, agent: &JoinedAgent) -> anyhow::Result<()> {
         },
         agent_mb / K3S_AGENT_MB,
     );
+    let kinds = rss_by_kind(agent.child.id())?;
+    println!(
+        "  the agent's RSS by kind: the skiff executable's mapped code and data {:.1} MB, \
+         anonymous (heap, stacks, copied-on-write data) {:.1} MB, shared libraries {:.1} MB; \
+         {} threads",
+        kinds.executable_mb, kinds.anonymous_mb, kinds.libraries_mb, kinds.threads
+    );
     println!(
         "  plus {shims} container shims (the containerd-shim equivalent): PSS {shim_mb:.1} MB \
          in all, {:.2} MB each (PSS: pages shared between them count once)",
@@ -287,6 +294,66 @@ fn report_memory(node: &AgentNode, agent: &JoinedAgent) -> anyhow::Result<()> {
          {server_mb:.1} MB"
     );
     Ok(())
+}
+
+/// A process's RSS split by what backs it.
+struct RssByKind {
+    /// Pages of its own executable file (code, read-only data); the
+    /// copied-on-write ones count as anonymous.
+    executable_mb: f64,
+    anonymous_mb: f64,
+    libraries_mb: f64,
+    threads: usize,
+}
+
+fn rss_by_kind(pid: u32) -> anyhow::Result<RssByKind> {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))?;
+    let exe = exe.to_string_lossy();
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let (mut executable, mut anonymous, mut libraries) = (0.0, 0.0, 0.0);
+    let mut path = String::new();
+    let mut rss = 0.0;
+    for line in smaps.lines() {
+        let kb = |name: &str| -> Option<f64> {
+            line.strip_prefix(name)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        };
+        if let Some(v) = kb("Rss:") {
+            rss = v;
+        } else if let Some(anon) = kb("Anonymous:") {
+            anonymous += anon;
+            let file = rss - anon;
+            if path == exe {
+                executable += file;
+            } else if path.starts_with('/') {
+                libraries += file;
+            } else {
+                // Special mappings ([vdso]) and anonymous ones counted above.
+                anonymous += file;
+            }
+        } else if line
+            .split_whitespace()
+            .next()
+            .is_some_and(|range| range.contains('-') && !range.ends_with(':'))
+        {
+            // A mapping's header: range perms offset dev inode [path].
+            path = line
+                .split_whitespace()
+                .skip(5)
+                .collect::<Vec<_>>()
+                .join(" ");
+        }
+    }
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))?.count();
+    Ok(RssByKind {
+        executable_mb: executable / 1024.0,
+        anonymous_mb: anonymous / 1024.0,
+        libraries_mb: libraries / 1024.0,
+        threads,
+    })
 }
 
 fn rss_mb(pid: u32) -> anyhow::Result<f64> {
