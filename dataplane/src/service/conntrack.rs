@@ -2,7 +2,10 @@
 //! and its reply 5-tuple, in one open-addressing index (linear probing,
 //! backward-shift deletion, load ≤ ½). Flows sit on an LRU list by last
 //! packet, so a full table evicts the flow idle longest. Nothing here
-//! allocates after construction.
+//! allocates after construction, and construction writes nothing: flows
+//! are taken from reserved memory as they are first needed and the index
+//! starts as zeroed memory, so an idle node does not hold a full table
+//! (262,144 flows by default, about 30 MB) in RAM.
 
 use super::hash::hash2;
 use super::state::{Direction, FlowState};
@@ -55,19 +58,33 @@ pub struct Flow {
 }
 
 const NIL: u32 = u32::MAX;
-const EMPTY: u32 = u32::MAX;
 
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    hash: u32,
-    /// flow << 1 | direction, or EMPTY.
-    entry: u32,
+/// An index slot: the tuple's hash in the high half, `(flow << 1 |
+/// direction) + 1` in the low half; all zero is empty, so a fresh index is
+/// zeroed memory the kernel has not had to provide yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Bucket(u64);
+
+impl Bucket {
+    const EMPTY: Bucket = Bucket(0);
+
+    fn new(hash: u32, entry: u32) -> Bucket {
+        Bucket((u64::from(hash) << 32) | (u64::from(entry) + 1))
+    }
+
+    fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    fn hash(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+
+    /// flow << 1 | direction.
+    fn entry(self) -> u32 {
+        (self.0 as u32).wrapping_sub(1)
+    }
 }
-
-const EMPTY_BUCKET: Bucket = Bucket {
-    hash: 0,
-    entry: EMPTY,
-};
 
 /// What an insert did to make room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,8 +97,11 @@ pub enum Room {
 }
 
 pub struct FlowTable {
-    flows: Box<[Flow]>,
-    index: Box<[Bucket]>,
+    /// Grows up to `capacity` (reserved up front, never reallocated).
+    flows: Vec<Flow>,
+    capacity: usize,
+    /// [`Bucket`]s as plain words, so that a fresh index is all zero.
+    index: Box<[u64]>,
     mask: usize,
     seed: u64,
     /// Free flows, linked through `next`.
@@ -99,31 +119,15 @@ impl FlowTable {
     pub fn new(capacity: usize, seed: u64) -> Self {
         let capacity = capacity.clamp(1, 1 << 30);
         let buckets = (capacity * 4).next_power_of_two();
-        let blank = Flow {
-            original: Tuple::default(),
-            reply: Tuple::default(),
-            state: FlowState::Udp { replied: false },
-            last_seen: 0,
-            expires: 0,
-            checked_generation: 0,
-            prev: NIL,
-            next: NIL,
-            live: false,
-        };
-        let mut flows = vec![blank; capacity].into_boxed_slice();
-        for (i, flow) in flows.iter_mut().enumerate() {
-            flow.next = if i + 1 < capacity {
-                (i + 1) as u32
-            } else {
-                NIL
-            };
-        }
+        // Zeroed words: the allocator takes fresh pages from the kernel
+        // and writes none of them.
         FlowTable {
-            flows,
-            index: vec![EMPTY_BUCKET; buckets].into_boxed_slice(),
+            flows: Vec::with_capacity(capacity),
+            capacity,
+            index: vec![0; buckets].into_boxed_slice(),
             mask: buckets - 1,
             seed,
-            free: 0,
+            free: NIL,
             head: NIL,
             tail: NIL,
             len: 0,
@@ -142,7 +146,7 @@ impl FlowTable {
 
     #[cfg(test)]
     pub fn capacity(&self) -> usize {
-        self.flows.len()
+        self.capacity
     }
 
     pub fn get(&self, id: u32) -> &Flow {
@@ -158,12 +162,12 @@ impl FlowTable {
         let hash = tuple.hash(self.seed);
         let mut at = hash as usize & self.mask;
         loop {
-            let bucket = self.index[at];
-            if bucket.entry == EMPTY {
+            let bucket = Bucket(self.index[at]);
+            if bucket.is_empty() {
                 return None;
             }
-            if bucket.hash == hash as u32 {
-                let (id, direction) = split(bucket.entry);
+            if bucket.hash() == hash as u32 {
+                let (id, direction) = split(bucket.entry());
                 if self.tuple_of(id, direction) == tuple {
                     return Some((id, direction));
                 }
@@ -187,6 +191,22 @@ impl FlowTable {
         expires: u64,
         generation: u64,
     ) -> (u32, Room) {
+        let flow = Flow {
+            original,
+            reply,
+            state,
+            last_seen: now,
+            expires,
+            checked_generation: generation,
+            prev: NIL,
+            next: NIL,
+            live: true,
+        };
+        if self.free == NIL && self.flows.len() < self.capacity {
+            let id = self.flows.len() as u32;
+            self.flows.push(flow);
+            return (self.track(id), Room::Free);
+        }
         let room = if self.free == NIL {
             let victim = self.tail;
             let expired = self.flows[victim as usize].expires <= now;
@@ -201,22 +221,17 @@ impl FlowTable {
         };
         let id = self.free;
         self.free = self.flows[id as usize].next;
-        self.flows[id as usize] = Flow {
-            original,
-            reply,
-            state,
-            last_seen: now,
-            expires,
-            checked_generation: generation,
-            prev: NIL,
-            next: NIL,
-            live: true,
-        };
+        self.flows[id as usize] = flow;
+        (self.track(id), room)
+    }
+
+    /// Links a freshly written flow into the LRU list and the index.
+    fn track(&mut self, id: u32) -> u32 {
         self.push_front(id);
         self.index_insert(id, Direction::Original);
         self.index_insert(id, Direction::Reply);
         self.len += 1;
-        (id, room)
+        id
     }
 
     /// Marks a packet seen: the flow becomes the most recent.
@@ -287,13 +302,10 @@ impl FlowTable {
     fn index_insert(&mut self, id: u32, direction: Direction) {
         let hash = self.tuple_of(id, direction).hash(self.seed);
         let mut at = hash as usize & self.mask;
-        while self.index[at].entry != EMPTY {
+        while !Bucket(self.index[at]).is_empty() {
             at = (at + 1) & self.mask;
         }
-        self.index[at] = Bucket {
-            hash: hash as u32,
-            entry: join(id, direction),
-        };
+        self.index[at] = Bucket::new(hash as u32, join(id, direction)).0;
     }
 
     fn index_remove(&mut self, id: u32, direction: Direction) {
@@ -301,11 +313,11 @@ impl FlowTable {
         let wanted = join(id, direction);
         let mut hole = hash as usize & self.mask;
         loop {
-            let entry = self.index[hole].entry;
-            if entry == EMPTY {
+            let bucket = Bucket(self.index[hole]);
+            if bucket.is_empty() {
                 return; // Not indexed: nothing to do.
             }
-            if entry == wanted {
+            if bucket.entry() == wanted {
                 break;
             }
             hole = (hole + 1) & self.mask;
@@ -315,19 +327,19 @@ impl FlowTable {
         let mut at = hole;
         loop {
             at = (at + 1) & self.mask;
-            let bucket = self.index[at];
-            if bucket.entry == EMPTY {
+            let bucket = Bucket(self.index[at]);
+            if bucket.is_empty() {
                 break;
             }
-            let home = bucket.hash as usize & self.mask;
+            let home = bucket.hash() as usize & self.mask;
             let distance_home = at.wrapping_sub(home) & self.mask;
             let distance_hole = at.wrapping_sub(hole) & self.mask;
             if distance_home >= distance_hole {
-                self.index[hole] = bucket;
+                self.index[hole] = bucket.0;
                 hole = at;
             }
         }
-        self.index[hole] = EMPTY_BUCKET;
+        self.index[hole] = Bucket::EMPTY.0;
     }
 
     fn push_front(&mut self, id: u32) {
@@ -413,6 +425,25 @@ mod tests {
         assert_eq!(table.lookup(&o), None);
         assert_eq!(table.lookup(&r), None);
         assert!(table.is_empty());
+    }
+
+    #[test]
+    fn flows_are_taken_as_needed_and_reused() {
+        let mut table = FlowTable::new(1000, 3);
+        assert_eq!((table.flows.len(), table.capacity()), (0, 1000));
+        assert!(table.index.iter().all(|&word| Bucket(word).is_empty()));
+        let ids: Vec<u32> = (0..3)
+            .map(|i| {
+                let (o, r) = tuple(i);
+                table.insert(o, r, UDP, 0, 10, 0).0
+            })
+            .collect();
+        assert_eq!(table.flows.len(), 3);
+        table.remove(ids[1]);
+        let (o, r) = tuple(7);
+        let (id, room) = table.insert(o, r, UDP, 0, 10, 0);
+        assert_eq!((id, room, table.flows.len()), (ids[1], Room::Free, 3));
+        assert_eq!(table.lookup(&r), Some((id, Direction::Reply)));
     }
 
     #[test]
