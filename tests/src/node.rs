@@ -97,8 +97,9 @@ pub fn leftovers(data_dir: &Path, node: &str) -> Vec<String> {
 }
 
 /// Removes everything a node agent made: kills its containers and shims,
-/// unmounts what it mounted under `data_dir` and removes its cgroups.
-pub fn clean_up(data_dir: &Path, node: &str) {
+/// unmounts what it mounted under `data_dir` and removes the cgroups of
+/// `node` (when known).
+pub fn clean_up(data_dir: &Path, node: Option<&str>) {
     let root = data_dir.join("agent").join("runc");
     for id in runc_containers(data_dir) {
         let _ = Command::new("runc")
@@ -131,6 +132,9 @@ pub fn clean_up(data_dir: &Path, node: &str) {
             .stderr(Stdio::null())
             .status();
     }
+    let Some(node) = node.filter(|n| !n.is_empty()) else {
+        return;
+    };
     for controller in [
         "memory", "cpu", "cpuacct", "pids", "cpuset", "blkio", "devices", "freezer", "systemd",
     ] {
@@ -353,7 +357,7 @@ impl AgentNode {
 impl Drop for AgentNode {
     fn drop(&mut self) {
         self.server.kill();
-        clean_up(self.server.data_dir(), &self.netns.name);
+        clean_up(self.server.data_dir(), Some(&self.netns.name));
     }
 }
 
@@ -441,6 +445,6 @@ impl Drop for JoinedAgent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        clean_up(self.data_dir.path(), &self.name);
+        clean_up(self.data_dir.path(), Some(&self.name));
     }
 }

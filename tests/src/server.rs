@@ -257,6 +257,30 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
+        if self.runs_agent() {
+            // What the server's own agent left: containers, mounts (its
+            // namespace folder is one), cgroups. Without this the data
+            // dir cannot be removed either.
+            crate::node::clean_up(self.dir.path(), self.node_name());
+        }
+    }
+}
+
+impl Server {
+    fn runs_agent(&self) -> bool {
+        !self
+            .extra_args
+            .windows(2)
+            .any(|pair| pair[0] == "--disable" && pair[1] == "agent")
+    }
+
+    /// `--node-name`, when the test gave one: the hostname default may be
+    /// shared with other tests' servers, whose cgroups must stay.
+    fn node_name(&self) -> Option<&str> {
+        self.extra_args
+            .windows(2)
+            .find(|pair| pair[0] == "--node-name")
+            .map(|pair| pair[1].as_str())
     }
 }
 
