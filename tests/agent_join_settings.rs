@@ -38,15 +38,7 @@ async fn a_joined_node_uses_the_servers_dns_and_service_range() -> anyhow::Resul
         ],
     )
     .await?;
-    let agent = JoinedAgent::start(
-        Path::new(SKIFF),
-        &node.server,
-        &node.server.url(),
-        &node.netns.name,
-        &node.node_name(),
-        IMAGE,
-        &["--node-ip", "127.0.0.1"],
-    )?;
+    let agent = JoinedAgent::beside(Path::new(SKIFF), &node, IMAGE)?;
     let result = check(&node, &agent).await;
     if result.is_err() {
         eprintln!("agent log:\n{}", agent.log_tail());

@@ -433,6 +433,21 @@ impl JoinedAgent {
         })
     }
 
+    /// Joins an agent to `node`'s server from inside the same network
+    /// namespace (node IP 127.0.0.1), under the node's name: for a server
+    /// started without its own agent.
+    pub fn beside(bin: &Path, node: &AgentNode, image: &str) -> anyhow::Result<JoinedAgent> {
+        JoinedAgent::start(
+            bin,
+            &node.server,
+            &node.server.url(),
+            &node.netns.name,
+            &node.node_name(),
+            image,
+            &["--node-ip", "127.0.0.1"],
+        )
+    }
+
     pub fn log_tail(&self) -> String {
         let text =
             std::fs::read_to_string(self.data_dir.path().join("agent.log")).unwrap_or_default();

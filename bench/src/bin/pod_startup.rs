@@ -58,15 +58,7 @@ fn main() -> anyhow::Result<()> {
         &bin,
         &["--disable", "agent", "--disable", "network"],
     ))?;
-    let agent = JoinedAgent::start(
-        &bin,
-        &node.server,
-        &node.server.url(),
-        &node.netns.name,
-        &node.node_name(),
-        IMAGE,
-        &["--node-ip", "127.0.0.1"],
-    )?;
+    let agent = JoinedAgent::beside(&bin, &node, IMAGE)?;
     println!(
         "server and agent in netns {}; agent pid {}",
         node.netns.name,
