@@ -77,7 +77,8 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
         .with_context(|| format!("reading {}", kubeconfig_path.display()))?;
     let client_config =
         kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
-    let client = kube::Client::try_from(client_config).context("building the API client")?;
+    let client =
+        crate::api_client::multiplexed(client_config).context("building the API client")?;
     let mut config = OverlayConfig::new(node_name, node_ip);
     config.port = args.port;
     config.tun_name = args.tun_name;

@@ -62,7 +62,7 @@ pub async fn run(args: DnsArgs) -> anyhow::Result<()> {
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
         .await
         .context("loading the kubeconfig")?;
-    let client = kube::Client::try_from(config).context("building the API client")?;
+    let client = crate::api_client::multiplexed(config).context("building the API client")?;
     let upstream = (args.upstream_resolv_conf.as_os_str() != "none")
         .then(|| args.upstream_resolv_conf.clone());
     let config = dns::DnsConfig {

@@ -37,7 +37,7 @@ pub async fn run(args: IngressArgs) -> anyhow::Result<()> {
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
         .await
         .context("loading the kubeconfig")?;
-    let client = kube::Client::try_from(config).context("building the client")?;
+    let client = crate::api_client::multiplexed(config).context("building the client")?;
     let mut config = ingress::IngressConfig::new(args.http, args.https, args.node_addresses);
     config.metrics = args.metrics;
     config.access_log = !args.no_access_log;

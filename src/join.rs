@@ -10,14 +10,15 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use controlplane::apiserver::node_join::{
     CACERTS_PATH, CERTIFICATES_PATH, CertificateRequest, ClusterSettings, NodeCredentials,
 };
-use kube::config::{KubeConfigOptions, Kubeconfig};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use sha2::{Digest, Sha256};
 
 use crate::cli::AgentArgs;
@@ -74,17 +75,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         addresses: vec![node_ip],
     };
     let credentials = retry("obtaining the node's certificates", || {
-        request_credentials(&args.server, &ca_path, &token, &request)
+        request_credentials(&args.server, &ca_pem, &token, &request)
     })
     .await?;
     let cert_path = tls_dir.join("client.crt");
     let key_path = tls_dir.join("client.key");
     write_private(&cert_path, &credentials.client_cert)?;
     write_private(&key_path, &credentials.client_key)?;
-    let kubeconfig = kubeconfig_yaml(&args.server, &ca_path, Some((&cert_path, &key_path)), None);
+    let user = serde_json::json!({ "client-certificate": cert_path, "client-key": key_path });
     let kubeconfig_path = args.node.data_dir.join("agent").join("kubeconfig.yaml");
-    write_private(&kubeconfig_path, &kubeconfig)?;
-    let client = client_for(&kubeconfig).await?;
+    write_private(&kubeconfig_path, &kubeconfig(&args.server, &ca_path, &user))?;
+    let client = crate::api_client::multiplexed(client_config(&args.server, &ca_pem, user)?)?;
 
     let mut agent_config = agent_config;
     let cluster = &credentials.cluster;
@@ -143,7 +144,7 @@ pub fn size_runtime(builder: &mut tokio::runtime::Builder) {
 async fn fetch_ca(server: &str) -> anyhow::Result<String> {
     let mut config = kube::Config::new(server.parse()?);
     config.accept_invalid_certs = true;
-    let client = kube::Client::try_from(config)?;
+    let client = crate::api_client::multiplexed(config)?;
     let request = http::Request::get(CACERTS_PATH).body(Vec::new())?;
     let pem = client.request_text(request).await?;
     if !pem.contains("BEGIN CERTIFICATE") {
@@ -154,11 +155,12 @@ async fn fetch_ca(server: &str) -> anyhow::Result<String> {
 
 async fn request_credentials(
     server: &str,
-    ca_path: &Path,
+    ca_pem: &str,
     token: &str,
     request: &CertificateRequest,
 ) -> anyhow::Result<NodeCredentials> {
-    let client = client_for(&kubeconfig_yaml(server, ca_path, None, Some(token))).await?;
+    let user = serde_json::json!({ "token": token });
+    let client = crate::api_client::multiplexed(client_config(server, ca_pem, user)?)?;
     let body = serde_json::to_vec(request)?;
     let request = http::Request::post(CERTIFICATES_PATH)
         .header(http::header::CONTENT_TYPE, "application/json")
@@ -167,44 +169,43 @@ async fn request_credentials(
     serde_json::from_str(&text).context("reading the server's answer")
 }
 
-async fn client_for(kubeconfig: &str) -> anyhow::Result<kube::Client> {
-    let kubeconfig = Kubeconfig::from_yaml(kubeconfig).context("the agent's kubeconfig")?;
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .context("the agent's kubeconfig")?;
-    Ok(kube::Client::try_from(config)?)
-}
-
-/// A kubeconfig naming the CA file and either the client certificate
-/// files or a bearer token.
-fn kubeconfig_yaml(
+/// The agent's client settings, built in memory rather than read back
+/// from the kubeconfig written for people and child processes: parsing
+/// YAML would leave a YAML parser's code (0.8 MB) resident in the agent
+/// for its whole life. `user` is a kubeconfig `user` entry.
+fn client_config(
     server: &str,
-    ca_path: &Path,
-    client: Option<(&PathBuf, &PathBuf)>,
-    token: Option<&str>,
-) -> String {
-    let user = match (client, token) {
-        (Some((cert, key)), _) => format!(
-            "    client-certificate: {}\n    client-key: {}\n",
-            json_str(&cert.display().to_string()),
-            json_str(&key.display().to_string())
-        ),
-        (None, Some(token)) => format!("    token: {}\n", json_str(token)),
-        (None, None) => "    {}\n".to_owned(),
-    };
-    format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: default\n  cluster:\n    \
-         server: {}\n    certificate-authority: {}\nusers:\n- name: default\n  user:\n{user}\
-         contexts:\n- name: default\n  context:\n    cluster: default\n    user: default\n\
-         current-context: default\n",
-        json_str(server),
-        json_str(&ca_path.display().to_string()),
-    )
+    ca_pem: &str,
+    user: serde_json::Value,
+) -> anyhow::Result<kube::Config> {
+    let mut config = kube::Config::new(server.parse()?);
+    let roots = CertificateDer::pem_slice_iter(ca_pem.as_bytes())
+        .map(|cert| cert.map(|cert| cert.to_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .context("reading the server CA")?;
+    config.root_cert = Some(roots);
+    config.auth_info = serde_json::from_value(user).context("the agent's credentials")?;
+    Ok(config)
 }
 
-/// A YAML scalar, quoted as JSON (a subset of YAML).
-fn json_str(s: &str) -> String {
-    serde_json::Value::String(s.to_owned()).to_string()
+/// A kubeconfig naming the CA file and the kubeconfig `user` entry. JSON
+/// is YAML, so kubectl and `kube` read it as any kubeconfig.
+fn kubeconfig(server: &str, ca_path: &Path, user: &serde_json::Value) -> String {
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{
+            "name": "default",
+            "cluster": { "server": server, "certificate-authority": ca_path },
+        }],
+        "users": [{ "name": "default", "user": user }],
+        "contexts": [{
+            "name": "default",
+            "context": { "cluster": "default", "user": "default" },
+        }],
+        "current-context": "default",
+    });
+    format!("{config:#}\n")
 }
 
 /// The server's settings are applied to every pod: a domain that is not a
@@ -317,6 +318,7 @@ fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kube::config::Kubeconfig;
 
     #[test]
     fn k10_tokens_pin_the_ca() {
@@ -344,24 +346,33 @@ mod tests {
     }
 
     #[test]
-    fn kubeconfigs_parse() {
-        let ca = PathBuf::from("/d/ca.crt");
-        let (cert, key) = (PathBuf::from("/d/c.crt"), PathBuf::from("/d/c.key"));
-        for yaml in [
-            kubeconfig_yaml("https://10.0.0.1:6443", &ca, Some((&cert, &key)), None),
-            kubeconfig_yaml("https://10.0.0.1:6443", &ca, None, Some("K10x::server:y")),
-        ] {
-            let parsed = Kubeconfig::from_yaml(&yaml).unwrap();
-            assert_eq!(
-                parsed.clusters[0]
-                    .cluster
-                    .as_ref()
-                    .unwrap()
-                    .server
-                    .as_deref(),
-                Some("https://10.0.0.1:6443"),
-                "{yaml}"
-            );
-        }
+    fn the_written_kubeconfig_names_the_server_ca_and_credentials() {
+        let user =
+            serde_json::json!({ "client-certificate": "/d/c.crt", "client-key": "/d/c.key" });
+        let text = kubeconfig("https://10.0.0.1:6443", Path::new("/d/ca.crt"), &user);
+        let parsed = Kubeconfig::from_yaml(&text).unwrap();
+        let cluster = parsed.clusters[0].cluster.as_ref().unwrap();
+        assert_eq!(cluster.server.as_deref(), Some("https://10.0.0.1:6443"));
+        assert_eq!(cluster.certificate_authority.as_deref(), Some("/d/ca.crt"));
+        let auth = parsed.auth_infos[0].auth_info.as_ref().unwrap();
+        assert_eq!(auth.client_certificate.as_deref(), Some("/d/c.crt"));
+        assert_eq!(auth.client_key.as_deref(), Some("/d/c.key"));
+        assert_eq!(parsed.current_context.as_deref(), Some("default"));
+    }
+
+    #[test]
+    fn client_settings_carry_the_ca_and_the_user() {
+        let ca = rcgen::generate_simple_self_signed(vec!["skiff-ca".to_owned()]).unwrap();
+        let user = serde_json::json!({ "token": "K10x::server:y" });
+        let config = client_config("https://10.0.0.1:6443", &ca.cert.pem(), user).unwrap();
+        assert_eq!(config.cluster_url, "https://10.0.0.1:6443/");
+        assert_eq!(config.root_cert, Some(vec![ca.cert.der().to_vec()]));
+        assert!(config.auth_info.token.is_some());
+
+        let user = serde_json::json!({ "token": "t" });
+        let garbled = ca.cert.pem().replace("MII", "M!I");
+        assert!(client_config("https://10.0.0.1:6443", &garbled, user).is_err());
+        let user = serde_json::json!({ "client-key": 5 });
+        assert!(client_config("https://10.0.0.1:6443", &ca.cert.pem(), user).is_err());
     }
 }

@@ -1,6 +1,7 @@
 //! `skiff`: the one binary. It parses the command line (k3s's flag names and
 //! defaults) and composes the crates into a server or an agent.
 
+mod api_client;
 mod cli;
 mod dataplane;
 mod dns;

@@ -102,7 +102,11 @@ pub async fn serve<S, B>(
     let mut http = auto::Builder::new(TokioExecutor::new());
     // A timer enables hyper's header-read and keep-alive timeouts.
     http.http1().timer(TokioTimer::new());
-    http.http2().timer(TokioTimer::new());
+    // Node components multiplex every watch and request on one HTTP/2
+    // connection; kube-apiserver allows 1,000 streams on one (hyper: 200).
+    http.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(1000);
     let http = Arc::new(http);
     let (stop_tx, stop_rx) = watch::channel(());
     let mut connections = JoinSet::new();
