@@ -154,6 +154,7 @@ where
     let (reader, writer) = reflector::store();
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
+        .modify(forget_managed_fields)
         .reflect(writer)
         .for_each(|event| async move {
             if let Err(e) = event {
@@ -162,6 +163,12 @@ where
         });
     tokio::spawn(stream);
     reader
+}
+
+/// The agent reads no field ownership, and every object's managedFields
+/// (a JSON tree per writer) would otherwise stay in its caches.
+fn forget_managed_fields<K: kube::Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
 }
 
 /// The watch of the pods bound to this node and the cache it fills; the
@@ -178,6 +185,7 @@ impl NodePods {
         let (store, writer) = reflector::store();
         let events = watcher(pods, watcher::Config::default().fields(&selector))
             .default_backoff()
+            .modify(forget_managed_fields)
             .reflect(writer)
             .boxed();
         NodePods { store, events }
