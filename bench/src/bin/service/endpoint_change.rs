@@ -36,6 +36,8 @@ const CREATE_CONCURRENCY: usize = 16;
 const CHANGES: usize = 10;
 /// The probe's pause between connections (bounds its load on the engine).
 const PROBE_GAP: Duration = Duration::from_millis(1);
+/// Probing clients running at once (see [`Prober`]).
+const PROBERS: usize = 4;
 const CHANGE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Measures at each Service count in `scales` (ascending), adding fillers
@@ -278,38 +280,47 @@ impl Drop for Listener {
     }
 }
 
-/// A client in the client pod connecting to the probe Service over and
-/// over, reporting each change of the tag that answers (0: no answer).
+/// Clients in the client pod connecting to the probe Service over and
+/// over, each reporting every change of the tag that answers it (0: no
+/// answer). There are several so that a connection caught by the change
+/// itself (its SYN sent to the old endpoint, which left the Service before
+/// its SYN-ACK came back: the client retransmits a second later) does not
+/// hold up the probes that follow it.
 struct Prober {
     stop: Arc<AtomicBool>,
     changes: mpsc::Receiver<(Instant, u8)>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Prober {
     fn start(cluster: &Cluster, target: SocketAddr) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
         let (tx, changes) = mpsc::channel();
-        let thread = cluster.pod("client").netns.enter(move || {
-            std::thread::spawn(move || {
-                let mut last = None;
-                while !flag.load(Ordering::Relaxed) {
-                    let tag = probe(target).unwrap_or(0);
-                    if last != Some(tag) {
-                        last = Some(tag);
-                        if tx.send((Instant::now(), tag)).is_err() {
-                            return;
+        let mut threads = Vec::with_capacity(PROBERS);
+        for _ in 0..PROBERS {
+            let flag = stop.clone();
+            let tx = tx.clone();
+            // A thread started inside the namespace stays in it.
+            threads.push(cluster.pod("client").netns.enter(move || {
+                std::thread::spawn(move || {
+                    let mut last = None;
+                    while !flag.load(Ordering::Relaxed) {
+                        let tag = probe(target).unwrap_or(0);
+                        if last != Some(tag) {
+                            last = Some(tag);
+                            if tx.send((Instant::now(), tag)).is_err() {
+                                return;
+                            }
                         }
+                        std::thread::sleep(PROBE_GAP);
                     }
-                    std::thread::sleep(PROBE_GAP);
-                }
-            })
-        })?;
+                })
+            })?);
+        }
         Ok(Prober {
             stop,
             changes,
-            thread: Some(thread),
+            threads,
         })
     }
 
@@ -339,7 +350,7 @@ impl Prober {
 impl Drop for Prober {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
+        for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
     }
