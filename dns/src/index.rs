@@ -4,7 +4,7 @@
 //! and take a lock only when a new snapshot was published; the writer
 //! (`zone`) replaces only the shards it changed.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,13 +15,143 @@ pub const SHARDS: usize = 64;
 /// `[qtype: 2][head: 10][external: 1][body length: 2][body]`. Qtype 0
 /// answers every type without an answer of its own (an alias's CNAME);
 /// a node without one answers such types NODATA, and an empty node is an
-/// empty non-terminal. One allocation per name (none for an empty node);
-/// a shard copied for a new snapshot copies its nodes, which costs less
-/// than a reference count on every node would in memory.
-pub type Node = Box<[u8]>;
+/// empty non-terminal.
+pub type Node = [u8];
 
-/// Lowercased wire name to node.
-pub type Shard = HashMap<Arc<[u8]>, Node, FxBuild>;
+/// One shard of the map, immutable once built: every entry's name and
+/// node back to back in one buffer, found through an open-addressed table
+/// of offsets. Two allocations per shard rather than three per name (a
+/// map slot, the name, the node) keep the zone at about its encoded size,
+/// and a changed shard is written anew, exactly sized, in one pass.
+#[derive(Default, Debug)]
+pub struct Shard {
+    /// Entries, each `[name length: 1][name][node length: 4][node]`.
+    data: Box<[u8]>,
+    /// Offset + 1 of an entry in `data`, at the slot its name hashes to
+    /// or after it (linear probing); 0 is a free slot. A quarter or more
+    /// is free, so probes stay short.
+    slots: Box<[u32]>,
+    len: usize,
+}
+
+impl Shard {
+    /// The node of `name`, a lowercased wire name.
+    pub fn get(&self, name: &[u8]) -> Option<&Node> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let mut slot = slot_of(name, self.slots.len());
+        loop {
+            let entry = self.slots[slot];
+            if entry == 0 {
+                return None;
+            }
+            let (key, node) = self.entry(entry as usize - 1);
+            if key == name {
+                return Some(node);
+            }
+            slot = if slot + 1 == self.slots.len() {
+                0
+            } else {
+                slot + 1
+            };
+        }
+    }
+
+    pub fn contains_key(&self, name: &[u8]) -> bool {
+        self.get(name).is_some()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Every (name, node), in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &Node)> + Clone {
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            if at >= self.data.len() {
+                return None;
+            }
+            let (key, node) = self.entry(at);
+            at += 1 + key.len() + 4 + node.len();
+            Some((key, node))
+        })
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &[u8]> {
+        self.iter().map(|(k, _)| k)
+    }
+
+    /// This shard with `changes` applied: a name with `Some(node)` gets
+    /// that node, one with `None` is removed. Each name is listed once.
+    pub fn with_changes(&self, changes: &[(&[u8], Option<&Node>)]) -> Shard {
+        let changed: HashSet<&[u8], FxBuild> = changes.iter().map(|(k, _)| *k).collect();
+        let kept = self.iter().filter(|(k, _)| !changed.contains(k));
+        let added = changes
+            .iter()
+            .filter(|(k, _)| k.len() <= usize::from(u8::MAX))
+            .filter_map(|(k, node)| Some((*k, (*node)?)));
+        Shard::from_entries(kept.chain(added))
+    }
+
+    fn from_entries<'a>(entries: impl Iterator<Item = (&'a [u8], &'a Node)> + Clone) -> Shard {
+        let mut size = 0;
+        let mut len = 0;
+        for (key, node) in entries.clone() {
+            size += 1 + key.len() + 4 + node.len();
+            len += 1;
+        }
+        if size >= u32::MAX as usize {
+            tracing::error!(size, "an index shard is too large to keep; names dropped");
+            return Shard::default();
+        }
+        let mut data = Vec::with_capacity(size);
+        let slots_len = if len == 0 { 0 } else { len + len / 3 + 1 };
+        let mut slots = vec![0u32; slots_len].into_boxed_slice();
+        for (key, node) in entries {
+            let at = data.len();
+            data.push(key.len() as u8);
+            data.extend_from_slice(key);
+            data.extend_from_slice(&(node.len() as u32).to_le_bytes());
+            data.extend_from_slice(node);
+            let mut slot = slot_of(key, slots.len());
+            while slots[slot] != 0 {
+                slot = if slot + 1 == slots.len() { 0 } else { slot + 1 };
+            }
+            slots[slot] = at as u32 + 1;
+        }
+        Shard {
+            data: data.into_boxed_slice(),
+            slots,
+            len,
+        }
+    }
+
+    /// The (name, node) of the entry at `at`, an offset the shard wrote.
+    fn entry(&self, at: usize) -> (&[u8], &Node) {
+        let key_len = usize::from(self.data[at]);
+        let key = &self.data[at + 1..at + 1 + key_len];
+        let mut len = [0u8; 4];
+        len.copy_from_slice(&self.data[at + 1 + key_len..at + 5 + key_len]);
+        let node_at = at + 5 + key_len;
+        let node = &self.data[node_at..node_at + u32::from_le_bytes(len) as usize];
+        (key, node)
+    }
+}
+
+/// The home slot of `name` in a table of `slots` slots: the hash's bits
+/// below those `shard_of` took, scaled to the table.
+fn slot_of(name: &[u8], slots: usize) -> usize {
+    let mut h = FxHasher::default();
+    h.write(name);
+    let bits = h.finish() << 6;
+    ((u128::from(bits) * slots as u128) >> 64) as usize
+}
 
 /// Bytes of an answer's fixed part in a node.
 const ENTRY_HEAD: usize = 2 + 10 + 1 + 2;
@@ -116,7 +246,7 @@ impl Index {
 
     /// The node of `name`, a lowercased wire name.
     pub fn node(&self, name: &[u8]) -> Option<&[u8]> {
-        self.shards[shard_of(name)].get(name).map(|n| &**n)
+        self.shards[shard_of(name)].get(name)
     }
 
     /// Number of names, for tests and logs.
@@ -239,5 +369,81 @@ impl Hasher for FxHasher {
 
     fn finish(&self) -> u64 {
         self.hash
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn name(i: u8) -> Vec<u8> {
+        crate::wire::encode_name(&format!("n{i}.default.svc.cluster.local")).unwrap()
+    }
+
+    /// Checks `shard` holds exactly `model`, byte for byte.
+    fn same(shard: &Shard, model: &BTreeMap<Vec<u8>, Vec<u8>>) {
+        assert_eq!(shard.len(), model.len());
+        let listed: BTreeMap<Vec<u8>, Vec<u8>> = shard
+            .iter()
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .collect();
+        assert_eq!(&listed, model);
+        for i in 0..64 {
+            let key = name(i);
+            assert_eq!(shard.get(&key), model.get(&key).map(|v| &v[..]));
+            assert_eq!(shard.contains_key(&key), model.contains_key(&key));
+        }
+    }
+
+    proptest! {
+        /// Batches of sets (some to empty nodes) and removals, as the
+        /// builder sends them, against a map.
+        #[test]
+        fn a_shard_is_a_map(batches in proptest::collection::vec(
+            proptest::collection::btree_map(
+                0..64u8,
+                proptest::option::of(proptest::collection::vec(any::<u8>(), 0..80)),
+                0..24,
+            ),
+            1..12,
+        )) {
+            let mut shard = Shard::default();
+            let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+            same(&shard, &model);
+            for batch in batches {
+                let keys: Vec<(Vec<u8>, Option<Vec<u8>>)> =
+                    batch.into_iter().map(|(i, node)| (name(i), node)).collect();
+                let changes: Vec<(&[u8], Option<&[u8]>)> = keys
+                    .iter()
+                    .map(|(k, node)| (&k[..], node.as_deref()))
+                    .collect();
+                shard = shard.with_changes(&changes);
+                for (k, node) in keys {
+                    match node {
+                        Some(node) => model.insert(k, node),
+                        None => model.remove(&k),
+                    };
+                }
+                same(&shard, &model);
+            }
+        }
+    }
+
+    #[test]
+    fn names_that_are_prefixes_of_others_stay_apart() {
+        // `a.b` and `b` as labels: equal bytes up to a point, different
+        // lengths.
+        let long = crate::wire::encode_name("a.b").unwrap();
+        let short = crate::wire::encode_name("a").unwrap();
+        let shard =
+            Shard::default().with_changes(&[(&long, Some(b"long")), (&short, Some(b"short"))]);
+        assert_eq!(shard.get(&long), Some(&b"long"[..]));
+        assert_eq!(shard.get(&short), Some(&b"short"[..]));
+        assert_eq!(shard.get(&long[..2]), None);
+        assert_eq!(Shard::default().get(&short), None);
     }
 }

@@ -5,11 +5,14 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Api, Client, ResourceExt};
+// Links the allocator `mi_collect` (below) belongs to.
+use libmimalloc_sys as _;
 
 use crate::index::Published;
 use crate::objects::{EndpointSlice, Pod, Service};
@@ -18,6 +21,10 @@ use crate::zone::{Owner, ZoneBuilder};
 
 /// Most events applied before a publish, so a long burst still shows up.
 const MAX_BURST: usize = 4096;
+
+/// How long the watches stay quiet after a publish before the memory the
+/// burst freed is given back to the system.
+const SETTLE: Duration = Duration::from_millis(500);
 
 /// (namespace, name); boxed, as the state holds one per object.
 type Key = (Box<str>, Box<str>);
@@ -50,7 +57,24 @@ pub async fn run(client: Client, mut builder: ZoneBuilder, published: Arc<Publis
     let events = futures::stream::select(services, futures::stream::select(slices, pods));
     let mut events = std::pin::pin!(events);
     let mut state = ClusterState::default();
-    while let Some(ev) = events.next().await {
+    let mut settled = true;
+    loop {
+        let ev = if settled {
+            events.next().await
+        } else {
+            match tokio::time::timeout(SETTLE, events.next()).await {
+                Ok(ev) => ev,
+                Err(_) => {
+                    return_freed_memory();
+                    settled = true;
+                    continue;
+                }
+            }
+        };
+        let Some(ev) = ev else {
+            break;
+        };
+        settled = false;
         state.handle(ev);
         let mut burst = 1;
         while burst < MAX_BURST {
@@ -66,6 +90,23 @@ pub async fn run(client: Client, mut builder: ZoneBuilder, published: Arc<Publis
         state.flush(&mut builder);
         builder.publish(&published);
     }
+}
+
+/// Has the allocator give freed memory back now. A burst of changes
+/// (the first listing, a rollout) frees the snapshots and decoded objects
+/// it went through; mimalloc returns such pages only after a delay and
+/// only while it keeps allocating, so an idle DNS server would otherwise
+/// hold them for good.
+fn return_freed_memory() {
+    // SAFETY: mi_collect only walks the allocator's own structures; any
+    // thread may call it at any time. In a process whose global allocator
+    // is not mimalloc it finds nothing to collect.
+    unsafe { mi_collect(true) }
+}
+
+// The binding libmimalloc-sys offers only with its `extended` feature.
+unsafe extern "C" {
+    fn mi_collect(force: bool);
 }
 
 /// What the watches have seen, reduced to DNS's needs.

@@ -15,7 +15,7 @@ use hickory_proto::rr::rdata::{A, AAAA, CNAME, NS, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
 use crate::index::{
-    FxBuild, Index, Node, Published, SHARDS, Shard, Zone, node_answer, push_answer, shard_of,
+    FxBuild, Index, Published, SHARDS, Shard, Zone, node_answer, push_answer, shard_of,
 };
 use crate::wire;
 
@@ -303,8 +303,25 @@ impl ZoneBuilder {
             }
             next += 1;
         }
+        // Every node first (PTR nodes read their current answers back from
+        // the shards), then each changed shard written anew once.
+        let mut changes: Vec<Vec<(WireName, Option<Vec<u8>>)>> = vec![Vec::new(); SHARDS];
         for name in dirty {
-            self.refresh(name);
+            let node = self.node(&name);
+            let shard = shard_of(&name);
+            if self.shards[shard].get(&name) != node.as_deref() {
+                changes[shard].push((name, node));
+            }
+        }
+        for (shard, changes) in changes.iter().enumerate() {
+            if changes.is_empty() {
+                continue;
+            }
+            let changes: Vec<(&[u8], Option<&[u8]>)> = changes
+                .iter()
+                .map(|(name, node)| (&name[..], node.as_deref()))
+                .collect();
+            self.shards[shard] = Arc::new(self.shards[shard].with_changes(&changes));
         }
         self.ptr_changes.clear();
         Index {
@@ -498,28 +515,6 @@ impl ZoneBuilder {
         })
     }
 
-    /// Writes `name`'s node from the current records, or removes it.
-    fn refresh(&mut self, name: WireName) {
-        let node = self.node(&name);
-        let shard = shard_of(&name);
-        match node {
-            Some(node) => {
-                if self.shards[shard]
-                    .get(&name[..])
-                    .is_some_and(|n| **n == *node)
-                {
-                    return;
-                }
-                Arc::make_mut(&mut self.shards[shard]).insert(name, Node::from(node));
-            }
-            None => {
-                if self.shards[shard].contains_key(&name[..]) {
-                    Arc::make_mut(&mut self.shards[shard]).remove(&name[..]);
-                }
-            }
-        }
-    }
-
     /// The PTR targets `name`'s node holds now, read back from its answer.
     fn ptr_targets(&self, name: &[u8]) -> BTreeSet<Vec<u8>> {
         let Some(node) = self.shards[shard_of(name)].get(name) else {
@@ -602,6 +597,13 @@ impl ZoneBuilder {
             self.push_positive(&mut node, 0, &qname, answers, Vec::new());
         }
         Some(node)
+    }
+
+    /// The node the encoder makes for `name` now, to check the index
+    /// against.
+    #[cfg(test)]
+    pub(crate) fn encoded_node(&self, name: &[u8]) -> Option<Vec<u8>> {
+        self.node(name)
     }
 
     /// The addresses of the SRV targets in `group`.
