@@ -23,43 +23,49 @@ pub const SHARDS: usize = 1 << SHARD_BITS;
 /// empty non-terminal.
 pub type Node = [u8];
 
-/// One shard of the map, immutable once built: every entry's name and
-/// node back to back in one buffer, found through an open-addressed table
-/// of offsets. Two allocations per shard rather than three per name (a
-/// map slot, the name, the node) keep the zone at about its encoded size,
-/// and a changed shard is written anew, exactly sized, in one pass.
-#[derive(Default, Debug)]
-pub struct Shard {
-    /// Entries, each `[name length: 1][name][node length: 4][node]`.
-    data: Box<[u8]>,
-    /// Offset + 1 of an entry in `data`, at the slot its name hashes to
-    /// or after it (linear probing); 0 is a free slot. A quarter or more
-    /// is free, so probes stay short.
-    slots: Box<[u32]>,
-    len: usize,
+/// One shard of the map, immutable once built, in one allocation: its
+/// entries' names and nodes back to back, found through an open-addressed
+/// table of offsets in front of them. One allocation per shard rather
+/// than three per name (a map slot, the name, the node) keeps the zone at
+/// about its encoded size; a changed shard is written anew, exactly sized,
+/// in one pass, and a snapshot shares the shards it did not change.
+///
+/// Layout: `[slots: 4][entries: 4][slot: 4]*[entry]*`, numbers little
+/// endian; an entry is `[name length: 1][name][node length: 4][node]`; a
+/// slot holds 1 + the offset of an entry after the table, at the slot its
+/// name hashes to or after it (linear probing), or 0 when free. A quarter
+/// or more of the slots is free, so probes stay short.
+#[derive(Clone, Debug)]
+pub struct Shard(Arc<[u8]>);
+
+/// Bytes before a shard's slots.
+const SHARD_HEAD: usize = 8;
+
+impl Default for Shard {
+    fn default() -> Self {
+        Shard(Arc::from(&[0u8; SHARD_HEAD][..]))
+    }
 }
 
 impl Shard {
     /// The node of `name`, a lowercased wire name.
     pub fn get(&self, name: &[u8]) -> Option<&Node> {
-        if self.slots.is_empty() {
+        let slots = self.slots();
+        if slots == 0 {
             return None;
         }
-        let mut slot = slot_of(name, self.slots.len());
+        let entries = self.entries();
+        let mut slot = slot_of(name, slots);
         loop {
-            let entry = self.slots[slot];
+            let entry = self.word(SHARD_HEAD + 4 * slot)?;
             if entry == 0 {
                 return None;
             }
-            let (key, node) = self.entry(entry as usize - 1);
+            let (key, node) = entry_at(entries, entry as usize - 1)?;
             if key == name {
                 return Some(node);
             }
-            slot = if slot + 1 == self.slots.len() {
-                0
-            } else {
-                slot + 1
-            };
+            slot = if slot + 1 == slots { 0 } else { slot + 1 };
         }
     }
 
@@ -68,21 +74,24 @@ impl Shard {
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        self.word(4).unwrap_or(0) as usize
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
+    }
+
+    /// Whether both are the same shard (not a copy).
+    pub fn ptr_eq(&self, other: &Shard) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
     }
 
     /// Every (name, node), in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &Node)> + Clone {
+        let entries = self.entries();
         let mut at = 0;
         std::iter::from_fn(move || {
-            if at >= self.data.len() {
-                return None;
-            }
-            let (key, node) = self.entry(at);
+            let (key, node) = entry_at(entries, at)?;
             at += 1 + key.len() + 4 + node.len();
             Some((key, node))
         })
@@ -112,42 +121,55 @@ impl Shard {
             size += 1 + key.len() + 4 + node.len();
             len += 1;
         }
-        if size >= u32::MAX as usize {
+        let slots = if len == 0 { 0 } else { len + len / 3 + 1 };
+        let table = SHARD_HEAD + 4 * slots;
+        if table + size >= u32::MAX as usize {
             tracing::error!(size, "an index shard is too large to keep; names dropped");
             return Shard::default();
         }
-        let mut data = Vec::with_capacity(size);
-        let slots_len = if len == 0 { 0 } else { len + len / 3 + 1 };
-        let mut slots = vec![0u32; slots_len].into_boxed_slice();
+        let mut buf = Vec::with_capacity(table + size);
+        buf.extend_from_slice(&(slots as u32).to_le_bytes());
+        buf.extend_from_slice(&(len as u32).to_le_bytes());
+        buf.resize(table, 0);
         for (key, node) in entries {
-            let at = data.len();
-            data.push(key.len() as u8);
-            data.extend_from_slice(key);
-            data.extend_from_slice(&(node.len() as u32).to_le_bytes());
-            data.extend_from_slice(node);
-            let mut slot = slot_of(key, slots.len());
-            while slots[slot] != 0 {
-                slot = if slot + 1 == slots.len() { 0 } else { slot + 1 };
+            let at = buf.len() - table;
+            buf.push(key.len() as u8);
+            buf.extend_from_slice(key);
+            buf.extend_from_slice(&(node.len() as u32).to_le_bytes());
+            buf.extend_from_slice(node);
+            let mut slot = slot_of(key, slots);
+            while buf[SHARD_HEAD + 4 * slot..SHARD_HEAD + 4 * slot + 4] != [0; 4] {
+                slot = if slot + 1 == slots { 0 } else { slot + 1 };
             }
-            slots[slot] = at as u32 + 1;
+            buf[SHARD_HEAD + 4 * slot..SHARD_HEAD + 4 * slot + 4]
+                .copy_from_slice(&(at as u32 + 1).to_le_bytes());
         }
-        Shard {
-            data: data.into_boxed_slice(),
-            slots,
-            len,
-        }
+        Shard(Arc::from(buf))
     }
 
-    /// The (name, node) of the entry at `at`, an offset the shard wrote.
-    fn entry(&self, at: usize) -> (&[u8], &Node) {
-        let key_len = usize::from(self.data[at]);
-        let key = &self.data[at + 1..at + 1 + key_len];
-        let mut len = [0u8; 4];
-        len.copy_from_slice(&self.data[at + 1 + key_len..at + 5 + key_len]);
-        let node_at = at + 5 + key_len;
-        let node = &self.data[node_at..node_at + u32::from_le_bytes(len) as usize];
-        (key, node)
+    fn slots(&self) -> usize {
+        self.word(0).unwrap_or(0) as usize
     }
+
+    fn entries(&self) -> &[u8] {
+        self.0.get(SHARD_HEAD + 4 * self.slots()..).unwrap_or(&[])
+    }
+
+    /// The little-endian word at byte `at`.
+    fn word(&self, at: usize) -> Option<u32> {
+        let bytes = self.0.get(at..at + 4)?;
+        Some(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+    }
+}
+
+/// The (name, node) of the entry at `at` in a shard's entries.
+fn entry_at(entries: &[u8], at: usize) -> Option<(&[u8], &Node)> {
+    let key_len = usize::from(*entries.get(at)?);
+    let key = entries.get(at + 1..at + 1 + key_len)?;
+    let len = entries.get(at + 1 + key_len..at + 5 + key_len)?;
+    let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    let node = entries.get(at + 5 + key_len..at + 5 + key_len + len)?;
+    Some((key, node))
 }
 
 /// The home slot of `name` in a table of `slots` slots: the hash's bits
@@ -234,7 +256,7 @@ pub struct Zone {
 
 #[derive(Debug)]
 pub struct Index {
-    pub shards: Vec<Arc<Shard>>,
+    pub shards: Vec<Shard>,
     pub zone: Arc<Zone>,
     /// False until the watches have listed everything once; until then
     /// zone questions get SERVFAIL rather than a false NXDOMAIN.
@@ -266,8 +288,8 @@ impl Index {
 }
 
 /// `SHARDS` shards, all one shared empty shard until each gets names.
-pub fn empty_shards() -> Vec<Arc<Shard>> {
-    let empty = Arc::new(Shard::default());
+pub fn empty_shards() -> Vec<Shard> {
+    let empty = Shard::default();
     (0..SHARDS).map(|_| empty.clone()).collect()
 }
 

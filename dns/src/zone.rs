@@ -147,7 +147,7 @@ pub struct ZoneBuilder {
     /// Name → names in other owners whose answers embed its records (a
     /// CNAME to it, or an SRV record targeting it), one per record.
     dependents: HashMap<WireName, Vec<WireName>, FxBuild>,
-    shards: Vec<Arc<Shard>>,
+    shards: Vec<Shard>,
     /// Names to re-encode at the next build, back to back (wire names
     /// end themselves), repeats included: one buffer rather than a name
     /// allocation each, which a burst would leave as holes among the
@@ -389,7 +389,7 @@ impl ZoneBuilder {
             written.push((shard, self.shards[shard].with_changes(&changes)));
         }
         for (shard, written) in written {
-            self.shards[shard] = Arc::new(written);
+            self.shards[shard] = written;
         }
         // Dropped rather than cleared: a burst (the first listing) would
         // otherwise keep its capacity for good.
