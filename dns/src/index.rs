@@ -162,6 +162,54 @@ impl Shard {
     }
 }
 
+/// A map from names (up to 255 bytes) to byte strings in shards, for
+/// the builder's and the watch's own many small entries: one allocation
+/// per shard of a few entries rather than a map slot and one or two
+/// allocations each. A change writes its shard anew.
+pub struct ShardMap {
+    shards: Vec<Shard>,
+    bits: u32,
+}
+
+impl Default for ShardMap {
+    /// 256 shards: a few entries each at a thousand.
+    fn default() -> Self {
+        ShardMap::new(8)
+    }
+}
+
+impl ShardMap {
+    /// A map of `2^bits` shards (`bits` from 1 to 16).
+    pub fn new(bits: u32) -> Self {
+        let bits = bits.clamp(1, 16);
+        ShardMap {
+            shards: vec![Shard::default(); 1 << bits],
+            bits,
+        }
+    }
+
+    pub fn get(&self, name: &[u8]) -> Option<&[u8]> {
+        self.shards[self.shard(name)].get(name)
+    }
+
+    /// Sets (`Some`) or removes the value of `name`; names over 255
+    /// bytes are not kept.
+    pub fn set(&mut self, name: &[u8], value: Option<&[u8]>) {
+        let shard = self.shard(name);
+        if self.shards[shard].get(name) != value {
+            self.shards[shard] = self.shards[shard].with_changes(&[(name, value)]);
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.shards.iter().flat_map(|s| s.iter())
+    }
+
+    fn shard(&self, name: &[u8]) -> usize {
+        (name_hash(name) >> (64 - self.bits)) as usize
+    }
+}
+
 /// The (name, node) of the entry at `at` in a shard's entries.
 fn entry_at(entries: &[u8], at: usize) -> Option<(&[u8], &Node)> {
     let key_len = usize::from(*entries.get(at)?);
@@ -289,14 +337,18 @@ impl Index {
 
 /// `SHARDS` shards, all one shared empty shard until each gets names.
 pub fn empty_shards() -> Vec<Shard> {
-    let empty = Shard::default();
-    (0..SHARDS).map(|_| empty.clone()).collect()
+    vec![Shard::default(); SHARDS]
 }
 
 pub fn shard_of(key: &[u8]) -> usize {
+    (name_hash(key) >> (64 - SHARD_BITS)) as usize
+}
+
+/// The hash names are placed by.
+pub fn name_hash(key: &[u8]) -> u64 {
     let mut h = FxHasher::default();
     h.write(key);
-    (h.finish() >> (64 - SHARD_BITS)) as usize
+    h.finish()
 }
 
 /// The latest published index, shared by writer and readers.

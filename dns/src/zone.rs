@@ -18,7 +18,8 @@ use hickory_proto::rr::rdata::{A, AAAA, CNAME, NS, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
 use crate::index::{
-    FxBuild, Index, Published, Shard, Zone, empty_shards, node_answer, push_answer, shard_of,
+    FxBuild, Index, Published, Shard, ShardMap, Zone, empty_shards, node_answer, push_answer,
+    shard_of,
 };
 use crate::wire;
 
@@ -130,8 +131,10 @@ pub struct ZoneBuilder {
     ttl: u32,
     soa: SOA,
     zone: Arc<Zone>,
-    /// Owner name → its records, sorted by name, packed (`packed`).
-    owners: HashMap<WireName, Box<[u8]>, FxBuild>,
+    /// Owner name → its records, sorted by name, packed (`packed`); kept
+    /// as the index keeps names, not a map slot, a name and the records
+    /// each.
+    owners: ShardMap,
     /// Owners' records decoded during a build, each once.
     decoded: RefCell<HashMap<WireName, Arc<[StoredRec]>, FxBuild>>,
     /// Names between the apex and the owners' names (`svc`, `pod`,
@@ -196,6 +199,9 @@ impl std::ops::Deref for Records {
     }
 }
 
+/// Bits of a name's hash that pick its owners' shard: a few owners each.
+const OWNER_SHARD_BITS: u32 = 8;
+
 /// Packed size from which an owner's decoded records are kept for the
 /// rest of a build: a big headless Service is read once per name it has.
 /// Smaller owners are decoded again on each read, which costs little and
@@ -243,7 +249,7 @@ impl ZoneBuilder {
             ttl,
             soa,
             zone,
-            owners: HashMap::default(),
+            owners: ShardMap::new(OWNER_SHARD_BITS),
             decoded: RefCell::default(),
             above: HashMap::default(),
             ptr_changes: Vec::new(),
@@ -305,8 +311,8 @@ impl ZoneBuilder {
             return;
         };
         self.decoded.get_mut().remove(&root[..]);
-        let old: Vec<StoredRec> = match self.owners.remove(&root[..]) {
-            Some(packed) => packed::unpack(&root, &packed).unwrap_or_default(),
+        let old: Vec<StoredRec> = match self.owners.get(&root) {
+            Some(packed) => packed::unpack(&root, packed).unwrap_or_default(),
             None => Vec::new(),
         };
         // One allocation per distinct name while the records are compared
@@ -326,9 +332,6 @@ impl ZoneBuilder {
         new.sort();
         new.dedup();
         if old == new {
-            if !old.is_empty() {
-                self.owners.insert(root.clone(), packed::pack(&root, &old));
-            }
             return;
         }
         self.link(&root, &old, false);
@@ -338,10 +341,8 @@ impl ZoneBuilder {
         }
         mark_names(&mut self.dirty, &self.apex_wire, &root, &old);
         mark_names(&mut self.dirty, &self.apex_wire, &root, &new);
-        if !new.is_empty() {
-            let packed = packed::pack(&root, &new);
-            self.owners.insert(root, packed);
-        }
+        let packed = (!new.is_empty()).then(|| packed::pack(&root, &new));
+        self.owners.set(&root, packed.as_deref());
     }
 
     /// Re-encodes what changed and returns the new index.
@@ -525,11 +526,12 @@ impl ZoneBuilder {
     fn owner_of(&self, name: &[u8]) -> Option<(WireName, Arc<[StoredRec]>)> {
         let mut at = name;
         loop {
-            if let Some((root, packed)) = self.owners.get_key_value(at) {
-                if let Some(records) = self.decoded.borrow().get(root) {
-                    return Some((root.clone(), records.clone()));
+            if let Some(packed) = self.owners.get(at) {
+                let root: WireName = at.into();
+                if let Some(records) = self.decoded.borrow().get(at) {
+                    return Some((root, records.clone()));
                 }
-                let records: Arc<[StoredRec]> = match packed::unpack(root, packed) {
+                let records: Arc<[StoredRec]> = match packed::unpack(&root, packed) {
                     Some(records) => records.into(),
                     None => {
                         tracing::error!("cannot read back an owner's records");
@@ -541,7 +543,7 @@ impl ZoneBuilder {
                         .borrow_mut()
                         .insert(root.clone(), records.clone());
                 }
-                return Some((root.clone(), records));
+                return Some((root, records));
             }
             if at.len() <= self.apex_wire.len() || at.len() <= 1 {
                 return None;
