@@ -174,3 +174,115 @@ fn take<const N: usize>(at: &mut &[u8]) -> Option<[u8; N]> {
     *at = &at[N..];
     Some(bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn name(dotted: &str) -> WireName {
+        wire::encode_name(dotted).unwrap().into()
+    }
+
+    #[test]
+    fn every_kind_of_record_comes_back() {
+        let root = name("web.default.svc.cluster.local");
+        let host = name("web-0.web.default.svc.cluster.local");
+        let srv = name("_http._tcp.web.default.svc.cluster.local");
+        let ptr = name("5.0.42.10.in-addr.arpa");
+        let other = name("db.other.svc.cluster.local");
+        let mut records = vec![
+            StoredRec {
+                name: root.clone(),
+                data: Stored::A("10.42.0.5".parse().unwrap()),
+            },
+            StoredRec {
+                name: root.clone(),
+                data: Stored::A("10.42.0.6".parse().unwrap()),
+            },
+            StoredRec {
+                name: root.clone(),
+                data: Stored::Aaaa("fd00::5".parse().unwrap()),
+            },
+            StoredRec {
+                name: root.clone(),
+                data: Stored::Cname(other.clone()),
+            },
+            StoredRec {
+                name: host.clone(),
+                data: Stored::A("10.42.0.5".parse().unwrap()),
+            },
+            StoredRec {
+                name: srv.clone(),
+                data: Stored::Srv {
+                    priority: 0,
+                    weight: 50,
+                    port: 8080,
+                    target: host.clone(),
+                },
+            },
+            StoredRec {
+                name: ptr.clone(),
+                data: Stored::Ptr(host.clone()),
+            },
+            StoredRec {
+                name: root.clone(),
+                data: Stored::Txt("1.1.0".into()),
+            },
+            StoredRec {
+                name: root.clone(),
+                data: Stored::Ns(other),
+            },
+            StoredRec {
+                name: root.clone(),
+                data: Stored::Soa,
+            },
+        ];
+        records.sort();
+        let packed = pack(&root, &records);
+        let back = unpack(&root, &packed).unwrap();
+        assert_eq!(back, records);
+        // Names equal to the owner's share its allocation.
+        assert!(
+            back.iter()
+                .filter(|r| r.name == root)
+                .all(|r| Arc::ptr_eq(&r.name, &root))
+        );
+        assert_eq!(unpack(&root, &[]).unwrap(), Vec::new());
+    }
+
+    #[test]
+    fn a_cluster_ip_service_packs_small() {
+        let root = name("svc-1.default.svc.cluster.local");
+        let mut records = vec![
+            StoredRec {
+                name: root.clone(),
+                data: Stored::A("10.43.0.1".parse().unwrap()),
+            },
+            StoredRec {
+                name: name("_http._tcp.svc-1.default.svc.cluster.local"),
+                data: Stored::Srv {
+                    priority: 0,
+                    weight: 100,
+                    port: 80,
+                    target: root.clone(),
+                },
+            },
+            StoredRec {
+                name: name("1.0.43.10.in-addr.arpa"),
+                data: Stored::Ptr(root.clone()),
+            },
+        ];
+        records.sort();
+        assert!(pack(&root, &records).len() <= 64);
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_unpack_without_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let root = name("web.default.svc.cluster.local");
+            let _ = unpack(&root, &bytes);
+        }
+    }
+}
