@@ -66,6 +66,9 @@ pub async fn run(client: Client, mut builder: ZoneBuilder, published: Arc<Publis
                 Ok(ev) => ev,
                 Err(_) => {
                     return_freed_memory();
+                    // The API client's connections run on the runtime's
+                    // workers, which allocated what they read.
+                    tokio::spawn(async { return_freed_memory() });
                     settled = true;
                     continue;
                 }
