@@ -2,7 +2,6 @@
 //! independent decoder (hickory's), plus the protocol's corner cases.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::Arc;
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
@@ -700,7 +699,7 @@ fn an_update_copies_only_the_shards_it_touches() {
         .shards
         .iter()
         .zip(&second.shards)
-        .filter(|(a, b)| Arc::ptr_eq(a, b))
+        .filter(|(a, b)| a.ptr_eq(b))
         .count();
     let mut changed = Vec::new();
     for (a, b) in first.shards.iter().zip(&second.shards) {
@@ -981,12 +980,15 @@ fn ipv4_helpers_agree_with_std() {
 /// Every name's node in `index`, for comparing whole indexes; the apex
 /// is left out, as its SOA serial is the builder's creation time.
 fn contents(index: &Index) -> std::collections::BTreeMap<Vec<u8>, Vec<u8>> {
-    index
+    let all: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = index
         .shards
         .iter()
         .flat_map(|s| s.iter())
-        .filter(|(k, _)| ***k != *index.zone.apex)
         .map(|(k, v)| (k.to_vec(), v.to_vec()))
+        .collect();
+    assert_eq!(all.len(), index.len(), "a name is in the index twice");
+    all.into_iter()
+        .filter(|(k, _)| **k != *index.zone.apex)
         .collect()
 }
 
@@ -1190,7 +1192,7 @@ fn an_update_replaces_exactly_its_names() {
             .shards
             .iter()
             .zip(&same.shards)
-            .all(|(a, b)| Arc::ptr_eq(a, b))
+            .all(|(a, b)| a.ptr_eq(b))
     );
 }
 
@@ -1243,4 +1245,105 @@ fn to_labels(wire: &[u8]) -> Vec<&[u8]> {
         at = &rest[usize::from(len)..];
     }
     out
+}
+
+/// The index hands out exactly the bytes the encoder made, for names of
+/// every kind: ClusterIP A/AAAA, SRV and PTR, headless addresses,
+/// hostnames and their PTRs, pod hostnames, an ExternalName's CNAME and
+/// alias answers, the apex's SOA/NS/TXT and empty non-terminals; and
+/// names that do not exist stay out (NXDOMAIN, not NODATA).
+#[test]
+fn the_index_holds_the_encoded_nodes_of_every_kind() {
+    let mut b = builder();
+    add_service(
+        &mut b,
+        "default",
+        "web",
+        &cluster_ip(&["10.43.0.20", "fd00::20"]),
+        &[],
+        &[],
+    );
+    let headless = ServiceInfo {
+        kind: ServiceKind::Headless,
+        ports: vec![port("http", "tcp", 80), port("dns", "udp", 53)],
+        publish_not_ready: false,
+    };
+    let slice = SliceInfo {
+        service: "db".into(),
+        ports: vec![port("http", "tcp", 80)],
+        endpoints: vec![
+            endpoint("10.42.0.6", Some("db-0"), true),
+            endpoint("10.42.0.7", None, true),
+            endpoint("10.42.0.8", Some("db-2"), false),
+        ],
+    };
+    let pod = PodInfo {
+        hostname: "box".into(),
+        subdomain: "db".into(),
+        ips: vec![ip("10.42.0.9")],
+        ready: true,
+    };
+    add_service(&mut b, "default", "db", &headless, &[slice], &[pod]);
+    add_service(&mut b, "default", "ext", &external("example.com"), &[], &[]);
+    add_service(
+        &mut b,
+        "other",
+        "alias",
+        &external("web.default.svc.cluster.local"),
+        &[],
+        &[],
+    );
+    let index = b.build();
+    let mut names = 0;
+    for shard in &index.shards {
+        for (name, node) in shard.iter() {
+            assert_eq!(
+                b.encoded_node(name).as_deref(),
+                Some(node),
+                "{:?}",
+                String::from_utf8_lossy(name)
+            );
+            names += 1;
+        }
+    }
+    assert_eq!(names, index.len());
+    contents(&index);
+    for present in [
+        "web.default.svc.cluster.local",
+        "_http._tcp.web.default.svc.cluster.local",
+        "20.0.43.10.in-addr.arpa",
+        "db.default.svc.cluster.local",
+        "db-0.db.default.svc.cluster.local",
+        "10-42-0-7.db.default.svc.cluster.local",
+        "box.db.default.svc.cluster.local",
+        "_http._tcp.db.default.svc.cluster.local",
+        "6.0.42.10.in-addr.arpa",
+        "ext.default.svc.cluster.local",
+        "alias.other.svc.cluster.local",
+        "dns-version.cluster.local",
+        "cluster.local",
+        "_tcp.web.default.svc.cluster.local",
+        "default.svc.cluster.local",
+    ] {
+        let key = wire::encode_name(present).unwrap();
+        assert!(index.node(&key).is_some(), "{present}");
+    }
+    for absent in [
+        "db-2.db.default.svc.cluster.local",
+        "8.0.42.10.in-addr.arpa",
+        "_dns._udp.db.default.svc.cluster.local",
+        "nope.default.svc.cluster.local",
+    ] {
+        let key = wire::encode_name(absent).unwrap();
+        assert!(index.node(&key).is_none(), "{absent}");
+        assert!(b.encoded_node(&key).is_none(), "{absent}");
+    }
+    assert_negative(
+        &ask(&index, "nope.default.svc.cluster.local.", RecordType::A),
+        ResponseCode::NXDomain,
+    );
+    assert_negative(
+        &ask(&index, "web.default.svc.cluster.local.", RecordType::TXT),
+        ResponseCode::NoError,
+    );
 }

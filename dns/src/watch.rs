@@ -3,21 +3,28 @@
 //! burst of events the Services they touched are re-rendered and a new
 //! index published.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Api, Client, ResourceExt};
+// Links the allocator `mi_collect` (below) belongs to.
+use libmimalloc_sys as _;
 
-use crate::index::Published;
+use crate::index::{Published, ShardMap};
 use crate::objects::{EndpointSlice, Pod, Service};
 use crate::records::{self, PodInfo, ServiceInfo, ServiceKind, SliceInfo};
 use crate::zone::{Owner, ZoneBuilder};
 
 /// Most events applied before a publish, so a long burst still shows up.
 const MAX_BURST: usize = 4096;
+
+/// How long the watches stay quiet after a publish before the memory the
+/// burst freed is given back to the system.
+const SETTLE: Duration = Duration::from_millis(500);
 
 /// (namespace, name); boxed, as the state holds one per object.
 type Key = (Box<str>, Box<str>);
@@ -50,7 +57,27 @@ pub async fn run(client: Client, mut builder: ZoneBuilder, published: Arc<Publis
     let events = futures::stream::select(services, futures::stream::select(slices, pods));
     let mut events = std::pin::pin!(events);
     let mut state = ClusterState::default();
-    while let Some(ev) = events.next().await {
+    let mut settled = true;
+    loop {
+        let ev = if settled {
+            events.next().await
+        } else {
+            match tokio::time::timeout(SETTLE, events.next()).await {
+                Ok(ev) => ev,
+                Err(_) => {
+                    return_freed_memory();
+                    // The API client's connections run on the runtime's
+                    // workers, which allocated what they read.
+                    tokio::spawn(async { return_freed_memory() });
+                    settled = true;
+                    continue;
+                }
+            }
+        };
+        let Some(ev) = ev else {
+            break;
+        };
+        settled = false;
         state.handle(ev);
         let mut burst = 1;
         while burst < MAX_BURST {
@@ -68,17 +95,37 @@ pub async fn run(client: Client, mut builder: ZoneBuilder, published: Arc<Publis
     }
 }
 
+/// Has the allocator give freed memory back now. A burst of changes
+/// (the first listing, a rollout) frees the snapshots and decoded objects
+/// it went through; mimalloc returns such pages only after a delay and
+/// only while it keeps allocating, so an idle DNS server would otherwise
+/// hold them for good.
+fn return_freed_memory() {
+    // SAFETY: mi_collect only walks the allocator's own structures; any
+    // thread may call it at any time. In a process whose global allocator
+    // is not mimalloc it finds nothing to collect.
+    unsafe { mi_collect(true) }
+}
+
+// The binding libmimalloc-sys offers only with its `extended` feature.
+unsafe extern "C" {
+    fn mi_collect(force: bool);
+}
+
 /// What the watches have seen, reduced to DNS's needs.
 #[derive(Default)]
 pub struct ClusterState {
-    /// Every Service, with what rendering it needs: headless Services keep
-    /// their info (their records follow slices and pods); the others only
-    /// until their next flush, as nothing else changes their records.
-    services: HashMap<Key, Option<Box<ServiceInfo>>>,
+    /// Every Service, by `<namespace>/<name>`, compactly: most are
+    /// ClusterIP Services the builder already holds the records of.
+    services: ShardMap,
+    /// What rendering needs: headless Services keep their info (their
+    /// records follow slices and pods); the others only until their next
+    /// flush, as nothing else changes their records.
+    infos: HashMap<Key, Box<ServiceInfo>>,
     slices: HashMap<Key, SliceInfo>,
-    slices_by_service: HashMap<Key, BTreeSet<Box<str>>>,
+    slices_by_service: HashMap<Key, Names>,
     pods: HashMap<Key, PodInfo>,
-    pods_by_subdomain: HashMap<Key, BTreeSet<Box<str>>>,
+    pods_by_subdomain: HashMap<Key, Names>,
     /// Keys seen during a relist, per kind; absent when not relisting.
     relisting: HashMap<Kind, HashSet<Key>>,
     synced: HashSet<Kind>,
@@ -141,7 +188,14 @@ impl ClusterState {
 
     fn keys(&self, kind: Kind) -> Vec<Key> {
         match kind {
-            Kind::Service => self.services.keys().cloned().collect(),
+            Kind::Service => self
+                .services
+                .iter()
+                .filter_map(|(k, _)| {
+                    let (ns, name) = std::str::from_utf8(k).ok()?.split_once('/')?;
+                    Some((ns.into(), name.into()))
+                })
+                .collect(),
             Kind::Slice => self.slices.keys().cloned().collect(),
             Kind::Pod => self.pods.keys().cloned().collect(),
         }
@@ -152,13 +206,19 @@ impl ClusterState {
     }
 
     pub fn set_service(&mut self, key: Key, info: Option<ServiceInfo>) {
+        let id = service_id(&key);
         let changed = match info {
             Some(info) => {
-                let info = Some(Box::new(info));
-                let old = self.services.insert(key.clone(), info.clone());
-                old != Some(info)
+                self.services.set(&id, Some(&[]));
+                let old = self.infos.insert(key.clone(), Box::new(info.clone()));
+                old.is_none_or(|old| *old != info)
             }
-            None => self.services.remove(&key).is_some(),
+            None => {
+                self.infos.remove(&key);
+                let known = self.services.get(&id).is_some();
+                self.services.set(&id, None);
+                known
+            }
         };
         if changed {
             self.dirty.insert(key);
@@ -177,7 +237,7 @@ impl ClusterState {
         if let Some(old) = old {
             let svc = (ns.clone(), old.service.into());
             if let Some(set) = self.slices_by_service.get_mut(&svc) {
-                set.remove(&name);
+                set.remove(&name[..]);
                 if set.is_empty() {
                     self.slices_by_service.remove(&svc);
                 }
@@ -206,7 +266,7 @@ impl ClusterState {
         if let Some(old) = old {
             let svc = (ns.clone(), old.subdomain.into());
             if let Some(set) = self.pods_by_subdomain.get_mut(&svc) {
-                set.remove(&name);
+                set.remove(&name[..]);
                 if set.is_empty() {
                     self.pods_by_subdomain.remove(&svc);
                 }
@@ -227,11 +287,12 @@ impl ClusterState {
     pub fn flush(&mut self, builder: &mut ZoneBuilder) {
         for key in std::mem::take(&mut self.dirty) {
             let (ns, name) = &key;
-            let records = match self.services.get(&key) {
+            let known = self.services.get(&service_id(&key)).is_some();
+            let records = match self.infos.get(&key) {
                 // A Service whose records nothing but itself changes, and
                 // that has not changed since they were rendered.
-                Some(None) => continue,
-                Some(Some(svc)) => {
+                None if known => continue,
+                Some(svc) => {
                     let slices = self
                         .slices_by_service
                         .get(&key)
@@ -248,16 +309,54 @@ impl ClusterState {
                 }
                 None => Vec::new(),
             };
-            if let Some(info) = self.services.get_mut(&key)
-                && info
-                    .as_ref()
-                    .is_some_and(|i| i.kind != ServiceKind::Headless)
+            if self
+                .infos
+                .get(&key)
+                .is_some_and(|i| i.kind != ServiceKind::Headless)
             {
-                *info = None;
+                self.infos.remove(&key);
             }
             builder.set_owner(Owner::Service(ns.to_string(), name.to_string()), records);
         }
     }
+}
+
+/// Object names in one namespace, sorted; usually one or a few, for
+/// which a vector costs a fraction of a tree's node.
+#[derive(Default)]
+struct Names(Vec<Box<str>>);
+
+impl Names {
+    fn insert(&mut self, name: Box<str>) {
+        if let Err(at) = self.0.binary_search(&name) {
+            self.0.insert(at, name);
+        }
+    }
+
+    fn remove(&mut self, name: &str) {
+        if let Ok(at) = self.0.binary_search_by(|n| (**n).cmp(name)) {
+            self.0.remove(at);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'a> IntoIterator for &'a Names {
+    type Item = &'a Box<str>;
+    type IntoIter = std::slice::Iter<'a, Box<str>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+/// A Service's entry in `ClusterState::services` (namespace and name are
+/// DNS labels, so it fits a `ShardMap` name).
+fn service_id((ns, name): &Key) -> Vec<u8> {
+    format!("{ns}/{name}").into_bytes()
 }
 
 fn key_of<K: kube::Resource>(obj: &K) -> Key {
@@ -348,6 +447,40 @@ mod tests {
         state.set_service(key("web"), None);
         state.set_service(key("db"), None);
         state.flush(&mut builder);
+        assert_eq!(nodes(&mut builder), empty);
+    }
+
+    #[test]
+    fn services_are_listed_and_removed_by_key() {
+        let mut builder = crate::tests::builder();
+        let mut state = ClusterState::default();
+        let empty = nodes(&mut builder);
+        let svc = |ip: &str| ServiceInfo {
+            kind: ServiceKind::ClusterIp(vec![ip.parse().unwrap()]),
+            ports: vec![],
+            publish_not_ready: false,
+        };
+        state.set_service(key("a"), Some(svc("10.43.0.5")));
+        state.set_service(("team".into(), "b".into()), Some(svc("10.43.0.6")));
+        state.flush(&mut builder);
+        let mut keys = state.keys(Kind::Service);
+        keys.sort();
+        assert_eq!(
+            keys,
+            vec![key("a"), ("team".into(), "b".into())],
+            "what a relist compares against"
+        );
+        // Rendered and unchanged: nothing to do; then gone.
+        state.set_service(key("a"), Some(svc("10.43.0.5")));
+        state.flush(&mut builder);
+        assert!(
+            state.infos.is_empty(),
+            "ClusterIP infos are dropped once rendered"
+        );
+        state.set_service(key("a"), None);
+        state.set_service(("team".into(), "b".into()), None);
+        state.flush(&mut builder);
+        assert!(state.keys(Kind::Service).is_empty());
         assert_eq!(nodes(&mut builder), empty);
     }
 }

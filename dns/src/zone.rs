@@ -1,11 +1,14 @@
 //! The write side of the zone. Each owner (a Service, or the zone itself)
-//! keeps its records once, compactly (wire names shared as `Arc<[u8]>`),
-//! sorted by name; every name of the zone is answered from the records
-//! of the one owner whose subtree holds it, so the builder keeps no
-//! per-name copy. An update replaces an owner's records, re-encodes the
-//! names it had or has (and those whose answers embed them), and copies
-//! only the index shards they live in.
+//! keeps its records once, packed into one byte string (`packed`, names
+//! relative to the owner's), sorted by name; every name of the zone is
+//! answered from the records of the one owner whose subtree holds it, so
+//! the builder keeps no per-name copy. An update replaces an owner's
+//! records, re-encodes the names it had or has (and those whose answers
+//! embed them), and writes anew only the index shards they live in.
 
+mod packed;
+
+use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
@@ -15,7 +18,8 @@ use hickory_proto::rr::rdata::{A, AAAA, CNAME, NS, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
 use crate::index::{
-    FxBuild, Index, Node, Published, SHARDS, Shard, Zone, node_answer, push_answer, shard_of,
+    FxBuild, Index, Published, Shard, ShardMap, Zone, empty_shards, node_answer, push_answer,
+    shard_of,
 };
 use crate::wire;
 
@@ -68,8 +72,8 @@ pub enum Owner {
     Service(String, String),
 }
 
-/// A lowercased wire name, shared between the records, the index keys
-/// and the maps below.
+/// A lowercased wire name, shared between decoded records and the maps
+/// below.
 type WireName = Arc<[u8]>;
 
 /// Record data as stored: `Data` with wire names. The variant order keeps
@@ -127,24 +131,82 @@ pub struct ZoneBuilder {
     ttl: u32,
     soa: SOA,
     zone: Arc<Zone>,
-    /// Owner name → its records, sorted by name.
-    owners: HashMap<WireName, Box<[StoredRec]>, FxBuild>,
+    /// Owner name → its records, sorted by name, packed (`packed`); kept
+    /// as the index keeps names, not a map slot, a name and the records
+    /// each.
+    owners: ShardMap,
+    /// Owners' records decoded during a build, each once.
+    decoded: RefCell<HashMap<WireName, Arc<[StoredRec]>, FxBuild>>,
     /// Names between the apex and the owners' names (`svc`, `pod`,
     /// namespaces), with how many owners lie below each (`svc` and `pod`
     /// hold one more, so they always exist).
     above: HashMap<WireName, u32, FxBuild>,
-    /// PTR names (outside the zone) → targets added (true) or removed
-    /// since the last build, in order. A PTR name's targets are kept only
-    /// in its node; the owners' targets are distinct, as each lies under
-    /// its owner's name.
-    ptr_changes: HashMap<WireName, Vec<(WireName, bool)>, FxBuild>,
+    /// PTR names (outside the zone) with a target added or removed
+    /// since the last build, in order, back to back: `[added: 1][PTR
+    /// name][target]`. A PTR name's targets are kept only in its node;
+    /// the owners' targets are distinct, as each lies under its owner's
+    /// name.
+    ptr_changes: Vec<u8>,
     /// Name → names in other owners whose answers embed its records (a
     /// CNAME to it, or an SRV record targeting it), one per record.
     dependents: HashMap<WireName, Vec<WireName>, FxBuild>,
-    shards: Vec<Arc<Shard>>,
-    dirty: HashSet<WireName, FxBuild>,
+    shards: Vec<Shard>,
+    /// Names to re-encode at the next build, back to back (wire names
+    /// end themselves), repeats included: one buffer rather than a name
+    /// allocation each, which a burst would leave as holes among the
+    /// records it stores.
+    dirty: Vec<u8>,
     ready: bool,
 }
+
+/// The PTR changes since the last build, by PTR name.
+#[derive(Default)]
+struct PtrChanges<'a>(HashMap<&'a [u8], Vec<PtrChange<'a>>, FxBuild>);
+
+/// A PTR target, added (true) or removed.
+type PtrChange<'a> = (&'a [u8], bool);
+
+impl<'a> PtrChanges<'a> {
+    fn read(mut buffer: &'a [u8]) -> Self {
+        let mut changes = PtrChanges::default();
+        while let Some((&added, rest)) = buffer.split_first() {
+            let mut names = split_names(rest);
+            let (Some(name), Some(target)) = (names.next(), names.next()) else {
+                break;
+            };
+            changes
+                .0
+                .entry(name)
+                .or_default()
+                .push((target, added != 0));
+            buffer = &rest[name.len() + target.len()..];
+        }
+        changes
+    }
+}
+
+/// Some of an owner's records (those at one name).
+struct Records {
+    all: Arc<[StoredRec]>,
+    range: std::ops::Range<usize>,
+}
+
+impl std::ops::Deref for Records {
+    type Target = [StoredRec];
+
+    fn deref(&self) -> &[StoredRec] {
+        &self.all[self.range.clone()]
+    }
+}
+
+/// Bits of a name's hash that pick its owners' shard: a few owners each.
+const OWNER_SHARD_BITS: u32 = 8;
+
+/// Packed size from which an owner's decoded records are kept for the
+/// rest of a build: a big headless Service is read once per name it has.
+/// Smaller owners are decoded again on each read, which costs little and
+/// leaves no allocation outliving the read among the long-lived ones.
+const KEEP_DECODED: usize = 1024;
 
 /// Most CNAMEs followed inside the zone (a loop of ExternalNames stops
 /// here).
@@ -187,12 +249,13 @@ impl ZoneBuilder {
             ttl,
             soa,
             zone,
-            owners: HashMap::default(),
+            owners: ShardMap::new(OWNER_SHARD_BITS),
+            decoded: RefCell::default(),
             above: HashMap::default(),
-            ptr_changes: HashMap::default(),
+            ptr_changes: Vec::new(),
             dependents: HashMap::default(),
-            shards: (0..SHARDS).map(|_| Arc::new(Shard::default())).collect(),
-            dirty: HashSet::default(),
+            shards: empty_shards(),
+            dirty: Vec::new(),
             ready: false,
         };
         let mut records = vec![
@@ -220,7 +283,7 @@ impl ZoneBuilder {
             if let Some(name) = child(&apex, &[label]) {
                 let name: WireName = name_key(&name).into();
                 builder.above.insert(name.clone(), 1);
-                builder.dirty.insert(name);
+                builder.dirty.extend_from_slice(&name);
             }
         }
         builder.set_owner(Owner::Apex, records);
@@ -247,9 +310,13 @@ impl ZoneBuilder {
         let Some(root) = self.owner_name(&owner) else {
             return;
         };
-        let old = self.owners.remove(&root[..]).unwrap_or_default();
-        // Reuse the old record's names, so a name kept across the update
-        // stays one allocation shared with the index.
+        self.decoded.get_mut().remove(&root[..]);
+        let old: Vec<StoredRec> = match self.owners.get(&root) {
+            Some(packed) => packed::unpack(&root, packed).unwrap_or_default(),
+            None => Vec::new(),
+        };
+        // One allocation per distinct name while the records are compared
+        // and linked (the owner's name is most records' target too).
         let mut pool: HashSet<WireName, FxBuild> = HashSet::default();
         pool.insert(root.clone());
         for rec in old.iter() {
@@ -264,11 +331,7 @@ impl ZoneBuilder {
             .collect();
         new.sort();
         new.dedup();
-        let new = new.into_boxed_slice();
-        if *old == *new {
-            if !old.is_empty() {
-                self.owners.insert(root, old);
-            }
+        if old == new {
             return;
         }
         self.link(&root, &old, false);
@@ -276,37 +339,63 @@ impl ZoneBuilder {
         if old.is_empty() != new.is_empty() {
             self.count_above(&root, !new.is_empty());
         }
-        let names: Vec<WireName> = self
-            .names_of(&root, &old)
-            .chain(self.names_of(&root, &new))
-            .collect();
-        self.dirty.extend(names);
-        if !new.is_empty() {
-            self.owners.insert(root, new);
-        }
+        mark_names(&mut self.dirty, &self.apex_wire, &root, &old);
+        mark_names(&mut self.dirty, &self.apex_wire, &root, &new);
+        let packed = (!new.is_empty()).then(|| packed::pack(&root, &new));
+        self.owners.set(&root, packed.as_deref());
     }
 
     /// Re-encodes what changed and returns the new index.
     pub fn build(&mut self) -> Index {
         // A changed name also changes the answers that embed it, directly
         // or through other aliases.
-        let mut dirty: Vec<WireName> = self.dirty.drain().collect();
-        let mut seen: HashSet<WireName, FxBuild> = dirty.iter().cloned().collect();
+        let marked = std::mem::take(&mut self.dirty);
+        let ptr_buffer = std::mem::take(&mut self.ptr_changes);
+        let ptr_changes = PtrChanges::read(&ptr_buffer);
+        let mut dirty: Vec<&[u8]> = split_names(&marked).collect();
+        let mut seen: HashSet<&[u8], FxBuild> = dirty.iter().copied().collect();
         let mut next = 0;
         while next < dirty.len() {
-            if let Some(names) = self.dependents.get(&dirty[next]) {
+            if let Some(names) = self.dependents.get(dirty[next]) {
                 for name in names {
-                    if seen.insert(name.clone()) {
-                        dirty.push(name.clone());
+                    if seen.insert(name) {
+                        dirty.push(name);
                     }
                 }
             }
             next += 1;
         }
-        for name in dirty {
-            self.refresh(name);
+        drop(seen);
+        // Shard by shard: its nodes (PTR nodes read their current answers
+        // back from it), then the shard written anew once, so that only
+        // one shard's nodes are held at a time.
+        let mut dirty: Vec<(usize, &[u8])> = dirty.into_iter().map(|n| (shard_of(n), n)).collect();
+        dirty.sort_unstable();
+        dirty.dedup();
+        let mut written: Vec<(usize, Shard)> = Vec::new();
+        for names in dirty.chunk_by(|a, b| a.0 == b.0) {
+            let shard = names[0].0;
+            let nodes: Vec<(&[u8], Option<Vec<u8>>)> = names
+                .iter()
+                .map(|(_, name)| (*name, self.node(name, &ptr_changes)))
+                .filter(|(name, node)| self.shards[shard].get(name) != node.as_deref())
+                .collect();
+            if nodes.is_empty() {
+                continue;
+            }
+            let changes: Vec<(&[u8], Option<&[u8]>)> = nodes
+                .iter()
+                .map(|(name, node)| (*name, node.as_deref()))
+                .collect();
+            written.push((shard, self.shards[shard].with_changes(&changes)));
         }
-        self.ptr_changes.clear();
+        for (shard, written) in written {
+            self.shards[shard] = written;
+        }
+        // Dropped rather than cleared: a burst (the first listing) would
+        // otherwise keep its capacity for good.
+        self.ptr_changes = Vec::new();
+        *self.decoded.get_mut() = HashMap::default();
         Index {
             shards: self.shards.clone(),
             zone: self.zone.clone(),
@@ -381,33 +470,6 @@ impl ZoneBuilder {
         Some(StoredRec { name, data })
     }
 
-    /// Every name `records` make exist: their own names and, inside the
-    /// zone, the names between them and `root`.
-    fn names_of<'a>(
-        &self,
-        root: &'a [u8],
-        records: &'a [StoredRec],
-    ) -> impl Iterator<Item = WireName> + 'a {
-        let apex = self.apex_wire.clone();
-        let mut last: Option<WireName> = None;
-        records.iter().flat_map(move |rec| {
-            let mut out = Vec::new();
-            if last.as_ref() == Some(&rec.name) {
-                return out;
-            }
-            last = Some(rec.name.clone());
-            out.push(rec.name.clone());
-            if wire::is_subdomain(&rec.name, &apex) {
-                let mut at = &rec.name[..];
-                while at.len() > root.len() {
-                    at = parent(at);
-                    out.push(at.into());
-                }
-            }
-            out
-        })
-    }
-
     /// Adds (`linked`) or takes back a PTR name's targets and the
     /// cross-owner dependencies of `records`.
     fn link(&mut self, root: &[u8], records: &[StoredRec], linked: bool) {
@@ -415,10 +477,9 @@ impl ZoneBuilder {
             if let Stored::Ptr(target) = &rec.data
                 && !wire::is_subdomain(&rec.name, &self.apex_wire)
             {
-                self.ptr_changes
-                    .entry(rec.name.clone())
-                    .or_default()
-                    .push((target.clone(), linked));
+                self.ptr_changes.push(u8::from(linked));
+                self.ptr_changes.extend_from_slice(&rec.name);
+                self.ptr_changes.extend_from_slice(target);
             }
             if let Some(target) = rec.data.target()
                 && !wire::is_subdomain(target, root)
@@ -456,16 +517,32 @@ impl ZoneBuilder {
                     self.above.remove(at);
                 }
             }
-            self.dirty.insert(name);
+            self.dirty.extend_from_slice(&name);
         }
     }
 
     /// The owner whose subtree holds `name` (in the zone): its name and
     /// records.
-    fn owner_of(&self, name: &[u8]) -> Option<(&[u8], &[StoredRec])> {
+    fn owner_of(&self, name: &[u8]) -> Option<(WireName, Arc<[StoredRec]>)> {
         let mut at = name;
         loop {
-            if let Some((root, records)) = self.owners.get_key_value(at) {
+            if let Some(packed) = self.owners.get(at) {
+                let root: WireName = at.into();
+                if let Some(records) = self.decoded.borrow().get(at) {
+                    return Some((root, records.clone()));
+                }
+                let records: Arc<[StoredRec]> = match packed::unpack(&root, packed) {
+                    Some(records) => records.into(),
+                    None => {
+                        tracing::error!("cannot read back an owner's records");
+                        Arc::new([])
+                    }
+                };
+                if packed.len() >= KEEP_DECODED {
+                    self.decoded
+                        .borrow_mut()
+                        .insert(root.clone(), records.clone());
+                }
                 return Some((root, records));
             }
             if at.len() <= self.apex_wire.len() || at.len() <= 1 {
@@ -476,13 +553,19 @@ impl ZoneBuilder {
     }
 
     /// The records at `name`, a name in the zone.
-    fn records_at(&self, name: &[u8]) -> &[StoredRec] {
-        let Some((_, records)) = self.owner_of(name) else {
-            return &[];
+    fn records_at(&self, name: &[u8]) -> Records {
+        let Some((_, all)) = self.owner_of(name) else {
+            return Records {
+                all: Arc::new([]),
+                range: 0..0,
+            };
         };
-        let start = records.partition_point(|r| &r.name[..] < name);
-        let end = start + records[start..].partition_point(|r| &r.name[..] == name);
-        &records[start..end]
+        let start = all.partition_point(|r| &r.name[..] < name);
+        let end = start + all[start..].partition_point(|r| &r.name[..] == name);
+        Records {
+            all,
+            range: start..end,
+        }
     }
 
     /// Whether `name` (in the zone, without records of its own) exists
@@ -496,28 +579,6 @@ impl ZoneBuilder {
                 .iter()
                 .any(|r| r.name.len() > name.len() && wire::is_subdomain(&r.name, name))
         })
-    }
-
-    /// Writes `name`'s node from the current records, or removes it.
-    fn refresh(&mut self, name: WireName) {
-        let node = self.node(&name);
-        let shard = shard_of(&name);
-        match node {
-            Some(node) => {
-                if self.shards[shard]
-                    .get(&name[..])
-                    .is_some_and(|n| **n == *node)
-                {
-                    return;
-                }
-                Arc::make_mut(&mut self.shards[shard]).insert(name, Node::from(node));
-            }
-            None => {
-                if self.shards[shard].contains_key(&name[..]) {
-                    Arc::make_mut(&mut self.shards[shard]).remove(&name[..]);
-                }
-            }
-        }
     }
 
     /// The PTR targets `name`'s node holds now, read back from its answer.
@@ -550,12 +611,12 @@ impl ZoneBuilder {
     }
 
     /// The node of `name`, `None` when the name does not exist.
-    fn node(&self, name: &[u8]) -> Option<Vec<u8>> {
+    fn node(&self, name: &[u8], ptr_changes: &PtrChanges) -> Option<Vec<u8>> {
         let qname = to_name(name)?;
         let mut node = Vec::new();
         if !wire::is_subdomain(name, &self.apex_wire) {
             let mut targets = self.ptr_targets(name);
-            for (target, add) in self.ptr_changes.get(name).into_iter().flatten() {
+            for (target, add) in ptr_changes.0.get(name).into_iter().flatten() {
                 if *add {
                     targets.insert(target.to_vec());
                 } else {
@@ -604,6 +665,13 @@ impl ZoneBuilder {
         Some(node)
     }
 
+    /// The node the encoder makes for `name` now, to check the index
+    /// against.
+    #[cfg(test)]
+    pub(crate) fn encoded_node(&self, name: &[u8]) -> Option<Vec<u8>> {
+        self.node(name, &PtrChanges::read(&self.ptr_changes))
+    }
+
     /// The addresses of the SRV targets in `group`.
     fn additionals(&self, group: &[StoredRec]) -> Vec<Record> {
         let mut out = Vec::new();
@@ -614,7 +682,7 @@ impl ZoneBuilder {
             let Some(target_name) = to_name(target) else {
                 continue;
             };
-            for addr in self.records_at(target) {
+            for addr in self.records_at(target).iter() {
                 if matches!(addr.data, Stored::A(_) | Stored::Aaaa(_))
                     && let Some(r) = self.record(&target_name, &addr.data)
                 {
@@ -709,6 +777,44 @@ impl ZoneBuilder {
         };
         Some(Record::from_rdata(name.clone(), self.ttl, rdata))
     }
+}
+
+/// Adds to `dirty` every name `records` (of the owner `root`) make exist:
+/// their own names and, inside the zone (`apex`), the names between them
+/// and `root`.
+fn mark_names(dirty: &mut Vec<u8>, apex: &[u8], root: &[u8], records: &[StoredRec]) {
+    let mut last: Option<&[u8]> = None;
+    for rec in records {
+        if last == Some(&rec.name[..]) {
+            continue;
+        }
+        last = Some(&rec.name);
+        dirty.extend_from_slice(&rec.name);
+        if wire::is_subdomain(&rec.name, apex) {
+            let mut at = &rec.name[..];
+            while at.len() > root.len() {
+                at = parent(at);
+                dirty.extend_from_slice(at);
+            }
+        }
+    }
+}
+
+/// The names `mark_names` wrote to a buffer, repeats included.
+fn split_names(mut buffer: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || {
+        let mut len = 0;
+        loop {
+            let label = usize::from(*buffer.get(len)?);
+            len += 1 + label;
+            if label == 0 {
+                break;
+            }
+        }
+        let name = buffer.get(..len)?;
+        buffer = &buffer[len..];
+        Some(name)
+    })
 }
 
 /// Removes one `value` from the list at `key`, and the list when empty.

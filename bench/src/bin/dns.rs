@@ -155,6 +155,7 @@ async fn main() -> anyhow::Result<()> {
     wait_answering(&skiff, "dns-version.cluster.local", "TXT")?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_empty = rss_kib(skiff.child.id())?;
+    let anon_empty = status_kib(skiff.child.id(), "RssAnon:")?;
 
     let names = create_services(&client).await?;
     create_headless(&client).await?;
@@ -190,9 +191,11 @@ async fn main() -> anyhow::Result<()> {
     )?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_full = rss_kib(skiff.child.id())?;
+    let anon_full = status_kib(skiff.child.id(), "RssAnon:")?;
     let memory = Memory {
         empty: rss_empty,
         full: rss_full,
+        anon: (anon_empty, anon_full),
         huge_pages: huge_pages_kib(skiff.child.id())?,
         restarted: restarted_rss(&bin, &server.kubeconfig())?,
     };
@@ -277,6 +280,10 @@ struct Memory {
     /// A second `skiff dns` started on the full cluster (its first LIST
     /// brings everything at once).
     restarted: u64,
+    /// Of `empty` and `full`, the process's anonymous memory (its heap);
+    /// the rest is mostly the binary's pages, which the code that handles
+    /// the objects brings in once.
+    anon: (u64, u64),
 }
 
 fn print_memory(m: &Memory) -> anyhow::Result<()> {
@@ -289,6 +296,12 @@ fn print_memory(m: &Memory) -> anyhow::Result<()> {
         m.full,
         m.huge_pages,
         per_object(m.full)
+    );
+    println!(
+        "dns skiff memory: of which anonymous (heap): {} KiB empty, {} KiB full: {:.0} B per object",
+        m.anon.0,
+        m.anon.1,
+        (m.anon.1 as f64 - m.anon.0 as f64) * 1024.0 / objects as f64
     );
     println!(
         "dns skiff memory: a second skiff dns started on the full cluster: RSS {} KiB, {:.0} B per object over the empty-cluster figure",
@@ -701,13 +714,23 @@ fn median(runs: &[Run], f: fn(&Run) -> f64) -> f64 {
 }
 
 fn print_zone_memory() -> anyhow::Result<()> {
-    let m = zone_bytes_per_service()?;
+    let m = zone_bytes(0)?;
     println!(
         "dns skiff DNS-own memory (in process, counting allocator, {NAMES} ClusterIP Services with one named port fed through the watch state): {:.0} B per Service = watch state {:.0} + zone builder {:.0} + published index {:.0}",
         m.watch + m.builder + m.index,
         m.watch,
         m.builder,
         m.index
+    );
+    let m = zone_bytes(HEADLESS)?;
+    let objects = (NAMES + 2 * HEADLESS) as f64 / NAMES as f64;
+    println!(
+        "dns skiff DNS-own memory of the RSS figure's {} objects (as above, plus {HEADLESS} headless Services with an EndpointSlice of two ready endpoints each): {:.0} B per object = watch state {:.0} + zone builder {:.0} + published index {:.0}",
+        NAMES + 2 * HEADLESS,
+        (m.watch + m.builder + m.index) / objects,
+        m.watch / objects,
+        m.builder / objects,
+        m.index / objects
     );
     Ok(())
 }
@@ -722,15 +745,21 @@ struct ZoneMemory {
 /// Bytes per ClusterIP Service that the watch state, the zone's builder
 /// and its published index hold, fed here exactly as `skiff dns` feeds
 /// them from its watch (minus the API client and the allocator's slack,
-/// which the RSS figure includes).
-fn zone_bytes_per_service() -> anyhow::Result<ZoneMemory> {
-    use dns::records::{PortInfo, ServiceInfo, ServiceKind};
+/// which the RSS figure includes); with `headless` headless Services and
+/// their slices (as `create_headless` makes them) besides.
+fn zone_bytes(headless: usize) -> anyhow::Result<ZoneMemory> {
+    use dns::records::{EndpointInfo, PortInfo, ServiceInfo, ServiceKind, SliceInfo};
     let mut builder = dns::zone::ZoneBuilder::new("cluster.local", 5, None, false)?;
     let published = dns::index::Published::new(dns::index::Index::empty(builder.zone()));
     builder.set_ready();
     builder.publish(&published);
     let mut state = dns::watch::ClusterState::default();
     let empty = LIVE_BYTES.load(Ordering::Relaxed);
+    let http = || PortInfo {
+        name: "http".into(),
+        protocol: "tcp".into(),
+        port: 80,
+    };
     for i in 0..NAMES {
         let svc = ServiceInfo {
             kind: ServiceKind::ClusterIp(vec![std::net::IpAddr::from([
@@ -739,15 +768,40 @@ fn zone_bytes_per_service() -> anyhow::Result<ZoneMemory> {
                 (i / 250) as u8,
                 (i % 250 + 1) as u8,
             ])]),
-            ports: vec![PortInfo {
-                name: "http".into(),
-                protocol: "tcp".into(),
-                port: 80,
-            }],
+            ports: vec![http()],
             publish_not_ready: false,
         };
         state.set_service(("default".into(), format!("svc-{i}").into()), Some(svc));
         // One publish per Service, as when they are created one by one.
+        state.flush(&mut builder);
+        builder.publish(&published);
+    }
+    for j in 0..headless {
+        let name = format!("hl-{j}");
+        let svc = ServiceInfo {
+            kind: ServiceKind::Headless,
+            ports: vec![http()],
+            publish_not_ready: false,
+        };
+        state.set_service(("default".into(), name.clone().into()), Some(svc));
+        state.flush(&mut builder);
+        builder.publish(&published);
+        let endpoint = |ip: String| -> anyhow::Result<EndpointInfo> {
+            Ok(EndpointInfo {
+                addresses: vec![ip.parse()?],
+                hostname: None,
+                ready: true,
+            })
+        };
+        let slice = SliceInfo {
+            service: name.clone(),
+            ports: vec![http()],
+            endpoints: vec![
+                endpoint(format!("10.50.{}.{}", j / 250, j % 250 + 1))?,
+                endpoint(changing_address(j, 0))?,
+            ],
+        };
+        state.set_slice(("default".into(), name.into()), Some(slice));
         state.flush(&mut builder);
         builder.publish(&published);
     }
@@ -791,14 +845,20 @@ fn huge_pages_kib(pid: u32) -> anyhow::Result<u64> {
 
 /// Resident memory of `pid`, from /proc.
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A KiB figure (`field` with its colon) of `pid`'s /proc status.
+fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .context("no VmRSS")
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
 }
+
 /// utime + stime of `pid` and all its descendants, in clock ticks.
 fn tree_cpu_ticks(pid: u32) -> anyhow::Result<u64> {
     let mut stats: Vec<(u32, u32, u64)> = Vec::new();
