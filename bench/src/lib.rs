@@ -48,15 +48,32 @@ impl Samples {
     }
 }
 
-/// The release `skiff` next to the running benchmark's own binary.
+/// The `skiff` binary a benchmark measures: `SKIFF_BIN` if set, else the
+/// one beside the benchmark's own binary (both built with `--release`),
+/// else the release one (the benchmark built with `--profile bench`).
 pub fn skiff_binary() -> anyhow::Result<std::path::PathBuf> {
-    let bin = std::env::current_exe()?.with_file_name("skiff");
-    anyhow::ensure!(
-        bin.exists(),
-        "{} is missing: run `cargo build --release -p skiff` first",
-        bin.display()
-    );
-    Ok(bin)
+    if let Some(bin) = std::env::var_os("SKIFF_BIN") {
+        let bin = std::path::PathBuf::from(bin);
+        anyhow::ensure!(bin.exists(), "SKIFF_BIN {} does not exist", bin.display());
+        return Ok(bin);
+    }
+    let exe = std::env::current_exe()?;
+    let beside = exe.with_file_name("skiff");
+    if beside.exists() {
+        return Ok(beside);
+    }
+    let release = exe
+        .parent()
+        .and_then(|dir| dir.parent())
+        .map(|target| target.join("release").join("skiff"));
+    match release {
+        Some(bin) if bin.exists() => Ok(bin),
+        _ => anyhow::bail!(
+            "no skiff binary beside {} or in the release folder: run `cargo build --release -p \
+             skiff` first",
+            exe.display()
+        ),
+    }
 }
 
 /// Stops a peer server as its init script would: SIGTERM first, so that

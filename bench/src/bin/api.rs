@@ -8,7 +8,7 @@
 //! server memory (1.6 GB with a workload); there is no kube-apiserver on
 //! this machine to run in the same process tree.
 //!
-//! `cargo build --release && cargo run --release -p skiff-bench --bin api`
+//! `cargo build --release -p skiff && cargo run --profile bench -p skiff-bench --bin api`
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

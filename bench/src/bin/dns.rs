@@ -20,9 +20,10 @@
 //! process with a counting allocator, the bytes DNS's own structures hold
 //! per ClusterIP Service: watch state, zone builder, published index).
 //!
-//! `cargo build --release -p skiff --bin skiff -p skiff-bench --bin dns &&
-//!  target/release/dns [ROUNDS]`; `target/release/dns zone` prints only
-//! the in-process zone figure, `target/release/dns memory` only the
+//! `cargo build --release -p skiff && cargo build --profile bench -p
+//! skiff-bench --bin dns && target/bench/dns [ROUNDS]`; `target/bench/dns
+//! zone` prints only the in-process zone figure, `target/bench/dns memory`
+//! only the
 //! memory figures (no dnsperf runs).
 
 use std::alloc::{GlobalAlloc, Layout, System};

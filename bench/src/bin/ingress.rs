@@ -11,7 +11,7 @@
 //! (`:8445`) and a Skiff ingress started with `--no-tls-resumption` are
 //! compared, so every connection is a full handshake.
 //!
-//! `cargo build --release && cargo run --release -p skiff-bench --bin ingress [-- --rounds N --duration S]`
+//! `cargo build --release -p skiff && cargo run --profile bench -p skiff-bench --bin ingress [-- --rounds N --duration S]`
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -10,8 +10,8 @@
 //! request/response loop for latency; and the data planes' CPU time from
 //! `/proc/PID/stat` per Gbit carried.
 //!
-//! `cargo build --release -p skiff -p skiff-bench && target/release/overlay
-//!  [--seconds 10] [--runs 3] [-- extra skiff dataplane flags]`
+//! `cargo build --release -p skiff && cargo build --profile bench -p
+//!  skiff-bench --bin overlay && target/bench/overlay [--seconds 10] [--runs 3] [-- extra skiff dataplane flags]`
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};

@@ -15,7 +15,8 @@
 //! `true`, timed here. crun is tried for real; on a hybrid cgroup layout
 //! it refuses, and the output says so with its own message.
 //!
-//! `cargo build --release -p skiff -p skiff-bench && target/release/pod_startup`
+//! `cargo build --release -p skiff && cargo run --profile bench -p skiff-bench
+//! --bin pod_startup`
 
 use std::collections::HashMap;
 use std::process::{Command, Stdio};

@@ -13,8 +13,8 @@
 //! bound (or, in a build without a Deployment controller, 100 pods created
 //! directly, as the output says).
 //!
-//! `cargo build --release -p skiff -p skiff-bench &&
-//!  target/release/scheduler [-- --pods 10000 --nodes 1000,5000]`
+//! `cargo build --release -p skiff && cargo run --profile bench -p
+//!  skiff-bench --bin scheduler [-- --pods 10000 --nodes 1000,5000]`
 
 use std::collections::HashSet;
 use std::sync::Arc;

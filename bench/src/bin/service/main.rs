@@ -15,8 +15,8 @@
 //! Then the endpoint change latency at 100 and 10,000 Services (see
 //! `endpoint_change`).
 //!
-//! `cargo build --release -p skiff -p skiff-bench && target/release/service
-//!  [--seconds 5] [--runs 3] [--connections 16] [--endpoint-services 100,10000]
+//! `cargo build --release -p skiff && cargo build --profile bench -p
+//!  skiff-bench --bin service && target/bench/service [--seconds 5] [--runs 3] [--connections 16] [--endpoint-services 100,10000]
 //!  [--no-http]`
 
 mod api;
