@@ -184,6 +184,9 @@ pub struct DnsArgs {
     /// Where to serve Prometheus metrics.
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics_listen: Option<SocketAddr>,
+    /// The cluster DNS address, served as `ns.dns.<zone>`.
+    #[arg(long)]
+    pub cluster_dns: Option<IpAddr>,
 }
 
 #[derive(Args, Debug)]
@@ -221,6 +224,16 @@ pub struct AgentArgs {
     /// The server's node join token.
     #[arg(long, env = "SKIFF_TOKEN")]
     pub token: String,
+    /// Do not run a node service (repeatable): dns.
+    #[arg(long = "disable", value_name = "COMPONENT")]
+    pub disable: Vec<AgentComponent>,
+}
+
+/// What a joined node can run without.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgentComponent {
+    /// The node-local cluster DNS (`skiff dns` on the cluster DNS address).
+    Dns,
 }
 
 #[derive(Args, Debug)]
@@ -315,5 +328,25 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["skiff", "server", "--disable", "everything"]).is_err());
         assert!(Cli::try_parse_from(["skiff", "agent"]).is_err());
+        let agent = [
+            "skiff",
+            "agent",
+            "--server",
+            "https://s:6443",
+            "--token",
+            "t",
+        ];
+        let disabled = |extra: &[&str]| {
+            Cli::try_parse_from(agent.iter().chain(extra)).map(|cli| match cli.command {
+                Command::Agent(args) => args.disable,
+                _ => Vec::new(),
+            })
+        };
+        assert_eq!(disabled(&[]).unwrap(), []);
+        assert_eq!(
+            disabled(&["--disable", "dns"]).unwrap(),
+            [AgentComponent::Dns]
+        );
+        assert!(disabled(&["--disable", "agent"]).is_err());
     }
 }

@@ -1,11 +1,24 @@
-//! Wires cluster DNS into `skiff server`, and the hidden `skiff dns`
-//! command that runs it alone against any cluster.
+//! Wires cluster DNS into every node: in-process in `skiff server`, as a
+//! supervised `skiff dns` child of `skiff agent` on a joined node, and
+//! the hidden `skiff dns` command itself, which runs it alone against any
+//! cluster.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
 
+use agent::node_service::NodeService;
 use anyhow::Context;
 
 use crate::cli::{Component, DnsArgs, ServerArgs};
+
+/// How soon a joined node's DNS is started again after it exits, and
+/// the longest wait as it keeps exiting: pods cannot resolve names
+/// meanwhile, so sooner than a crashing container.
+const NODE_DNS_BACKOFF: agent::Backoff = agent::Backoff {
+    initial: Duration::from_secs(1),
+    max: Duration::from_secs(30),
+};
 
 /// Runs DNS for the server's own cluster. It listens on the cluster DNS
 /// address when that address is on this machine (the server puts it
@@ -48,6 +61,44 @@ pub fn serve_for_server(
     }
 }
 
+/// A joined node's cluster DNS, as NodeLocal DNSCache serves it: the
+/// cluster DNS address on this node's loopback, and `skiff dns` (the
+/// executable `skiff`) serving there as a child process of the agent,
+/// fed through the node's own kubeconfig (nodes may read Services,
+/// EndpointSlices and Pods). Its own process, so that a DNS crash does
+/// not take the agent down; it stops with the agent. `None`, logged,
+/// when the address cannot be had: this node's pods then cannot resolve
+/// names.
+pub fn serve_for_agent(
+    skiff: &Path,
+    kubeconfig: &Path,
+    cluster_dns: IpAddr,
+    cluster_domain: &str,
+) -> Option<NodeService> {
+    if !is_local(cluster_dns)
+        && let Err(e) = claim_address(cluster_dns)
+    {
+        tracing::error!(error = %format!("{e:#}"), "cannot put the cluster DNS address on this node; its pods cannot resolve names");
+        return None;
+    }
+    let mut command = std::process::Command::new(skiff);
+    command
+        .arg("dns")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("--listen")
+        .arg(SocketAddr::new(cluster_dns, 53).to_string())
+        .args(["--cluster-dns", &cluster_dns.to_string()])
+        .args(["--cluster-domain", cluster_domain]);
+    match NodeService::start("dns", command, NODE_DNS_BACKOFF) {
+        Ok(service) => Some(service),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot run the node's cluster DNS; its pods cannot resolve names");
+            None
+        }
+    }
+}
+
 /// `skiff dns`: only the DNS server, fed through a kubeconfig.
 pub async fn run(args: DnsArgs) -> anyhow::Result<()> {
     // Sized like the agent it runs in on a node: by memory. With
@@ -72,6 +123,7 @@ pub async fn run(args: DnsArgs) -> anyhow::Result<()> {
         upstream_resolv_conf: upstream,
         workers: args.workers,
         metrics_listen: args.metrics_listen,
+        dns_ip: args.cluster_dns,
         ..dns::DnsConfig::default()
     };
     dns::run(client, config).await.context("cluster DNS")
@@ -81,8 +133,8 @@ pub async fn run(args: DnsArgs) -> anyhow::Result<()> {
 /// DNS address reach this node's DNS: the kernel delivers to a local
 /// address before any route, including the one that sends Service
 /// addresses into the data plane. NodeLocal DNSCache does the same with
-/// a dummy interface. The address stays when the server stops, as a
-/// node's network does.
+/// a dummy interface. The address stays when the server or agent stops,
+/// as a node's network does.
 fn claim_address(ip: IpAddr) -> anyhow::Result<()> {
     let prefix = if ip.is_ipv4() { 32 } else { 128 };
     let address = format!("{ip}/{prefix}");

@@ -7,6 +7,8 @@
 //! also names the cluster DNS address and domain (for pods'
 //! `resolv.conf`) and the Service and pod ranges (for the node's data
 //! plane); an older server's answer lacks them and the defaults stay.
+//! Unless `--disable dns`, the node serves cluster DNS itself (see
+//! `crate::dns::serve_for_agent`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::OpenOptionsExt;
@@ -21,7 +23,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use sha2::{Digest, Sha256};
 
-use crate::cli::AgentArgs;
+use crate::cli::{AgentArgs, AgentComponent};
 
 /// Until the server answers at start; it may still be starting itself.
 const JOIN_RETRY: Duration = Duration::from_secs(2);
@@ -116,10 +118,25 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     overlay.service_cidr = cluster.service_cidr;
     overlay.cluster_cidr = cluster.cluster_cidr;
     tokio::spawn(dataplane::overlay::run_supervised(client.clone(), overlay));
+    // Stopped when this function returns, and by the kernel if the
+    // process dies outright.
+    let _dns = (!args.disable.contains(&AgentComponent::Dns))
+        .then(|| {
+            crate::dns::serve_for_agent(
+                &agent_config.skiff_exe,
+                &kubeconfig_path,
+                agent_config.cluster_dns,
+                &agent_config.cluster_domain,
+            )
+        })
+        .flatten();
     let agent = agent::run(client, agent_config);
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("waiting for the stop signal")?;
     tokio::select! {
         result = agent => result.context("the node agent stopped"),
         stop = tokio::signal::ctrl_c() => stop.context("waiting for the stop signal"),
+        _ = terminate.recv() => Ok(()),
     }
 }
 

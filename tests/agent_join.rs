@@ -12,61 +12,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure};
 use serde_json::Value;
-use skiff_e2e::netns::Netns;
+use skiff_e2e::netns::Underlay;
 use skiff_e2e::node::{JoinedAgent, import_busybox};
 use skiff_e2e::server::Server;
 
 const SKIFF: &str = env!("CARGO_BIN_EXE_skiff");
 const IMAGE: &str = "skiff-test/busybox:1";
 const DEADLINE: Duration = Duration::from_secs(120);
-
-/// The underlay and both nodes' namespaces, deleted on drop (after the
-/// processes in them).
-struct Underlay {
-    nodes: Vec<Netns>,
-    _bridge: Netns,
-    subnet: u8,
-}
-
-impl Underlay {
-    fn create(prefix: &str, count: usize) -> anyhow::Result<Underlay> {
-        let bridge = Netns::create(&format!("{prefix}-u"))?;
-        bridge.ip(&["link", "add", "br0", "type", "bridge"])?;
-        bridge.ip(&["link", "set", "br0", "up"])?;
-        let subnet = (std::process::id() % 200 + 20) as u8;
-        let mut nodes = Vec::new();
-        for i in 0..count {
-            let netns = Netns::create(&format!("{prefix}-n{}", i + 1))?;
-            let port = format!("u{}", i + 1);
-            bridge.ip(&[
-                "link",
-                "add",
-                &port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                netns.name(),
-            ])?;
-            bridge.ip(&["link", "set", &port, "master", "br0", "up"])?;
-            let ip = format!("172.30.{subnet}.{}/24", 11 + i);
-            netns.ip(&["addr", "add", &ip, "dev", "eth0"])?;
-            netns.ip(&["link", "set", "eth0", "up"])?;
-            nodes.push(netns);
-        }
-        Ok(Underlay {
-            nodes,
-            _bridge: bridge,
-            subnet,
-        })
-    }
-
-    fn ip(&self, index: usize) -> String {
-        format!("172.30.{}.{}", self.subnet, 11 + index)
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_node_joins_with_the_token_and_runs_pods() -> anyhow::Result<()> {

@@ -3,7 +3,8 @@
 //! cluster domain and Service range, and a node joined to it. Its pods'
 //! `/etc/resolv.conf` names the server's DNS address and domain, and its
 //! data plane balances the server's Service range (a pod on the joined
-//! node reaches a Service's ClusterIP from that range).
+//! node reaches a Service's ClusterIP from that range), and its own DNS
+//! answers on the server's DNS address in the server's domain.
 //!
 //! As in the pod startup bench, the server runs without its own agent and
 //! network, and the joined agent runs in the server's network namespace.
@@ -144,5 +145,28 @@ spec:
         })
         .await?;
     ensure!(answer.starts_with("HTTP/1."), "{answer:?}");
+
+    // The node's own DNS serves the server's domain on the server's DNS
+    // address (busybox's nslookup fails on the search path's later
+    // names, hence `true`).
+    let lookup = node
+        .eventually("web by name from the joined node's DNS", || {
+            let out = node.server.kubectl_ok(&[
+                "exec",
+                "client",
+                "--",
+                "sh",
+                "-c",
+                "nslookup web; true",
+            ])?;
+            let found = out.contains(&format!("Name:\tweb.default.svc.{CLUSTER_DOMAIN}"))
+                && out.contains(&format!("Address: {cluster_ip}"));
+            Ok(found.then_some(out))
+        })
+        .await?;
+    ensure!(
+        lookup.contains(&format!("Server:\t\t{CLUSTER_DNS}")),
+        "{lookup}"
+    );
     Ok(())
 }

@@ -5,7 +5,8 @@
 //!
 //! [`shim`] is the per-container monitor process, [`streaming`] the
 //! kubelet API the API server proxies logs, exec, attach and port-forward
-//! to.
+//! to, [`node_service`] the helper processes (node-local DNS) an agent
+//! keeps running beside itself.
 
 pub mod bundle;
 pub mod cgroups;
@@ -16,6 +17,7 @@ pub mod images;
 pub mod kubelet_api;
 pub mod network;
 pub mod node;
+pub mod node_service;
 pub mod pod;
 pub mod resources;
 pub mod runtime;

@@ -99,6 +99,58 @@ impl Drop for Netns {
     }
 }
 
+/// Nodes of a multi-node test: a namespace each, joined by a bridge in
+/// its own namespace (the underlay) with addresses `172.30.S.11` upward
+/// (`S` from the test's pid); all deleted on drop (after the processes
+/// in them).
+pub struct Underlay {
+    pub nodes: Vec<Netns>,
+    _bridge: Netns,
+    subnet: u8,
+}
+
+impl Underlay {
+    /// `count` nodes named `<prefix>-n1`…, the bridge `<prefix>-u`.
+    pub fn create(prefix: &str, count: usize) -> anyhow::Result<Underlay> {
+        let bridge = Netns::create(&format!("{prefix}-u"))?;
+        bridge.ip(&["link", "add", "br0", "type", "bridge"])?;
+        bridge.ip(&["link", "set", "br0", "up"])?;
+        let subnet = (std::process::id() % 200 + 20) as u8;
+        let mut nodes = Vec::new();
+        for i in 0..count {
+            let netns = Netns::create(&format!("{prefix}-n{}", i + 1))?;
+            let port = format!("u{}", i + 1);
+            bridge.ip(&[
+                "link",
+                "add",
+                &port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                netns.name(),
+            ])?;
+            bridge.ip(&["link", "set", &port, "master", "br0", "up"])?;
+            let ip = format!("172.30.{subnet}.{}/24", 11 + i);
+            netns.ip(&["addr", "add", &ip, "dev", "eth0"])?;
+            netns.ip(&["link", "set", "eth0", "up"])?;
+            nodes.push(netns);
+        }
+        Ok(Underlay {
+            nodes,
+            _bridge: bridge,
+            subnet,
+        })
+    }
+
+    /// The underlay address of node `index` (from 0).
+    pub fn ip(&self, index: usize) -> String {
+        format!("172.30.{}.{}", self.subnet, 11 + index)
+    }
+}
+
 /// Names of all network namespaces.
 pub fn list() -> anyhow::Result<Vec<String>> {
     Ok(run("ip", &["netns", "list"])?

@@ -123,6 +123,10 @@ pub fn clean_up(data_dir: &Path, node: Option<&str>) {
             }
         }
     }
+    // The agent's DNS dies with it; should it not, it goes here.
+    for pid in node_dns_processes(data_dir) {
+        unsafe_kill(pid as i32);
+    }
     let mut mounts = mounts_under(data_dir);
     mounts.sort_by_key(|m| std::cmp::Reverse(m.as_os_str().len()));
     for m in mounts {
@@ -144,6 +148,35 @@ pub fn clean_up(data_dir: &Path, node: Option<&str>) {
             .join(node);
         remove_cgroup_tree(&base);
     }
+}
+
+/// Live `skiff dns` processes serving the node whose data dir is
+/// `data_dir` (their kubeconfig lies in it), as a joined agent runs them.
+pub fn node_dns_processes(data_dir: &Path) -> Vec<u32> {
+    let marker = data_dir.display().to_string();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|p| {
+            let pid = p.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let cmdline = std::fs::read(p.path().join("cmdline")).ok()?;
+            let mut args = cmdline.split(|&b| b == 0);
+            let is_dns = args.nth(1) == Some(b"dns".as_slice())
+                && String::from_utf8_lossy(&cmdline).contains(&marker);
+            (is_dns && !is_zombie(pid)).then_some(pid)
+        })
+        .collect()
+}
+
+/// A process that has exited and waits to be reaped (or is gone).
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+        stat.rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+    })
 }
 
 fn unsafe_kill(pid: i32) {
@@ -387,6 +420,8 @@ pub struct JoinedAgent {
     pub child: Child,
     pub data_dir: tempfile::TempDir,
     pub name: String,
+    /// `nsenter` and its arguments, to start the agent again.
+    command: Vec<std::ffi::OsString>,
 }
 
 impl JoinedAgent {
@@ -410,27 +445,38 @@ impl JoinedAgent {
         import_busybox(&copy, data_dir.path(), image)?;
         let token = std::fs::read_to_string(server.data_dir().join("server").join("token"))
             .context("reading the join token")?;
-        let log = std::fs::File::create(data_dir.path().join("agent.log"))?;
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{netns}"))
-            .arg(&copy)
-            .args(["agent", "--server", server_url])
-            .args(["--token", token.trim(), "--node-name", name])
-            .args(["--crash-loop-backoff", "2s"])
-            .args(extra_args)
-            .arg("--data-dir")
-            .arg(data_dir.path())
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting skiff agent")?;
+        let mut command: Vec<std::ffi::OsString> =
+            vec![format!("--net=/run/netns/{netns}").into(), copy.into()];
+        command.extend(
+            ["agent", "--server", server_url, "--token", token.trim()]
+                .into_iter()
+                .chain(["--node-name", name, "--crash-loop-backoff", "2s"])
+                .chain(extra_args.iter().copied())
+                .map(Into::into),
+        );
+        command.push("--data-dir".into());
+        command.push(data_dir.path().into());
+        let child = spawn_agent(&command, &data_dir.path().join("agent.log"))?;
         Ok(JoinedAgent {
             child,
             data_dir,
             name: name.to_owned(),
+            command,
         })
+    }
+
+    /// Kills the agent (SIGKILL) unless it has stopped, and starts it
+    /// again as it was started.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn_agent(&self.command, &self.data_dir.path().join("agent.log"))?;
+        Ok(())
+    }
+
+    /// The node's DNS processes (see [`node_dns_processes`]).
+    pub fn dns_processes(&self) -> Vec<u32> {
+        node_dns_processes(self.data_dir.path())
     }
 
     /// Joins an agent to `node`'s server from inside the same network
@@ -454,6 +500,22 @@ impl JoinedAgent {
         let start = text.len().saturating_sub(4000);
         text.get(start..).unwrap_or(&text).to_owned()
     }
+}
+
+/// `nsenter command…`, logging to `log` (appended to, across restarts).
+fn spawn_agent(command: &[std::ffi::OsString], log: &Path) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    Command::new("nsenter")
+        .args(command)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting skiff agent")
 }
 
 impl Drop for JoinedAgent {

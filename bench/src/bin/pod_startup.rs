@@ -6,8 +6,9 @@
 //! moment a watch sees it `Running`; batches of 1, 10 and 50 pods go to
 //! the one node at once. Then, with 50 pods running, the agent process's
 //! RSS (the node agent and the node's pod network, as k3s' agent holds
-//! flannel), the server's, and the per-container shims' total PSS (they
-//! are what containerd-shim processes are to containerd).
+//! flannel), the server's, the per-container shims' total PSS (they
+//! are what containerd-shim processes are to containerd), and the node's
+//! cluster DNS process's (CoreDNS or NodeLocal DNSCache's job).
 //!
 //! Peers: upstream's pod startup SLO (p99 <= 5 s), Skiff's goal (p99 <=
 //! 1 s for 10 pods, agent <= 40 MB), k3s' agent (275 MB with
@@ -99,6 +100,7 @@ async fn measure(node: &AgentNode, agent: &JoinedAgent) -> anyhow::Result<()> {
         wait_for_account(&client, &ns).await?;
         let server_pid = node.server.pid().context("the server is not running")?;
         let agent_before = own_and_children_cpu(agent.child.id())?;
+        let dns_before = node_dns_cpu(agent);
         let cpu_before = (
             skiff_bench::cpu_seconds(server_pid)?,
             agent_before.0,
@@ -113,6 +115,14 @@ async fn measure(node: &AgentNode, agent: &JoinedAgent) -> anyhow::Result<()> {
             machine_cpu_seconds()? - cpu_before.2,
             agent_after.1 - cpu_before.3,
         );
+        // The node's DNS watches every pod; a restart between the two
+        // readings would make the difference meaningless.
+        let dns_cpu = match (dns_before, node_dns_cpu(agent)) {
+            (Some((pid, before)), Some((pid_after, after))) if pid == pid_after => {
+                Some(after - before)
+            }
+            _ => None,
+        };
         let (p50, p99) = (samples.percentile(50.0), samples.percentile(99.0));
         if count == 10 {
             p99_10 = Some(p99);
@@ -134,12 +144,13 @@ async fn measure(node: &AgentNode, agent: &JoinedAgent) -> anyhow::Result<()> {
         );
         println!(
             "  CPU for the batch: server {:.2} s, agent {:.2} s (+ {:.2} s in the children it \
-             waited for: shim launchers), everything else on the machine (shims, runc, kernel, \
-             other processes) {:.2} s, over {:.2} s",
+             waited for: shim launchers), node DNS {}, everything else on the machine (shims, \
+             runc, kernel, other processes) {:.2} s, over {:.2} s",
             cpu.0,
             cpu.1,
             cpu.3,
-            (cpu.2 - cpu.0 - cpu.1 - cpu.3).max(0.0),
+            dns_cpu.map_or("not running".to_owned(), |s| format!("{s:.2} s")),
+            (cpu.2 - cpu.0 - cpu.1 - cpu.3 - dns_cpu.unwrap_or(0.0)).max(0.0),
             samples.wall().as_secs_f64()
         );
         if count == 50 {
@@ -282,11 +293,32 @@ fn report_memory(node: &AgentNode, agent: &JoinedAgent) -> anyhow::Result<()> {
         shim_cpu * 1000.0 / shims.max(1) as f64,
         runc_cpu * 1000.0 / shims.max(1) as f64
     );
+    match agent.dns_processes().as_slice() {
+        [pid] => println!(
+            "  plus the node's cluster DNS (`skiff dns`, the agent's child process, watching \
+             every Service, EndpointSlice and Pod): RSS {:.1} MB (PSS {:.1} MB), not in the \
+             agent's figure",
+            rss_mb(*pid)?,
+            pss_mb(*pid)?
+        ),
+        pids => println!(
+            "  the node's cluster DNS: {} processes, not measured",
+            pids.len()
+        ),
+    }
     println!(
         "  and the skiff server (API server + store + controllers, no agent): RSS \
          {server_mb:.1} MB"
     );
     Ok(())
+}
+
+/// The node DNS process and its CPU seconds so far, when it runs.
+fn node_dns_cpu(agent: &JoinedAgent) -> Option<(u32, f64)> {
+    let [pid] = agent.dns_processes()[..] else {
+        return None;
+    };
+    skiff_bench::cpu_seconds(pid).ok().map(|cpu| (pid, cpu))
 }
 
 /// A process's RSS split by what backs it.

@@ -618,6 +618,19 @@ mod tests {
         // Nodes read everything and write their own kinds, not workloads.
         let node = user("system:node:n1", &["system:nodes", "system:authenticated"]);
         assert!(policy.allows(&node, &get("/api/v1/namespaces/dev/secrets/s")));
+        // What a node's cluster DNS lists and watches, in every namespace.
+        for path in [
+            "/api/v1/services",
+            "/api/v1/pods",
+            "/apis/discovery.k8s.io/v1/endpointslices",
+        ] {
+            for query in [None, Some("watch=true")] {
+                assert!(
+                    policy.allows(&node, &attributes(&Method::GET, path, query)),
+                    "{path} {query:?}"
+                );
+            }
+        }
         assert!(policy.allows(
             &node,
             &attributes(
