@@ -79,6 +79,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let kubelet =
         KubeletClient::for_cluster(&pki).context("preparing the client for node agents")?;
     state.kubelet = Some(kubelet.clone());
+    state.cluster_dns = Some(args.cluster_dns);
     let state = Arc::new(state);
     authenticator.accept_service_account_tokens(state.clone());
     apiserver::bootstrap(&state)

@@ -54,6 +54,17 @@ async fn discovery_version_and_defaults() -> anyhow::Result<()> {
         "jsonpath={.spec.clusterIP}",
     ])?;
     ensure!(ip == "10.43.0.1", "kubernetes Service has {ip}");
+    // The cluster DNS address is reserved, so no other Service gets it.
+    let dns = server.kubectl_ok(&[
+        "get",
+        "service",
+        "kube-dns",
+        "-n",
+        "kube-system",
+        "-o",
+        "jsonpath={.spec.clusterIP} {.spec.ports[*].protocol}",
+    ])?;
+    ensure!(dns == "10.43.0.10 UDP TCP", "kube-dns Service: {dns}");
 
     let resources = server.kubectl_ok(&["api-resources"])?;
     for line in [

@@ -87,6 +87,9 @@ pub struct ApiState {
     /// Signs and verifies service-account tokens; without it TokenRequest
     /// answers 503 and no such token authenticates.
     pub service_account_keys: Option<Arc<sa_token::TokenKeys>>,
+    /// The cluster DNS address pods are given; [`bootstrap`] reserves it
+    /// with the `kube-system/kube-dns` Service.
+    pub cluster_dns: Option<std::net::IpAddr>,
 }
 
 impl ApiState {
@@ -101,6 +104,7 @@ impl ApiState {
             resource_metrics: Arc::default(),
             authorizer: authz::Authorizer::default(),
             service_account_keys: None,
+            cluster_dns: None,
         }
     }
 }
@@ -372,9 +376,42 @@ pub async fn bootstrap(state: &ApiState) -> Result<(), ApiError> {
         },
     });
     create_if_missing(state, services, Some("default"), service).await?;
+    if let Some(ip) = state.cluster_dns {
+        // Not fatal: a Service created before this one may hold the address.
+        if let Err(e) = create_if_missing(state, services, Some("kube-system"), kube_dns(ip)).await
+        {
+            tracing::warn!(%ip, error = %e.message, "cannot reserve the cluster DNS address with the kube-dns Service");
+        }
+    }
     let classes = resource(state, "storage.k8s.io", "storageclasses")?;
     create_if_missing(state, classes, None, local_path_class()).await?;
     authz::create_bootstrap_policy(state).await
+}
+
+/// The `kube-dns` Service, as k3s and kubeadm clusters have one: it holds
+/// the cluster DNS address so that no other Service is given it, and it
+/// names the DNS for tools that look for it. Every node serves that
+/// address itself (on its loopback), so queries never reach a Service
+/// endpoint; the Service has no selector.
+fn kube_dns(ip: std::net::IpAddr) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": "kube-dns",
+            "namespace": "kube-system",
+            "labels": {"k8s-app": "kube-dns", "kubernetes.io/cluster-service": "true"},
+        },
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": ip.to_string(),
+            "ports": [
+                {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
+                {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53},
+            ],
+            "sessionAffinity": "None",
+        },
+    })
 }
 
 /// The default StorageClass, served by the local-path provisioner in the
