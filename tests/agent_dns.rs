@@ -109,17 +109,18 @@ async fn check(server: &Server, agent: &mut JoinedAgent) -> anyhow::Result<()> {
         .replace("IMAGE", IMAGE);
     server.kubectl_stdin(&["apply", "-f", "-"], &manifest)?;
     for pod in ["web", "client"] {
-        eventually(server, agent, &format!("pod {pod} ready"), || {
-            let pod: Value =
-                serde_json::from_str(&server.kubectl_ok(&["get", "pod", pod, "-o", "json"])?)?;
-            let ready = pod["status"]["conditions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|c| c["type"] == "Ready" && c["status"] == "True");
-            Ok(ready.then_some(()))
-        })
-        .await?;
+        agent
+            .eventually(server, &format!("pod {pod} ready"), || {
+                let pod: Value =
+                    serde_json::from_str(&server.kubectl_ok(&["get", "pod", pod, "-o", "json"])?)?;
+                let ready = pod["status"]["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True");
+                Ok(ready.then_some(()))
+            })
+            .await?;
     }
     resolves_and_serves(server, agent).await?;
     let dns = agent.dns_processes();
@@ -130,11 +131,12 @@ async fn check(server: &Server, agent: &mut JoinedAgent) -> anyhow::Result<()> {
         .args(["-9", &dns[0].to_string()])
         .status()?;
     let killed = Instant::now();
-    eventually(server, agent, "the node's DNS restarted", || {
-        let now = agent.dns_processes();
-        Ok((now.len() == 1 && now != dns).then_some(()))
-    })
-    .await?;
+    agent
+        .eventually(server, "the node's DNS restarted", || {
+            let now = agent.dns_processes();
+            Ok((now.len() == 1 && now != dns).then_some(()))
+        })
+        .await?;
     resolves_and_serves(server, agent).await?;
     println!(
         "killed node DNS restarted and answering after {:?}",
@@ -144,11 +146,13 @@ async fn check(server: &Server, agent: &mut JoinedAgent) -> anyhow::Result<()> {
     // A deleted Service's name goes.
     server.kubectl_ok(&["delete", "service", "web"])?;
     let start = Instant::now();
-    eventually(server, agent, "web's name to go", || {
-        let (_, out) = in_client(server, &["nslookup", "web.default.svc.cluster.local"])?;
-        Ok(out.contains("NXDOMAIN").then_some(()))
-    })
-    .await?;
+    agent
+        .eventually(server, "web's name to go", || {
+            let (_, out) =
+                server.exec_in("client", &["nslookup", "web.default.svc.cluster.local"])?;
+            Ok(out.contains("NXDOMAIN").then_some(()))
+        })
+        .await?;
     println!(
         "deleted Service NXDOMAIN in the joined node's pod after {:?}",
         start.elapsed()
@@ -164,15 +168,16 @@ async fn check(server: &Server, agent: &mut JoinedAgent) -> anyhow::Result<()> {
     // agent ends and its DNS too.
     agent.restart()?;
     let restarted = Instant::now();
-    eventually(server, agent, "the node's DNS after the restart", || {
-        // busybox goes on through the search path and fails on the
-        // names after the one that exists.
-        let (_, out) = in_client(server, &["nslookup", "kubernetes"])?;
-        Ok(out
-            .contains("Name:\tkubernetes.default.svc.cluster.local")
-            .then_some(()))
-    })
-    .await?;
+    agent
+        .eventually(server, "the node's DNS after the restart", || {
+            // busybox goes on through the search path and fails on the
+            // names after the one that exists.
+            let (_, out) = server.exec_in("client", &["nslookup", "kubernetes"])?;
+            Ok(out
+                .contains("Name:\tkubernetes.default.svc.cluster.local")
+                .then_some(()))
+        })
+        .await?;
     println!(
         "restarted agent's node DNS answering the pod after {:?}",
         restarted.elapsed()
@@ -213,8 +218,8 @@ async fn check(server: &Server, agent: &mut JoinedAgent) -> anyhow::Result<()> {
 async fn resolves_and_serves(server: &Server, agent: &JoinedAgent) -> anyhow::Result<()> {
     let cluster_ip =
         server.kubectl_ok(&["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"])?;
-    eventually(server, agent, "nslookup web from the joined node's pod", || {
-        let (_, out) = in_client(server, &["nslookup", "web"])?;
+    agent.eventually(server, "nslookup web from the joined node's pod", || {
+        let (_, out) = server.exec_in("client", &["nslookup", "web"])?;
         ensure!(
             out.contains("Server:\t\t10.43.0.10")
                 && out.contains("Name:\tweb.default.svc.cluster.local")
@@ -225,12 +230,13 @@ async fn resolves_and_serves(server: &Server, agent: &JoinedAgent) -> anyhow::Re
     })
     .await?;
     // No `-T`: Debian's busybox wget crashes with it.
-    let page = eventually(server, agent, "wget http://web from the client pod", || {
-        let (ok, out) = in_client(server, &["wget", "-qO-", "http://web"])?;
-        ensure!(ok, "wget: {out}");
-        Ok(Some(out))
-    })
-    .await?;
+    let page = agent
+        .eventually(server, "wget http://web from the client pod", || {
+            let (ok, out) = server.exec_in("client", &["wget", "-qO-", "http://web"])?;
+            ensure!(ok, "wget: {out}");
+            Ok(Some(out))
+        })
+        .await?;
     ensure!(page.trim() == "hello from web", "page: {page:?}");
     Ok(())
 }
@@ -238,57 +244,16 @@ async fn resolves_and_serves(server: &Server, agent: &JoinedAgent) -> anyhow::Re
 /// No DNS process of the node is left once its agent is gone (the kernel
 /// may take a moment to deliver the parent-death signal).
 async fn gone(server: &Server, agent: &JoinedAgent, how: &str) -> anyhow::Result<()> {
-    eventually(
-        server,
-        agent,
-        &format!("the node's DNS gone after the agent's {how}"),
-        || {
-            let left = agent.dns_processes();
-            ensure!(left.is_empty(), "left running: {left:?}");
-            Ok(Some(()))
-        },
-    )
-    .await
-    .context("a DNS process outlived its agent")
-}
-
-/// Runs `args` in the client pod; whether it succeeded and its output.
-fn in_client(server: &Server, args: &[&str]) -> anyhow::Result<(bool, String)> {
-    let output = server
-        .kubectl()
-        .args(["exec", "client", "--"])
-        .args(args)
-        .output()
-        .context("running kubectl exec")?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok((output.status.success(), text))
-}
-
-async fn eventually<T>(
-    server: &Server,
-    agent: &JoinedAgent,
-    what: &str,
-    mut check: impl FnMut() -> anyhow::Result<Option<T>>,
-) -> anyhow::Result<T> {
-    let deadline = Instant::now() + DEADLINE;
-    let mut last = String::new();
-    loop {
-        match check() {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last = format!("{e:#}"),
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "timed out waiting for {what}: {last}\nagent log:\n{}\nserver log:\n{}",
-                agent.log_tail(),
-                server.log_tail()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    agent
+        .eventually(
+            server,
+            &format!("the node's DNS gone after the agent's {how}"),
+            || {
+                let left = agent.dns_processes();
+                ensure!(left.is_empty(), "left running: {left:?}");
+                Ok(Some(()))
+            },
+        )
+        .await
+        .context("a DNS process outlived its agent")
 }

@@ -8,9 +8,8 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure};
+use anyhow::ensure;
 use serde_json::Value;
 use skiff_e2e::netns::Underlay;
 use skiff_e2e::node::{JoinedAgent, import_busybox};
@@ -18,7 +17,6 @@ use skiff_e2e::server::Server;
 
 const SKIFF: &str = env!("CARGO_BIN_EXE_skiff");
 const IMAGE: &str = "skiff-test/busybox:1";
-const DEADLINE: Duration = Duration::from_secs(120);
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_node_joins_with_the_token_and_runs_pods() -> anyhow::Result<()> {
@@ -54,17 +52,18 @@ async fn a_second_node_joins_with_the_token_and_runs_pods() -> anyhow::Result<()
 
     // The joined Node: Ready, with the address the agent found for itself
     // (no --node-ip given) and its kubelet port.
-    let node = eventually(&server, &agent, "the second node Ready", || {
-        let node: Value =
-            serde_json::from_str(&server.kubectl_ok(&["get", "node", &second, "-o", "json"])?)?;
-        let ready = node["status"]["conditions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|c| c["type"] == "Ready" && c["status"] == "True");
-        Ok(ready.then_some(node))
-    })
-    .await?;
+    let node = agent
+        .eventually(&server, "the second node Ready", || {
+            let node: Value =
+                serde_json::from_str(&server.kubectl_ok(&["get", "node", &second, "-o", "json"])?)?;
+            let ready = node["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+            Ok(ready.then_some(node))
+        })
+        .await?;
     ensure!(
         node["status"]["addresses"][0]["address"] == underlay.ip(1),
         "{}",
@@ -94,19 +93,21 @@ spec:
 "#
     );
     server.kubectl_stdin(&["apply", "-f", "-"], &manifest)?;
-    eventually(&server, &agent, "the remote pod running", || {
-        let pod: Value =
-            serde_json::from_str(&server.kubectl_ok(&["get", "pod", "remote", "-o", "json"])?)?;
-        Ok(pod["status"]["containerStatuses"][0]["state"]["running"]
-            .is_object()
-            .then_some(()))
-    })
-    .await?;
-    let logs = eventually(&server, &agent, "the remote pod's logs", || {
-        let out = server.kubectl_ok(&["logs", "remote"])?;
-        Ok((!out.is_empty()).then_some(out))
-    })
-    .await?;
+    agent
+        .eventually(&server, "the remote pod running", || {
+            let pod: Value =
+                serde_json::from_str(&server.kubectl_ok(&["get", "pod", "remote", "-o", "json"])?)?;
+            Ok(pod["status"]["containerStatuses"][0]["state"]["running"]
+                .is_object()
+                .then_some(()))
+        })
+        .await?;
+    let logs = agent
+        .eventually(&server, "the remote pod's logs", || {
+            let out = server.kubectl_ok(&["logs", "remote"])?;
+            Ok((!out.is_empty()).then_some(out))
+        })
+        .await?;
     ensure!(logs == "started on remote\n", "{logs:?}");
     let out = server.kubectl_ok(&["exec", "remote", "--", "cat", "/proc/1/cmdline"])?;
     ensure!(out.starts_with("sleep"), "{out:?}");
@@ -129,29 +130,26 @@ spec:
     );
     import_busybox(Path::new(SKIFF), server.data_dir(), IMAGE)?;
     server.kubectl_stdin(&["apply", "-f", "-"], &manifest)?;
-    let local_ip = eventually(&server, &agent, "the local pod running", || {
-        let pod: Value =
-            serde_json::from_str(&server.kubectl_ok(&["get", "pod", "local", "-o", "json"])?)?;
-        let running = pod["status"]["containerStatuses"][0]["state"]["running"].is_object();
-        Ok(pod["status"]["podIP"]
-            .as_str()
-            .filter(|_| running)
-            .map(str::to_owned))
-    })
-    .await?;
+    let local_ip = agent
+        .eventually(&server, "the local pod running", || {
+            let pod: Value =
+                serde_json::from_str(&server.kubectl_ok(&["get", "pod", "local", "-o", "json"])?)?;
+            let running = pod["status"]["containerStatuses"][0]["state"]["running"].is_object();
+            Ok(pod["status"]["podIP"]
+                .as_str()
+                .filter(|_| running)
+                .map(str::to_owned))
+        })
+        .await?;
     // From the remote pod, over the overlay: busybox nc with an HTTP
     // request (busybox-static's wget crashes here).
     let script = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc {local_ip} 8080");
-    let answer = eventually(
-        &server,
-        &agent,
-        "the local pod answering the remote one",
-        || {
+    let answer = agent
+        .eventually(&server, "the local pod answering the remote one", || {
             let out = server.kubectl_ok(&["exec", "remote", "--", "sh", "-c", &script])?;
             Ok(out.contains("hello from local").then_some(out))
-        },
-    )
-    .await?;
+        })
+        .await?;
     ensure!(answer.starts_with("HTTP/1."), "{answer:?}");
 
     // A wrong token is refused outright.
@@ -178,29 +176,4 @@ spec:
     server.kill();
     drop(agent);
     Ok(())
-}
-
-async fn eventually<T>(
-    server: &Server,
-    agent: &JoinedAgent,
-    what: &str,
-    mut check: impl FnMut() -> anyhow::Result<Option<T>>,
-) -> anyhow::Result<T> {
-    let deadline = Instant::now() + DEADLINE;
-    let mut last = String::new();
-    loop {
-        match check() {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last = format!("{e:#}"),
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "timed out waiting for {what}: {last}\nagent log:\n{}\nserver log:\n{}",
-                agent.log_tail(),
-                server.log_tail()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
 }

@@ -468,24 +468,6 @@ spec:
   - {name: client, image: IMAGE, imagePullPolicy: IfNotPresent, command: [sleep, "3600"]}
 "#;
 
-/// Runs `args` in the client pod with `kubectl exec`; returns whether it
-/// succeeded and what it printed (stdout and stderr).
-fn in_client(node: &AgentNode, args: &[&str]) -> anyhow::Result<(bool, String)> {
-    let output = node
-        .server
-        .kubectl()
-        .args(["exec", "client", "--"])
-        .args(args)
-        .output()
-        .context("running kubectl exec")?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok((output.status.success(), text))
-}
-
 /// The issue's "from inside a pod": busybox's `wget` and `nslookup` in a
 /// pod the real agent runs with runc, asking the node's DNS at the
 /// cluster DNS address through the pod's resolv.conf.
@@ -531,7 +513,7 @@ async fn pods_find_services_by_name() -> anyhow::Result<()> {
     let cluster_ip =
         node.server
             .kubectl_ok(&["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"])?;
-    let (_, out) = in_client(&node, &["nslookup", "web"])?;
+    let (_, out) = node.server.exec_in("client", &["nslookup", "web"])?;
     ensure!(
         out.contains("Server:\t\t10.43.0.10")
             && out.contains("Name:\tweb.default.svc.cluster.local")
@@ -543,7 +525,9 @@ async fn pods_find_services_by_name() -> anyhow::Result<()> {
     // the pod. (No `-T`: Debian's busybox wget crashes with it.)
     let page = node
         .eventually("wget http://web from the client pod", || {
-            let (ok, out) = in_client(&node, &["wget", "-qO-", "http://web"])?;
+            let (ok, out) = node
+                .server
+                .exec_in("client", &["wget", "-qO-", "http://web"])?;
             ensure!(ok, "wget: {out}");
             Ok(Some(out))
         })
@@ -555,14 +539,19 @@ async fn pods_find_services_by_name() -> anyhow::Result<()> {
         .as_str()
         .context("db-0 has no IP")?
         .to_owned();
-    let (ok, out) = in_client(&node, &["nslookup", "db-0.db.default.svc.cluster.local."])?;
+    let (ok, out) = node.server.exec_in(
+        "client",
+        &["nslookup", "db-0.db.default.svc.cluster.local."],
+    )?;
     ensure!(
         ok && out.contains(&format!("Address: {db_ip}")),
         "db-0.db is {db_ip}: {out}"
     );
 
     // A name outside the cluster goes to the node's upstream.
-    let (ok, out) = in_client(&node, &["nslookup", "www.example.org."])?;
+    let (ok, out) = node
+        .server
+        .exec_in("client", &["nslookup", "www.example.org."])?;
     ensure!(
         ok && out.contains("Address: 192.0.2.80"),
         "forwarded: {out}"
@@ -572,7 +561,9 @@ async fn pods_find_services_by_name() -> anyhow::Result<()> {
     node.server.kubectl_ok(&["delete", "service", "web"])?;
     let start = Instant::now();
     node.eventually("web's name to go", || {
-        let (_, out) = in_client(&node, &["nslookup", "web.default.svc.cluster.local"])?;
+        let (_, out) = node
+            .server
+            .exec_in("client", &["nslookup", "web.default.svc.cluster.local"])?;
         Ok(out.contains("NXDOMAIN").then_some(()))
     })
     .await?;
@@ -580,7 +571,9 @@ async fn pods_find_services_by_name() -> anyhow::Result<()> {
         "deleted Service NXDOMAIN in the pod after {:?}",
         start.elapsed()
     );
-    let (ok, out) = in_client(&node, &["wget", "-qO-", "-T", "3", "http://web"])?;
+    let (ok, out) = node
+        .server
+        .exec_in("client", &["wget", "-qO-", "-T", "3", "http://web"])?;
     ensure!(!ok, "wget http://web after the Service went: {out}");
     Ok(())
 }

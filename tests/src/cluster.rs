@@ -193,18 +193,7 @@ impl Cluster {
     fn add_node_netns(&mut self, index: usize) -> anyhow::Result<()> {
         let netns = Netns::create(&format!("{}-n{}", self.prefix, index + 1))?;
         let port = format!("u{}", index + 1);
-        self.underlay.ip(&[
-            "link",
-            "add",
-            &port,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            netns.name(),
-        ])?;
+        self.underlay.add_veth(&port, &netns, "eth0")?;
         self.underlay
             .ip(&["link", "set", &port, "master", "br0", "up"])?;
         let underlay_ip = Ipv4Addr::new(172, 31, self.subnet, 11 + index as u8);
@@ -446,18 +435,7 @@ impl Cluster {
             .context("the podCIDR is full")?;
         node.next_pod += 1;
         let host_end = format!("v{serial}");
-        node.netns.ip(&[
-            "link",
-            "add",
-            &host_end,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            netns.name(),
-        ])?;
+        node.netns.add_veth(&host_end, &netns, "eth0")?;
         let mtu = POD_MTU.to_string();
         node.netns.ip(&[
             "link", "set", &host_end, "master", "cbr0", "mtu", &mtu, "up",

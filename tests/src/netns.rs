@@ -34,6 +34,14 @@ impl Netns {
         run("ip", &all)
     }
 
+    /// A veth pair: `here` in this namespace, its peer `there` in `peer`.
+    pub fn add_veth(&self, here: &str, peer: &Netns, there: &str) -> anyhow::Result<()> {
+        self.ip(&[
+            "link", "add", here, "type", "veth", "peer", "name", there, "netns", &peer.name,
+        ])?;
+        Ok(())
+    }
+
     /// `program args…` inside the namespace, not yet started.
     pub fn command(&self, program: &str) -> Command {
         let mut command = Command::new("ip");
@@ -120,18 +128,7 @@ impl Underlay {
         for i in 0..count {
             let netns = Netns::create(&format!("{prefix}-n{}", i + 1))?;
             let port = format!("u{}", i + 1);
-            bridge.ip(&[
-                "link",
-                "add",
-                &port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                netns.name(),
-            ])?;
+            bridge.add_veth(&port, &netns, "eth0")?;
             bridge.ip(&["link", "set", &port, "master", "br0", "up"])?;
             let ip = format!("172.30.{subnet}.{}/24", 11 + i);
             netns.ip(&["addr", "add", &ip, "dev", "eth0"])?;

@@ -358,24 +358,14 @@ impl AgentNode {
     pub async fn eventually<T>(
         &self,
         what: &str,
-        mut check: impl FnMut() -> anyhow::Result<Option<T>>,
+        check: impl FnMut() -> anyhow::Result<Option<T>>,
     ) -> anyhow::Result<T> {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let mut last = String::new();
-        loop {
-            match check() {
-                Ok(Some(v)) => return Ok(v),
-                Ok(None) => {}
-                Err(e) => last = format!("{e:#}"),
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "timed out waiting for {what}: {last}\nserver log:\n{}",
-                    self.server.log_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
+        poll_until(
+            what,
+            || format!("server log:\n{}", self.server.log_tail()),
+            check,
+        )
+        .await
     }
 
     /// The pod `name` in the default namespace, as `kubectl get -o json`.
@@ -494,6 +484,24 @@ impl JoinedAgent {
         )
     }
 
+    /// Polls `check` as [`AgentNode::eventually`] does, failing with this
+    /// agent's log and `server`'s.
+    pub async fn eventually<T>(
+        &self,
+        server: &crate::server::Server,
+        what: &str,
+        check: impl FnMut() -> anyhow::Result<Option<T>>,
+    ) -> anyhow::Result<T> {
+        let logs = || {
+            format!(
+                "agent log:\n{}\nserver log:\n{}",
+                self.log_tail(),
+                server.log_tail()
+            )
+        };
+        poll_until(what, logs, check).await
+    }
+
     pub fn log_tail(&self) -> String {
         let text =
             std::fs::read_to_string(self.data_dir.path().join("agent.log")).unwrap_or_default();
@@ -523,5 +531,28 @@ impl Drop for JoinedAgent {
         let _ = self.child.kill();
         let _ = self.child.wait();
         clean_up(self.data_dir.path(), Some(&self.name));
+    }
+}
+
+/// Polls `check` every 300 ms until it gives a value; after two minutes
+/// (generous: the machine may be busy running other tests) fails with the
+/// last error and `logs()`.
+async fn poll_until<T>(
+    what: &str,
+    logs: impl Fn() -> String,
+    mut check: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut last = String::new();
+    loop {
+        match check() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}: {last}\n{}", logs());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }

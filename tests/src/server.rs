@@ -174,6 +174,23 @@ impl Server {
         Ok(String::from_utf8_lossy(&output.stderr).into_owned())
     }
 
+    /// Runs `args` in `pod` (default namespace) with `kubectl exec`;
+    /// whether it succeeded and what it printed (stdout, then stderr).
+    pub fn exec_in(&self, pod: &str, args: &[&str]) -> anyhow::Result<(bool, String)> {
+        let output = self
+            .kubectl()
+            .args(["exec", pod, "--"])
+            .args(args)
+            .output()
+            .context("running kubectl exec")?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok((output.status.success(), text))
+    }
+
     /// Replaces the extra command-line arguments for the next (re)start.
     pub fn set_extra_args(&mut self, extra_args: &[&str]) {
         self.extra_args = extra_args.iter().map(|s| (*s).to_owned()).collect();

@@ -259,18 +259,7 @@ fn setup_vxlan(cluster: &Cluster) -> anyhow::Result<Vec<Netns>> {
             "vx0",
         ])?;
         let pod = Netns::create(&format!("{}-vx{n}", cluster.prefix))?;
-        netns.ip(&[
-            "link",
-            "add",
-            "vxp",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            pod.name(),
-        ])?;
+        netns.add_veth("vxp", &pod, "eth0")?;
         let mtu = POD_MTU.to_string();
         netns.ip(&["link", "set", "vxp", "master", "vbr0", "mtu", &mtu, "up"])?;
         pod.ip(&[
