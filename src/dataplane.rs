@@ -48,6 +48,11 @@ pub struct DataplaneArgs {
     /// Serve Prometheus metrics at this address.
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
+    /// Who balances connections from this node's pods to Services:
+    /// `nftables` (kernel rules, as kube-proxy's nftables mode), `engine`
+    /// (the data plane's own NAT) or `auto` (nftables where `nft` works).
+    #[arg(long, default_value = "auto")]
+    pub service_backend: overlay::ServiceBackend,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -90,6 +95,7 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
         config.max_super_packet = size;
     }
     config.metrics_addr = args.metrics_addr;
+    config.service_backend = args.service_backend;
     let run = overlay::run(client, config);
     tokio::select! {
         result = run => result.context("pod network data plane"),

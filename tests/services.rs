@@ -1,4 +1,5 @@
-//! Services through the data plane's own engine, across three nodes, each
+//! Services through the data plane (its own engine, or the nftables
+//! backend for connections from local pods), across three nodes, each
 //! a network namespace running `skiff dataplane`: the real EndpointSlice
 //! controller builds the slices from Pod objects (the test plays the node
 //! agent and reports each pod's address and readiness), every node's
@@ -26,7 +27,18 @@ const ECHO_PORT: u16 = 5353;
 const REQUESTS: usize = 3_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cluster_ips_balance_pin_hairpin_and_refuse() -> anyhow::Result<()> {
+async fn cluster_ips_balance_pin_hairpin_and_refuse_in_the_engine() -> anyhow::Result<()> {
+    cluster_ips_balance_pin_hairpin_and_refuse("engine").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_ips_balance_pin_hairpin_and_refuse_with_nftables() -> anyhow::Result<()> {
+    cluster_ips_balance_pin_hairpin_and_refuse("nftables").await
+}
+
+/// The same checks whichever backend takes connections from local pods
+/// (`--service-backend`).
+async fn cluster_ips_balance_pin_hairpin_and_refuse(backend: &str) -> anyhow::Result<()> {
     // No node agent: the test reports pod status itself, and a real one
     // would try to run the Pod objects below.
     let mut cluster = Cluster::start_with(
@@ -38,6 +50,8 @@ async fn cluster_ips_balance_pin_hairpin_and_refuse() -> anyhow::Result<()> {
             "10.43.0.0/16",
             "--cluster-cidr",
             "10.42.0.0/16",
+            "--service-backend",
+            backend,
         ],
     )
     .await?;
@@ -211,6 +225,24 @@ async fn cluster_ips_balance_pin_hairpin_and_refuse() -> anyhow::Result<()> {
         after.len() == 2 && !after.contains_key("web-3"),
         "after web-3 left: {after:?}"
     );
+
+    // The backend asked for is the one that balanced: with nftables the
+    // kernel has a chain for web's port (none for the pinned Service,
+    // which stays with the engine); with the engine there is no table.
+    let rules = cluster
+        .node(0)
+        .netns
+        .run("nft", &["list", "ruleset"])
+        .context("listing node 1's nftables rules")?;
+    let chain = "chain svc-default/web/tcp/80 ";
+    if backend == "nftables" {
+        ensure!(
+            rules.contains(chain) && !rules.contains("svc-default/web-sticky/"),
+            "node 1's nftables rules:\n{rules}"
+        );
+    } else {
+        ensure!(!rules.contains("skiff_services"), "{rules}");
+    }
     Ok(())
 }
 
@@ -277,6 +309,37 @@ async fn node_ports_answer_on_every_node() -> anyhow::Result<()> {
             || Ok(spread_in(cluster.underlay(), lb, 30)?.len() == 3),
         )
         .await?;
+    }
+
+    // externalTrafficPolicy: Local from outside the cluster: on each node
+    // only that node's endpoint answers, it sees the client's own
+    // address, and its reply, which leaves by the node's routing and not
+    // the overlay, still comes back from the NodePort.
+    for index in 0..3 {
+        let node_ip = cluster.node(index).underlay_ip;
+        let own = format!("web-{}", index + 1);
+        let tcp = SocketAddr::from((node_ip, 30081));
+        wait_until(
+            &cluster,
+            &format!("node {}'s Local NodePort to answer", index + 1),
+            || Ok(spread_in(cluster.underlay(), tcp, 1)?.contains_key(&own)),
+        )
+        .await?;
+        let seen = spread_in(cluster.underlay(), tcp, 30)?;
+        ensure!(
+            seen.len() == 1 && seen.contains_key(&own),
+            "Local NodePort {tcp} went to {seen:?}"
+        );
+        let udp = SocketAddr::from((node_ip, 30054));
+        let (from, answer) = udp_exchange_in(cluster.underlay(), udp, b"ping")?;
+        ensure!(
+            from == udp,
+            "the Local UDP echo came from {from}, not {udp}"
+        );
+        ensure!(
+            answer == format!("{own}@{outside}:ping"),
+            "the Local endpoint saw {answer:?}, not the client {outside}"
+        );
     }
 
     // A LoadBalancer port that a process of the node listens on (here the
@@ -349,6 +412,11 @@ async fn node_ports_answer_on_every_node() -> anyhow::Result<()> {
         "rules left after the data plane stopped:\n{rules}\n{}",
         cluster.dataplane_log(0)
     );
+    let tables = cluster.node(0).netns.run("nft", &["list", "tables"])?;
+    ensure!(
+        !tables.contains("skiff_services"),
+        "the Service table stayed after the data plane stopped:\n{tables}"
+    );
     Ok(())
 }
 
@@ -360,7 +428,16 @@ async fn node_ports_answer_on_every_node() -> anyhow::Result<()> {
 /// finishes the graceful deletion itself until it has checked the
 /// Service.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kubectl_scale_drops_no_request() -> anyhow::Result<()> {
+async fn kubectl_scale_drops_no_request_in_the_engine() -> anyhow::Result<()> {
+    kubectl_scale_drops_no_request("engine").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_scale_drops_no_request_with_nftables() -> anyhow::Result<()> {
+    kubectl_scale_drops_no_request("nftables").await
+}
+
+async fn kubectl_scale_drops_no_request(backend: &str) -> anyhow::Result<()> {
     let mut cluster = Cluster::start_with(
         SKIFF.as_ref(),
         2,
@@ -370,6 +447,8 @@ async fn kubectl_scale_drops_no_request() -> anyhow::Result<()> {
             "10.43.0.0/16",
             "--cluster-cidr",
             "10.42.0.0/16",
+            "--service-backend",
+            backend,
         ],
     )
     .await?;
@@ -577,6 +656,17 @@ spec:
   type: LoadBalancer
   selector: {app: web}
   ports: [{name: http, port: 8088, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-local}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: 8080, nodePort: 30081}
+  - {name: echo, port: 53, targetPort: 5353, protocol: UDP, nodePort: 30054}
 "#;
 
 const MANIFESTS: &str = r#"
@@ -654,7 +744,8 @@ fn serve(pod: &Pod) -> anyhow::Result<()> {
     std::thread::spawn(move || {
         let mut buf = [0u8; 1500];
         while let Ok((n, from)) = udp.recv_from(&mut buf) {
-            let mut reply = format!("{name}:").into_bytes();
+            // The client's address as the endpoint sees it, then the echo.
+            let mut reply = format!("{name}@{}:", from.ip()).into_bytes();
             reply.extend_from_slice(&buf[..n]);
             let _ = udp.send_to(&reply, from);
         }

@@ -8,7 +8,9 @@ use std::future::Future;
 use std::path::Path;
 
 use futures::TryStreamExt;
-use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::link::{
+    InfoBridgePort, InfoKind, InfoPortData, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
 use rtnetlink::{Handle, LinkUnspec};
 
 use crate::error::{CniError, netlink_errno};
@@ -86,6 +88,20 @@ pub(crate) async fn set_link(
         .map_err(|e| CniError::netlink(format!("configuring link {what}"), e))
 }
 
+/// Applies bridge-port settings (`RTM_NEWLINK`: `set` does not carry them).
+pub(crate) async fn set_port(
+    handle: &Handle,
+    message: LinkMessage,
+    what: &str,
+) -> Result<(), CniError> {
+    handle
+        .link()
+        .set_port(message)
+        .execute()
+        .await
+        .map_err(|e| CniError::netlink(format!("configuring bridge port {what}"), e))
+}
+
 /// Deletes link `index`; a link that is already gone is fine.
 pub(crate) async fn delete_link(handle: &Handle, index: u32, what: &str) -> Result<(), CniError> {
     match handle.link().del(index).execute().await {
@@ -123,6 +139,23 @@ pub(crate) fn alias(link: &LinkMessage) -> Option<&str> {
 pub(crate) fn controller(link: &LinkMessage) -> Option<u32> {
     link.attributes.iter().find_map(|a| match a {
         LinkAttribute::Controller(index) => Some(*index),
+        _ => None,
+    })
+}
+
+/// For a bridge port: whether frames may go back out the port they came
+/// in on (`hairpin on`).
+pub(crate) fn hairpin(link: &LinkMessage) -> Option<bool> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::PortData(InfoPortData::BridgePort(port)) => {
+                port.iter().find_map(|p| match p {
+                    InfoBridgePort::HairpinMode(on) => Some(*on),
+                    _ => None,
+                })
+            }
+            _ => None,
+        }),
         _ => None,
     })
 }

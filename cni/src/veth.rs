@@ -12,7 +12,9 @@ use ipnet::Ipv4Net;
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkMessage};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute};
-use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{
+    Handle, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
+};
 
 use crate::error::CniError;
 use crate::netlink;
@@ -101,6 +103,15 @@ pub(crate) async fn ensure_host_end(
             .up()
             .build();
         netlink::set_link(handle, port, host.name).await?;
+    }
+    // A pod reaching a Service whose endpoint is itself: with the kernel
+    // backend (nftables and `br_netfilter`) the translated packet is
+    // bridged back out of the port it came in on, which a bridge refuses
+    // unless the port is in hairpin mode (as the CNI bridge plugin's
+    // `hairpinMode` and flannel's configuration do).
+    if !configured || netlink::hairpin(&link) != Some(true) {
+        let hairpin = LinkBridgePort::new(link.header.index).hairpin(true).build();
+        netlink::set_port(handle, hairpin, host.name).await?;
     }
     let mac = netlink::mac(&link).unwrap_or_default();
     Ok((mac, created))

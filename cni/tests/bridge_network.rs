@@ -157,6 +157,12 @@ async fn two_pods_get_distinct_ips_and_reach_each_other_and_the_gateway() {
         host.contains("master skiff0") && host.contains("mtu 1400"),
         "{host}"
     );
+    // Hairpin mode, for a pod reaching itself through a Service.
+    let (_, port) = lab.exec(
+        &lab.node.path,
+        &["ip", "-d", "link", "show", "dev", &at_a.host_veth],
+    );
+    assert!(port.contains("hairpin on"), "{port}");
     let (_, forward) = lab.exec(&lab.node.path, &["cat", "/proc/sys/net/ipv4/ip_forward"]);
     assert_eq!(forward.trim(), "1");
 

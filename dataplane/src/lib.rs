@@ -3,10 +3,12 @@
 //!
 //! Layout as in smoltcp: `wire` (packet formats as zero-copy views),
 //! `device` (TUN and UDP I/O), `overlay` (peer table, routes, the packet
-//! loop), `metrics`.
+//! loop), `metrics`; `nftables`, the kernel backend for Services from
+//! local pods.
 
 pub mod device;
 pub mod metrics;
+pub mod nftables;
 pub mod overlay;
 pub mod service;
 pub mod services;

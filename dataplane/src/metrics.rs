@@ -322,6 +322,9 @@ pub async fn serve(addr: SocketAddr, metrics: std::sync::Arc<Metrics>) -> std::i
             }
             let head = String::from_utf8_lossy(&request[..len]);
             let response = if head.starts_with("GET /metrics ") {
+                if let Some(services) = metrics.services.get() {
+                    services.refresh().await;
+                }
                 let body = metrics.render();
                 format!(
                     "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -350,5 +353,5 @@ pub async fn serve(addr: SocketAddr, metrics: std::sync::Arc<Metrics>) -> std::i
 /// answer.
 async fn conntrack(metrics: &Metrics) -> Option<String> {
     let services = metrics.services.get()?;
-    services.dump.request().await
+    services.flows().await
 }

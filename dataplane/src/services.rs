@@ -48,7 +48,8 @@ use kube::api::Api;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, watcher};
 
-use crate::service::{LoadBalancerPort, Metrics, Published, ServiceTable, TableConfig};
+use crate::nftables::Kernel;
+use crate::service::{LoadBalancerPort, Metrics, Published, ServiceKey, ServiceTable, TableConfig};
 
 /// The label tying an EndpointSlice to its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -67,10 +68,12 @@ pub struct Services {
     pub dump: FlowDump,
     /// The table's LoadBalancer ports, for the routing that steers them.
     load_balancer: tokio::sync::watch::Sender<BTreeSet<LoadBalancerPort>>,
+    /// The nftables backend, which takes connections from local pods.
+    pub kernel: Option<Arc<Kernel>>,
 }
 
 impl Services {
-    pub fn new(config: TableConfig) -> Self {
+    pub fn new(config: TableConfig, kernel: Option<Arc<Kernel>>) -> Self {
         let table = ServiceTable::new(config);
         Services {
             published: table.published(),
@@ -78,6 +81,24 @@ impl Services {
             metrics: Arc::new(Metrics::default()),
             dump: FlowDump::default(),
             load_balancer: tokio::sync::watch::Sender::new(BTreeSet::new()),
+            kernel,
+        }
+    }
+
+    /// Live flows of both backends, one line each (`conntrack -L`'s
+    /// shape); `None` when the packet loop did not answer.
+    pub async fn flows(&self) -> Option<String> {
+        let mut lines = self.dump.request().await?;
+        if let Some(kernel) = &self.kernel {
+            lines.push_str(&kernel.flows());
+        }
+        Some(lines)
+    }
+
+    /// Reads what the kernel backend counts, before [`Services::render`].
+    pub async fn refresh(&self) {
+        if let Some(kernel) = &self.kernel {
+            kernel.refresh_counters().await;
         }
     }
 
@@ -185,18 +206,24 @@ impl Services {
             "# HELP skiff_service_new_flows New flows per Service\n\
              # TYPE skiff_service_new_flows counter\n",
         );
+        let mut rows = self
+            .kernel
+            .as_ref()
+            .map(|kernel| kernel.new_flows())
+            .unwrap_or_default();
         self.with_table(|table| {
-            let mut rows: Vec<_> = table.new_flows().collect();
-            rows.sort_by(|a, b| a.0.cmp(b.0));
-            for (key, n) in rows {
-                let _ = writeln!(
-                    out,
-                    "skiff_service_new_flows_total{{namespace=\"{}\",service=\"{}\"}} {n}",
-                    escape(&key.namespace),
-                    escape(&key.name)
-                );
+            for (key, n) in table.new_flows() {
+                *rows.entry(key.clone()).or_default() += n;
             }
         });
+        for (key, n) in rows {
+            let _ = writeln!(
+                out,
+                "skiff_service_new_flows_total{{namespace=\"{}\",service=\"{}\"}} {n}",
+                escape(&key.namespace),
+                escape(&key.name)
+            );
+        }
     }
 }
 
@@ -317,6 +344,10 @@ impl Known {
     }
 }
 
+fn service_key(key: &Key) -> ServiceKey {
+    ServiceKey::new(key.0.clone(), key.1.clone())
+}
+
 fn object_key(meta: &kube::api::ObjectMeta) -> Option<Key> {
     Some((meta.namespace.clone()?, meta.name.clone()?))
 }
@@ -419,15 +450,22 @@ fn sync(known: &Known, services: &Services, touched: &[Key]) {
         for key in touched {
             match known.services.get(key) {
                 Some(service) => {
-                    if let Err(e) = table.apply(service, &known.slices_of(key)) {
-                        tracing::warn!(service = %format!("{}/{}", key.0, key.1), error = %e, "cannot balance Service");
+                    match table.apply(service, &known.slices_of(key)) {
+                        Ok(spec) => {
+                            if let Some(kernel) = &services.kernel {
+                                kernel.update(&service_key(key), spec.as_ref());
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(service = %format!("{}/{}", key.0, key.1), error = %e, "cannot balance Service");
+                        }
                     }
                 }
                 None => {
-                    table.remove(&crate::service::ServiceKey::new(
-                        key.0.clone(),
-                        key.1.clone(),
-                    ));
+                    table.remove(&service_key(key));
+                    if let Some(kernel) = &services.kernel {
+                        kernel.update(&service_key(key), None);
+                    }
                 }
             }
         }

@@ -440,6 +440,17 @@ impl Cluster {
         node.netns.ip(&[
             "link", "set", &host_end, "master", "cbr0", "mtu", &mtu, "up",
         ])?;
+        // As the agent's CNI does: a pod reaching itself through a Service
+        // translated by the kernel comes back out of its own port.
+        node.netns.ip(&[
+            "link",
+            "set",
+            &host_end,
+            "type",
+            "bridge_slave",
+            "hairpin",
+            "on",
+        ])?;
         netns.ip(&[
             "addr",
             "add",

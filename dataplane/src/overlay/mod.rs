@@ -32,6 +32,7 @@ use kube::runtime::watcher::{self, watcher};
 
 use crate::device::{tun, udp};
 use crate::metrics::Metrics;
+use crate::nftables::Kernel;
 use crate::service::{Engine, EngineConfig, TableConfig};
 use crate::services::Services;
 
@@ -85,6 +86,34 @@ pub struct OverlayConfig {
     pub socket_buffer: usize,
     /// Serve `/metrics` here.
     pub metrics_addr: Option<SocketAddr>,
+    /// Which backend balances connections from this node's pods.
+    pub service_backend: ServiceBackend,
+}
+
+/// Which backend balances connections from this node's pods to Services
+/// (everything else goes through the engine either way; see `nftables`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ServiceBackend {
+    /// nftables where `nft` works here, else the engine.
+    #[default]
+    Auto,
+    Engine,
+    Nftables,
+}
+
+impl std::str::FromStr for ServiceBackend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(ServiceBackend::Auto),
+            "engine" => Ok(ServiceBackend::Engine),
+            "nftables" => Ok(ServiceBackend::Nftables),
+            other => Err(format!(
+                "unknown Service backend {other:?} (auto, engine or nftables)"
+            )),
+        }
+    }
 }
 
 impl OverlayConfig {
@@ -102,6 +131,7 @@ impl OverlayConfig {
             node_port_range: 30000..=32767,
             socket_buffer: 8 << 20,
             metrics_addr: None,
+            service_backend: ServiceBackend::Auto,
         }
     }
 }
@@ -144,12 +174,14 @@ pub async fn run_with_metrics(
             }
         }))
     });
-    let services = service_net(&config).map(|_| {
-        metrics
-            .services
-            .get_or_init(|| Arc::new(Services::new(table_config(&config))))
-            .clone()
-    });
+    let services = match service_net(&config) {
+        Some(_) => Some(services(&config, &metrics).await?),
+        None => None,
+    };
+    let _kernel = services
+        .as_ref()
+        .and_then(|services| services.kernel.clone())
+        .map(KernelRules::start);
     let result = async {
         let running = start(&config, metrics.clone(), services.clone()).await?;
         match services {
@@ -165,6 +197,57 @@ pub async fn run_with_metrics(
         metrics.start_failures.inc();
     }
     result
+}
+
+/// The Service state, made once per process (it outlives restarts of the
+/// overlay) with the backend `config` asks for.
+async fn services(config: &OverlayConfig, metrics: &Metrics) -> Result<Arc<Services>, Error> {
+    if let Some(services) = metrics.services.get() {
+        return Ok(services.clone());
+    }
+    let kernel = match config.service_backend {
+        ServiceBackend::Engine => None,
+        ServiceBackend::Auto | ServiceBackend::Nftables => {
+            let node_ips = table_config(config).node_ips;
+            Kernel::start(&config.tun_name, &config.node_name, node_ips)
+                .await
+                .map(Arc::new)
+        }
+    };
+    if kernel.is_none() && config.service_backend == ServiceBackend::Nftables {
+        return Err(Error::Config(
+            "the nftables Service backend was asked for, but nft cannot program this namespace"
+                .into(),
+        ));
+    }
+    Ok(metrics
+        .services
+        .get_or_init(|| Arc::new(Services::new(table_config(config), kernel)))
+        .clone())
+}
+
+/// The nftables backend's rules while the overlay runs: rebuilt when it
+/// starts, followed while it runs, removed when it stops.
+struct KernelRules {
+    kernel: Arc<Kernel>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl KernelRules {
+    fn start(kernel: Arc<Kernel>) -> Self {
+        let running = kernel.clone();
+        KernelRules {
+            kernel,
+            task: tokio::spawn(async move { running.run().await }),
+        }
+    }
+}
+
+impl Drop for KernelRules {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.kernel.remove_blocking();
+    }
 }
 
 /// [`run`] for a component that must not fail because of the network

@@ -90,6 +90,27 @@ pub struct ServicePort {
     pub backends: Vec<Backend>,
 }
 
+impl ServicePort {
+    /// Which endpoints take new flows, as upstream decides: the ready ones;
+    /// if none, the serving ones that are terminating. With `local_node`,
+    /// only that node's endpoints count (`externalTrafficPolicy: Local`).
+    pub fn eligible(&self, local_node: Option<&str>) -> Vec<bool> {
+        let candidate = |b: &Backend| local_node.is_none_or(|node| b.node.as_deref() == Some(node));
+        let any_ready = self.backends.iter().any(|b| candidate(b) && b.ready);
+        self.backends
+            .iter()
+            .map(|b| {
+                candidate(b)
+                    && if any_ready {
+                        b.ready
+                    } else {
+                        b.serving && b.terminating
+                    }
+            })
+            .collect()
+    }
+}
+
 /// One endpoint of one Service port.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backend {

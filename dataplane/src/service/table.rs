@@ -18,7 +18,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::hash::WordHasherBuilder;
 use super::maglev::Maglev;
-use super::model::{Backend, ServiceKey, ServicePort, ServiceSpec};
+use super::model::{ServiceKey, ServicePort, ServiceSpec};
 use super::translate::{TranslateError, translate};
 
 /// Enough shards that one holds few entries at 10,000 Services.
@@ -263,13 +263,15 @@ impl ServiceTable {
 
     /// Applies a Service and its EndpointSlices: installs or replaces its
     /// entries, or removes them when the data plane has nothing to serve.
+    /// Returns what was installed.
     pub fn apply(
         &mut self,
         service: &Service,
         slices: &[EndpointSlice],
-    ) -> Result<(), TranslateError> {
-        match translate(service, slices)? {
-            Some(spec) => self.upsert(&spec),
+    ) -> Result<Option<ServiceSpec>, TranslateError> {
+        let spec = translate(service, slices)?;
+        match &spec {
+            Some(spec) => self.upsert(spec),
             None => {
                 if let (Some(ns), Some(name)) =
                     (&service.metadata.namespace, &service.metadata.name)
@@ -278,7 +280,7 @@ impl ServiceTable {
                 }
             }
         }
-        Ok(())
+        Ok(spec)
     }
 
     /// Installs or replaces one Service's entries.
@@ -400,26 +402,13 @@ impl ServiceTable {
         entries
     }
 
-    /// Chooses which endpoints take new flows, as upstream does: the ready
-    /// ones; if none, the serving ones that are terminating.
+    /// The endpoints with what each may receive (see
+    /// [`ServicePort::eligible`]) and their Maglev tables.
     fn port_state(&self, info: &Arc<ServiceInfo>, port: &ServicePort) -> PortState {
-        let is_local = |b: &Backend| b.node.as_deref() == Some(self.config.node_name.as_str());
-        let eligible = |local_only: bool| -> Vec<bool> {
-            let candidates = |b: &Backend| !local_only || is_local(b);
-            let any_ready = port.backends.iter().any(|b| candidates(b) && b.ready);
-            port.backends
-                .iter()
-                .map(|b| {
-                    candidates(b)
-                        && if any_ready {
-                            b.ready
-                        } else {
-                            b.serving && b.terminating
-                        }
-                })
-                .collect()
-        };
-        let (cluster, local) = (eligible(false), eligible(true));
+        let (cluster, local) = (
+            port.eligible(None),
+            port.eligible(Some(self.config.node_name.as_str())),
+        );
         // The translator sorts backends; sort again so a hand-built spec
         // cannot break the binary search.
         let mut backends: Vec<BackendEntry> = port
@@ -539,7 +528,7 @@ struct Change {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::service::model::Protocol;
+    use crate::service::model::{Backend, Protocol};
 
     fn config() -> TableConfig {
         TableConfig {

@@ -1,5 +1,9 @@
-//! Service benchmark: HTTP through a ClusterIP (Skiff's data-plane NAT)
-//! against the same requests straight to the pod IP, and against the two
+//! Service benchmark: HTTP through a ClusterIP against the same requests
+//! straight to the pod IP, through both of Skiff's backends: "ClusterIP"
+//! is the default (`--service-backend auto`: the nftables backend takes
+//! connections from local pods), "ClusterIP engine" a second Service on
+//! the same pod with ClientIP affinity, which the data plane's own NAT
+//! always keeps. And against the two
 //! named peers doing the same job, in one run: a kernel nftables DNAT rule
 //! (kube-proxy nftables mode's verdict-map shape, on the client's node)
 //! and HAProxy in TCP mode (a userspace L4 proxy on the client's node).
@@ -91,6 +95,16 @@ apiVersion: v1
 kind: Service
 metadata: {name: local}
 spec: {selector: {app: local}, ports: [{port: 80, targetPort: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: remote-engine}
+spec: {selector: {app: remote}, sessionAffinity: ClientIP, ports: [{port: 80, targetPort: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: local-engine}
+spec: {selector: {app: local}, sessionAffinity: ClientIP, ports: [{port: 80, targetPort: 80}]}
 "#,
     )?;
     for (name, node) in [("remote", 2), ("local", 1)] {
@@ -146,11 +160,13 @@ fn http(cluster: &Cluster, args: &Args, work: &tempfile::TempDir) -> anyhow::Res
     for (scope, pod) in scopes {
         let pod_ip = cluster.pod(pod).ip;
         let vip = cluster.cluster_ip(pod)?;
+        let engine_vip = cluster.cluster_ip(&format!("{pod}-engine"))?;
         let _nft = NftDnat::load(node1, pod_ip)?;
         let _haproxy = Haproxy::start(node1, gateway, pod_ip, &work.path().join(pod))?;
         let targets = [
             ("pod IP", format!("{pod_ip}:80")),
             ("ClusterIP", format!("{vip}:80")),
+            ("ClusterIP engine", format!("{engine_vip}:80")),
             ("nftables DNAT", format!("{NFT_VIP}:80")),
             ("HAProxy TCP", format!("{gateway}:{HAPROXY_PORT}")),
         ];
