@@ -22,15 +22,6 @@ use crate::zone::{Owner, ZoneBuilder};
 /// Most events applied before a publish, so a long burst still shows up.
 const MAX_BURST: usize = 4096;
 
-/// Events applied to the builder at a time within a burst: what the
-/// state holds only until its records are rendered (a ClusterIP
-/// Service's details, the keys to render) stays this small while a
-/// first listing of thousands goes through.
-const FLUSH_EVERY: usize = 256;
-
-/// Batches of events on their way to the zone thread.
-const QUEUED_BATCHES: usize = 4;
-
 /// How long the watches stay quiet after a publish before the memory the
 /// burst freed is given back to the system.
 const SETTLE: Duration = Duration::from_millis(500);
@@ -51,23 +42,8 @@ enum Ev {
     Pod(Box<Result<Event<Pod>, watcher::Error>>),
 }
 
-/// What the watch task hands the zone thread.
-enum Msg {
-    /// Events that arrived together, in order.
-    Events(Vec<Ev>),
-    /// The watches have been quiet for `SETTLE`.
-    Settled,
-}
-
 /// Watches until the streams end (they do not, short of a panic).
-///
-/// The events are decoded here and applied on a thread of their own
-/// (`apply`). The allocator gives each thread its own pages, so what
-/// decoding a burst allocates and frees (the API's pages of objects,
-/// their strings) is not interleaved with what the zone keeps: those
-/// pages empty out whole and go back to the system, where shared ones
-/// stayed resident for a few live records each.
-pub async fn run(client: Client, builder: ZoneBuilder, published: Arc<Published>) {
+pub async fn run(client: Client, mut builder: ZoneBuilder, published: Arc<Published>) {
     let config = watcher::Config::default();
     let services = watcher(Api::<Service>::all(client.clone()), config.clone())
         .default_backoff()
@@ -80,17 +56,7 @@ pub async fn run(client: Client, builder: ZoneBuilder, published: Arc<Published>
         .map(|ev| Ev::Pod(Box::new(ev)));
     let events = futures::stream::select(services, futures::stream::select(slices, pods));
     let mut events = std::pin::pin!(events);
-    let (tx, rx) = tokio::sync::mpsc::channel(QUEUED_BATCHES);
-    let zone = match std::thread::Builder::new()
-        .name("dns-zone".into())
-        .spawn(move || apply(rx, builder, &published))
-    {
-        Ok(zone) => zone,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the DNS zone thread; cluster names are not served");
-            return;
-        }
-    };
+    let mut state = ClusterState::default();
     let mut settled = true;
     loop {
         let ev = if settled {
@@ -104,9 +70,6 @@ pub async fn run(client: Client, builder: ZoneBuilder, published: Arc<Published>
                     // workers, which allocated what they read.
                     tokio::spawn(async { return_freed_memory() });
                     settled = true;
-                    if tx.send(Msg::Settled).await.is_err() {
-                        break;
-                    }
                     continue;
                 }
             }
@@ -115,60 +78,20 @@ pub async fn run(client: Client, builder: ZoneBuilder, published: Arc<Published>
             break;
         };
         settled = false;
-        let mut batch = vec![ev];
-        while batch.len() < MAX_BURST {
+        state.handle(ev);
+        let mut burst = 1;
+        while burst < MAX_BURST {
             match events.next().now_or_never() {
-                Some(Some(ev)) => batch.push(ev),
+                Some(Some(ev)) => state.handle(ev),
                 _ => break,
             }
-        }
-        if tx.send(Msg::Events(batch)).await.is_err() {
-            break;
-        }
-    }
-    drop(tx);
-    if let Ok(Err(_)) = tokio::task::spawn_blocking(move || zone.join()).await {
-        tracing::error!("the DNS zone thread panicked; cluster names are no longer updated");
-    }
-}
-
-/// The zone thread: applies the events to the cluster state and the
-/// builder, publishing after each burst, until the watch task ends.
-fn apply(
-    mut rx: tokio::sync::mpsc::Receiver<Msg>,
-    mut builder: ZoneBuilder,
-    published: &Published,
-) {
-    let mut state = ClusterState::default();
-    while let Some(msg) = rx.blocking_recv() {
-        let mut burst = 0;
-        let mut next = Some(msg);
-        // This batch and those queued behind it, up to `MAX_BURST`.
-        while let Some(msg) = next.take() {
-            match msg {
-                Msg::Events(batch) => {
-                    for ev in batch {
-                        state.handle(ev);
-                        burst += 1;
-                        if burst % FLUSH_EVERY == 0 {
-                            state.flush(&mut builder);
-                        }
-                    }
-                }
-                Msg::Settled => return_freed_memory(),
-            }
-            if burst < MAX_BURST {
-                next = rx.try_recv().ok();
-            }
-        }
-        if burst == 0 {
-            continue;
+            burst += 1;
         }
         if state.all_synced() {
             builder.set_ready();
         }
         state.flush(&mut builder);
-        builder.publish(published);
+        builder.publish(&published);
     }
 }
 
@@ -176,7 +99,7 @@ fn apply(
 /// (the first listing, a rollout) frees the snapshots and decoded objects
 /// it went through; mimalloc returns such pages only after a delay and
 /// only while it keeps allocating, so an idle DNS server would otherwise
-/// hold them for good. It collects the calling thread's pages.
+/// hold them for good.
 fn return_freed_memory() {
     // SAFETY: mi_collect only walks the allocator's own structures; any
     // thread may call it at any time. In a process whose global allocator
