@@ -227,6 +227,10 @@ pub struct AgentArgs {
     /// Do not run a node service (repeatable): dns.
     #[arg(long = "disable", value_name = "COMPONENT")]
     pub disable: Vec<AgentComponent>,
+    /// resolv.conf listing the upstream resolvers the node's DNS forwards
+    /// names outside the cluster to.
+    #[arg(long, default_value = "/etc/resolv.conf", hide = true)]
+    pub dns_upstream_resolv_conf: PathBuf,
 }
 
 /// What a joined node can run without.

@@ -65,7 +65,8 @@ pub fn serve_for_server(
 /// cluster DNS address on this node's loopback, and `skiff dns` (the
 /// executable `skiff`) serving there as a child process of the agent,
 /// fed through the node's own kubeconfig (nodes may read Services,
-/// EndpointSlices and Pods). Its own process, so that a DNS crash does
+/// EndpointSlices and Pods), forwarding other names to the resolvers
+/// `upstream_resolv_conf` lists. Its own process, so that a DNS crash does
 /// not take the agent down; it stops with the agent. `None`, logged,
 /// when the address cannot be had: this node's pods then cannot resolve
 /// names.
@@ -74,6 +75,7 @@ pub fn serve_for_agent(
     kubeconfig: &Path,
     cluster_dns: IpAddr,
     cluster_domain: &str,
+    upstream_resolv_conf: &Path,
 ) -> Option<NodeService> {
     if !is_local(cluster_dns)
         && let Err(e) = claim_address(cluster_dns)
@@ -89,7 +91,9 @@ pub fn serve_for_agent(
         .arg("--listen")
         .arg(SocketAddr::new(cluster_dns, 53).to_string())
         .args(["--cluster-dns", &cluster_dns.to_string()])
-        .args(["--cluster-domain", cluster_domain]);
+        .args(["--cluster-domain", cluster_domain])
+        .arg("--upstream-resolv-conf")
+        .arg(upstream_resolv_conf);
     match NodeService::start("dns", command, NODE_DNS_BACKOFF) {
         Ok(service) => Some(service),
         Err(e) => {

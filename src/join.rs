@@ -127,6 +127,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 &kubeconfig_path,
                 agent_config.cluster_dns,
                 &agent_config.cluster_domain,
+                &args.dns_upstream_resolv_conf,
             )
         })
         .flatten();

@@ -5,14 +5,18 @@
 //! the `skiff dns` child on the cluster DNS address. A pod on node 2
 //! finds a Service by its short name through the search path (busybox
 //! `nslookup`), fetches it by `http://<name>` (busybox `wget`), sees it go
-//! (NXDOMAIN) once deleted; the DNS process is restarted when it dies and
-//! gone when the agent is, whether it was killed or stopped.
+//! (NXDOMAIN) once deleted, and resolves a name outside the cluster
+//! through the node's upstream (a test server in node 2's namespace,
+//! named by the agent's `--dns-upstream-resolv-conf`); the DNS process is
+//! restarted when it dies and gone when the agent is, whether it was
+//! killed or stopped.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use serde_json::Value;
+use skiff_e2e::dns_upstream;
 use skiff_e2e::netns::Underlay;
 use skiff_e2e::node::JoinedAgent;
 use skiff_e2e::server::Server;
@@ -78,6 +82,14 @@ async fn pods_on_a_joined_node_resolve_services_by_name() -> anyhow::Result<()> 
         ],
     )
     .await?;
+    // The node's upstream resolver: on port 53 inside node 2's
+    // namespace, as a resolv.conf nameserver must be.
+    let dir = tempfile::Builder::new()
+        .prefix("skiff-test-agent-dns-")
+        .tempdir()?;
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 127.0.0.9\n")?;
+    dns_upstream::start("127.0.0.9:53", Some(underlay.nodes[1].name()))?;
     let mut agent = JoinedAgent::start(
         Path::new(SKIFF),
         &server,
@@ -85,7 +97,10 @@ async fn pods_on_a_joined_node_resolve_services_by_name() -> anyhow::Result<()> 
         underlay.nodes[1].name(),
         &format!("{prefix}-n2"),
         IMAGE,
-        &[],
+        &[
+            "--dns-upstream-resolv-conf",
+            resolv.to_str().context("path")?,
+        ],
     )?;
     let result = check(&server, &mut agent).await;
     // A stopped agent (the test's end) leaves its containers to the
@@ -123,6 +138,20 @@ async fn check(server: &Server, agent: &mut JoinedAgent) -> anyhow::Result<()> {
             .await?;
     }
     resolves_and_serves(server, agent).await?;
+
+    // A name outside the cluster goes to the node's upstream (the
+    // trailing dot keeps busybox off the search path).
+    let (ok, out) = server.exec_in("client", &["nslookup", "www.example.org."])?;
+    ensure!(
+        ok && out.contains("Server:\t\t10.43.0.10")
+            && out.contains(&format!("Address: {}", dns_upstream::EXAMPLE_ORG)),
+        "www.example.org forwarded by the joined node's DNS: {out}"
+    );
+    let (_, out) = server.exec_in("client", &["nslookup", "nowhere.example.org."])?;
+    ensure!(
+        out.contains("NXDOMAIN"),
+        "the upstream's NXDOMAIN passed on: {out}"
+    );
     let dns = agent.dns_processes();
     ensure!(dns.len() == 1, "the node's DNS processes: {dns:?}");
 

@@ -6,12 +6,12 @@
 //! outside the cluster go to a test upstream on 127.0.0.9.
 
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use skiff_e2e::dns_upstream;
 use skiff_e2e::node::AgentNode;
 use skiff_e2e::server::Server;
 
@@ -147,64 +147,9 @@ fn free_udp_port() -> anyhow::Result<u16> {
     }
 }
 
-/// A test upstream on 127.0.0.9: `www.example.org` A 192.0.2.80, anything
-/// else NXDOMAIN. Hand-encoded so the test does not share code with the
-/// server.
+/// The test upstream (`skiff_e2e::dns_upstream`) on 127.0.0.9.
 fn start_upstream() -> anyhow::Result<SocketAddr> {
-    start_upstream_at("127.0.0.9:0", None)
-}
-
-/// The test upstream bound to `bind`, inside network namespace `netns`
-/// when given (its thread enters it; the rest of the test stays out).
-fn start_upstream_at(bind: &str, netns: Option<&str>) -> anyhow::Result<SocketAddr> {
-    let (bound, bound_rx) = std::sync::mpsc::channel();
-    let bind = bind.to_owned();
-    let netns = netns.map(|n| format!("/run/netns/{n}"));
-    std::thread::spawn(move || {
-        let socket = (|| {
-            if let Some(path) = &netns {
-                let ns = std::fs::File::open(path).with_context(|| format!("opening {path}"))?;
-                // SAFETY: setns on a file descriptor we own; it moves only
-                // this thread into the namespace.
-                let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-                ensure!(rc == 0, "setns {path}: {}", std::io::Error::last_os_error());
-            }
-            Ok(UdpSocket::bind(&bind)?)
-        })();
-        let socket = match socket.and_then(|s| Ok((s.local_addr()?, s))) {
-            Ok((addr, socket)) => {
-                let _ = bound.send(Ok(addr));
-                socket
-            }
-            Err(e) => {
-                let _ = bound.send(Err(e));
-                return;
-            }
-        };
-        let mut buf = [0u8; 1500];
-        while let Ok((n, from)) = socket.recv_from(&mut buf) {
-            if n < 12 {
-                continue;
-            }
-            // Header, then the question as sent (up to its end).
-            let mut end = 12;
-            while end < n && buf[end] != 0 {
-                end += 1 + usize::from(buf[end]);
-            }
-            let qend = (end + 5).min(n);
-            let name = String::from_utf8_lossy(&buf[12..end.min(n)]).to_ascii_lowercase();
-            let known = name.contains("www") && name.contains("example") && name.contains("org");
-            let mut out = buf[..qend].to_vec();
-            out[2] = 0x81; // QR, RD
-            out[3] = if known { 0x80 } else { 0x83 }; // RA, NOERROR / NXDOMAIN
-            out[6..12].copy_from_slice(&[0, u8::from(known), 0, 0, 0, 0]);
-            if known {
-                out.extend([0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 80]);
-            }
-            let _ = socket.send_to(&out, from);
-        }
-    });
-    bound_rx.recv().context("the upstream thread ended")?
+    dns_upstream::start("127.0.0.9:0", None)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -488,7 +433,7 @@ async fn pods_find_services_by_name() -> anyhow::Result<()> {
         ],
     )
     .await?;
-    start_upstream_at("127.0.0.9:53", Some(&node.netns.name))?;
+    dns_upstream::start("127.0.0.9:53", Some(&node.netns.name))?;
     node.import_busybox(Path::new(SKIFF), IMAGE)?;
     node.server
         .kubectl_stdin(&["apply", "-f", "-"], &IN_POD.replace("IMAGE", IMAGE))?;

@@ -4,6 +4,7 @@
 //! a contract to the same checks.
 
 pub mod cluster;
+pub mod dns_upstream;
 pub mod etcd;
 pub mod images;
 pub mod kubectl_async;
