@@ -49,9 +49,10 @@ pub struct DataplaneArgs {
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
     /// Who balances connections from this node's pods to Services:
-    /// `nftables` (kernel rules, as kube-proxy's nftables mode), `engine`
-    /// (the data plane's own NAT) or `auto` (nftables where `nft` works).
-    #[arg(long, default_value = "auto")]
+    /// `engine` (the data plane's own NAT) or `nftables` (kernel rules, as
+    /// kube-proxy's nftables mode; also `externalTrafficPolicy: Local`
+    /// NodePorts from outside).
+    #[arg(long, default_value = "engine")]
     pub service_backend: overlay::ServiceBackend,
 }
 

@@ -251,6 +251,9 @@ async fn cluster_ips_balance_pin_hairpin_and_refuse(backend: &str) -> anyhow::Re
 /// each node forwards to endpoints on every node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_ports_answer_on_every_node() -> anyhow::Result<()> {
+    // The nftables backend: Local NodePorts from outside need the kernel's
+    // conntrack (the endpoint's reply leaves by the node's routing); the
+    // other NodePorts stay with the engine either way.
     let mut cluster = Cluster::start_with(
         SKIFF.as_ref(),
         3,
@@ -260,6 +263,8 @@ async fn node_ports_answer_on_every_node() -> anyhow::Result<()> {
             "10.43.0.0/16",
             "--cluster-cidr",
             "10.42.0.0/16",
+            "--service-backend",
+            "nftables",
         ],
     )
     .await?;

@@ -1,9 +1,9 @@
 //! Service benchmark: HTTP through a ClusterIP against the same requests
-//! straight to the pod IP, through both of Skiff's backends: "ClusterIP"
-//! is the default (`--service-backend auto`: the nftables backend takes
-//! connections from local pods), "ClusterIP engine" a second Service on
-//! the same pod with ClientIP affinity, which the data plane's own NAT
-//! always keeps. And against the two
+//! straight to the pod IP, through the data planes' Service backend
+//! (`--service-backend engine`, the default, or `nftables`; with
+//! `nftables` also "ClusterIP engine", a second Service on the same pod
+//! with ClientIP affinity, which the engine always keeps, so both
+//! backends are measured in one run). And against the two
 //! named peers doing the same job, in one run: a kernel nftables DNAT rule
 //! (kube-proxy nftables mode's verdict-map shape, on the client's node)
 //! and HAProxy in TCP mode (a userspace L4 proxy on the client's node).
@@ -20,8 +20,8 @@
 //! `endpoint_change`).
 //!
 //! `cargo build --release -p skiff && cargo build --profile bench -p
-//!  skiff-bench --bin service && target/bench/service [--seconds 5] [--runs 3] [--connections 16] [--endpoint-services 100,10000]
-//!  [--no-http]`
+//!  skiff-bench --bin service && target/release/service [--seconds 5] [--runs 3] [--connections 16] [--endpoint-services 100,10000]
+//!  [--no-http] [--service-backend engine|nftables]`
 
 mod api;
 mod endpoint_change;
@@ -47,6 +47,8 @@ struct Args {
     /// Service counts for the endpoint change latency (ascending).
     endpoint_services: Vec<u32>,
     http: bool,
+    /// The data planes' `--service-backend`.
+    backend: String,
 }
 
 /// One measured wrk run.
@@ -69,6 +71,8 @@ async fn main() -> anyhow::Result<()> {
             SERVICE_CIDR,
             "--cluster-cidr",
             "10.42.0.0/16",
+            "--service-backend",
+            &args.backend,
         ],
     )
     .await?;
@@ -120,8 +124,9 @@ spec: {selector: {app: local}, sessionAffinity: ClientIP, ports: [{port: 80, tar
     }
     println!(
         "service benchmark: 2 nodes (netns), client pod on node 1, nginx (1 worker) in a pod on \
-         node 2 (cross-node) and on node 1 (same-node); wrk -t1 -c{} {} s per run, median of {} \
-         interleaved runs; load average at start {}",
+         node 2 (cross-node) and on node 1 (same-node); Service backend {}; wrk -t1 -c{} {} s per \
+         run, median of {} interleaved runs; load average at start {}",
+        args.backend,
         args.connections,
         args.seconds,
         args.runs,
@@ -160,16 +165,23 @@ fn http(cluster: &Cluster, args: &Args, work: &tempfile::TempDir) -> anyhow::Res
     for (scope, pod) in scopes {
         let pod_ip = cluster.pod(pod).ip;
         let vip = cluster.cluster_ip(pod)?;
-        let engine_vip = cluster.cluster_ip(&format!("{pod}-engine"))?;
         let _nft = NftDnat::load(node1, pod_ip)?;
         let _haproxy = Haproxy::start(node1, gateway, pod_ip, &work.path().join(pod))?;
-        let targets = [
-            ("pod IP", format!("{pod_ip}:80")),
-            ("ClusterIP", format!("{vip}:80")),
-            ("ClusterIP engine", format!("{engine_vip}:80")),
-            ("nftables DNAT", format!("{NFT_VIP}:80")),
-            ("HAProxy TCP", format!("{gateway}:{HAPROXY_PORT}")),
+        let mut targets = vec![
+            ("pod IP".to_owned(), format!("{pod_ip}:80")),
+            (format!("ClusterIP {}", args.backend), format!("{vip}:80")),
         ];
+        if args.backend != "engine" {
+            let engine_vip = cluster.cluster_ip(&format!("{pod}-engine"))?;
+            targets.push(("ClusterIP engine".to_owned(), format!("{engine_vip}:80")));
+        }
+        targets.extend([
+            ("nftables DNAT".to_owned(), format!("{NFT_VIP}:80")),
+            (
+                "HAProxy TCP".to_owned(),
+                format!("{gateway}:{HAPROXY_PORT}"),
+            ),
+        ]);
         for (name, target) in &targets {
             if let Err(e) = wait_for_http(client_ns, target) {
                 let metrics = cluster.metrics(0).unwrap_or_default();
@@ -404,6 +416,7 @@ fn parse_args() -> anyhow::Result<Args> {
         connections: 16,
         endpoint_services: vec![100, 10_000],
         http: true,
+        backend: "engine".to_owned(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -422,6 +435,9 @@ fn parse_args() -> anyhow::Result<Args> {
                 args.endpoint_services.sort_unstable();
             }
             "--no-http" => args.http = false,
+            "--service-backend" => {
+                args.backend = it.next().context("--service-backend engine|nftables")?;
+            }
             other => bail!("unknown argument {other}"),
         }
     }
