@@ -53,12 +53,16 @@
 
 mod annotations;
 mod body;
+mod buf;
 mod build;
 mod controller;
+mod fast;
+mod h1;
 mod metrics;
 mod metrics_server;
 mod pool;
 mod proxy;
+mod rewind;
 mod route;
 mod server;
 mod table;
@@ -88,6 +92,9 @@ pub struct IngressConfig {
     /// TLS session resumption (tickets and a session cache); off only to
     /// measure full handshakes.
     pub tls_resumption: bool,
+    /// HTTP/1.1 on the fast path (`fast`); off, every connection is
+    /// hyper's. Off only to compare the two: `SKIFF_INGRESS_GENERIC_ONLY=1`.
+    pub fast_path: bool,
 }
 
 impl IngressConfig {
@@ -100,6 +107,7 @@ impl IngressConfig {
             access_log: true,
             header_timeout: Duration::from_secs(30),
             tls_resumption: true,
+            fast_path: std::env::var_os("SKIFF_INGRESS_GENERIC_ONLY").is_none(),
         }
     }
 }
@@ -151,6 +159,7 @@ pub async fn run(client: kube::Client, config: IngressConfig) -> Result<(), Erro
     ));
     let limits = server::Limits {
         header_timeout: config.header_timeout,
+        fast_path: config.fast_path,
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config));
     tracing::info!(http = %config.http, https = %config.https, "ingress listening");
