@@ -457,6 +457,8 @@ where
                 Err(Pass::Write(e)) => return Err((Failed::Upstream(e), Some(addr))),
                 Err(Pass::Framing) => return Err((Failed::BadRequest, Some(addr))),
             }
+            // The time for the answer starts when the request is complete.
+            deadline.set(Instant::now() + ex.route.settings.read_timeout);
         }
         loop {
             if !up.buf.unread().is_empty() {

@@ -14,6 +14,12 @@
 //! Ingress that has one), then a 404. The same host and path in two
 //! Ingresses: the older one wins.
 //!
+//! Plain HTTP/1.1 requests take a fast path of their own (`fast`:
+//! `httparse` heads, reusable per-connection buffers, bodies streamed by
+//! their framing, plain upstream sockets); HTTP/2, HTTP/1.0, `Upgrade`,
+//! `Expect` and h2c backends go through hyper, which takes a connection
+//! over mid-way when one of its requests needs it.
+//!
 //! Requests go straight to the ready endpoints of the backend Service's
 //! EndpointSlices, round-robin, over pooled keep-alive connections, with
 //! `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host` and
