@@ -14,6 +14,12 @@
 //! Ingress that has one), then a 404. The same host and path in two
 //! Ingresses: the older one wins.
 //!
+//! Plain HTTP/1.1 requests take a fast path of their own (`fast`:
+//! `httparse` heads, reusable per-connection buffers, bodies streamed by
+//! their framing, plain upstream sockets); HTTP/2, HTTP/1.0, `Upgrade`,
+//! `Expect` and h2c backends go through hyper, which takes a connection
+//! over mid-way when one of its requests needs it.
+//!
 //! Requests go straight to the ready endpoints of the backend Service's
 //! EndpointSlices, round-robin, over pooled keep-alive connections, with
 //! `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host` and
@@ -53,12 +59,16 @@
 
 mod annotations;
 mod body;
+mod buf;
 mod build;
 mod controller;
+mod fast;
+mod h1;
 mod metrics;
 mod metrics_server;
 mod pool;
 mod proxy;
+mod rewind;
 mod route;
 mod server;
 mod table;
@@ -88,6 +98,9 @@ pub struct IngressConfig {
     /// TLS session resumption (tickets and a session cache); off only to
     /// measure full handshakes.
     pub tls_resumption: bool,
+    /// HTTP/1.1 on the fast path (`fast`); off, every connection is
+    /// hyper's. Off only to compare the two: `SKIFF_INGRESS_GENERIC_ONLY=1`.
+    pub fast_path: bool,
 }
 
 impl IngressConfig {
@@ -100,6 +113,7 @@ impl IngressConfig {
             access_log: true,
             header_timeout: Duration::from_secs(30),
             tls_resumption: true,
+            fast_path: std::env::var_os("SKIFF_INGRESS_GENERIC_ONLY").is_none(),
         }
     }
 }
@@ -151,6 +165,7 @@ pub async fn run(client: kube::Client, config: IngressConfig) -> Result<(), Erro
     ));
     let limits = server::Limits {
         header_timeout: config.header_timeout,
+        fast_path: config.fast_path,
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config));
     tracing::info!(http = %config.http, https = %config.https, "ingress listening");

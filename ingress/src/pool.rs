@@ -1,8 +1,9 @@
-//! Keep-alive HTTP/1.1 connections to one endpoint. A request takes an
-//! idle connection (or opens one); the response body hands it back when
-//! it has been read to the end, so the data path needs no extra task per
-//! request. Connections the endpoint closed are noticed and dropped at
-//! checkout.
+//! Keep-alive HTTP/1.1 connections to one endpoint, of two kinds: plain
+//! sockets the fast path drives itself, and hyper connections for the
+//! generic path. A request takes an idle connection (or opens one) and
+//! gives it back when the response has been read to the end, so the data
+//! path needs no extra task per request. Connections the endpoint closed
+//! are noticed and dropped at checkout.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -13,6 +14,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::body::UpstreamBody;
+use crate::buf::Buf;
 
 /// Idle connections kept per endpoint; more are closed.
 const MAX_IDLE: usize = 1024;
@@ -22,6 +24,17 @@ pub type Sender = SendRequest<UpstreamBody>;
 #[derive(Debug, Default)]
 pub struct Pool {
     idle: Mutex<Vec<Sender>>,
+    raw: Mutex<Vec<Upstream>>,
+}
+
+/// A connection the fast path drives, with its read buffer.
+#[derive(Debug)]
+pub struct Upstream {
+    pub stream: TcpStream,
+    pub buf: Buf,
+    /// Taken from the pool: it may have been closed by the endpoint in the
+    /// meantime, so a request that got no answer may be sent again.
+    pub reused: bool,
 }
 
 /// Why no connection could be had.
@@ -68,7 +81,44 @@ impl Pool {
     }
 }
 
-async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ConnectError> {
+impl Pool {
+    /// An idle plain connection that is still open.
+    pub fn take(&self) -> Option<Upstream> {
+        let mut idle = self.raw.lock().unwrap_or_else(PoisonError::into_inner);
+        while let Some(mut up) = idle.pop() {
+            // Idle, the endpoint has nothing to say: anything readable is
+            // its close (or garbage), so the connection is done. Tokio
+            // answers from its cached readiness, mostly without a syscall.
+            let mut probe = [0u8; 1];
+            if let Err(e) = up.stream.try_read(&mut probe)
+                && e.kind() == std::io::ErrorKind::WouldBlock
+            {
+                up.reused = true;
+                return Some(up);
+            }
+        }
+        None
+    }
+
+    /// Takes a plain connection back after a complete exchange.
+    pub fn put(&self, up: Upstream) {
+        let mut idle = self.raw.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < MAX_IDLE {
+            idle.push(up);
+        }
+    }
+}
+
+/// A new plain connection.
+pub async fn open(addr: SocketAddr, timeout: Duration) -> Result<Upstream, ConnectError> {
+    Ok(Upstream {
+        stream: dial(addr, timeout).await?,
+        buf: Buf::default(),
+        reused: false,
+    })
+}
+
+async fn dial(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Err(_) => return Err(ConnectError::Timeout),
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
@@ -78,6 +128,11 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ConnectE
         Ok(Ok(s)) => s,
     };
     let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ConnectError> {
+    let stream = dial(addr, timeout).await?;
     let (sender, conn) = http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await

@@ -28,26 +28,26 @@ use crate::route::{Backend, Endpoint, Route};
 use crate::table::rewrite;
 
 /// Time allowed to open a connection to an endpoint.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle upstream connections are closed after this.
 const POOL_IDLE: Duration = Duration::from_secs(90);
 
 pub struct Proxy {
-    state: Arc<ArcSwap<Snapshot>>,
+    pub(crate) state: Arc<ArcSwap<Snapshot>>,
     h1: Client<HttpConnector, UpstreamBody>,
     h2c: Client<HttpConnector, UpstreamBody>,
-    metrics: Arc<Metrics>,
-    https_port: u16,
-    access_log: bool,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) https_port: u16,
+    pub(crate) access_log: bool,
 }
 
 /// What the proxy knows about a client connection, made once per connection.
 pub struct Conn {
     pub peer: SocketAddr,
     pub tls: bool,
-    client_ip: HeaderValue,
+    pub(crate) client_ip: HeaderValue,
     /// `for=…;proto=…` of the `Forwarded` header.
-    forwarded: String,
+    pub(crate) forwarded: String,
 }
 
 impl Conn {
@@ -427,7 +427,7 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
     (!host.is_empty()).then_some(host)
 }
 
-fn lower(host: &str) -> Cow<'_, str> {
+pub(crate) fn lower(host: &str) -> Cow<'_, str> {
     if host.bytes().any(|b| b.is_ascii_uppercase()) {
         Cow::Owned(host.to_ascii_lowercase())
     } else {

@@ -91,11 +91,20 @@ pub struct Route {
 
 impl Route {
     /// The backend for one request, rolling the canary's dice.
-    pub fn pick_backend(&self) -> &Backend {
+    pub fn pick_backend(&self) -> &Arc<Backend> {
         match &self.canary {
             Some(c) if c.weight > 0 && fastrand::u32(0..100) < c.weight => &c.backend,
             _ => &self.backend,
         }
+    }
+
+    /// Every backend of the route speaks `protocol` to its endpoints.
+    pub fn all_speak(&self, protocol: Protocol) -> bool {
+        self.backend.protocol == protocol
+            && self
+                .canary
+                .as_ref()
+                .is_none_or(|c| c.backend.protocol == protocol)
     }
 }
 

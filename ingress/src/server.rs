@@ -1,8 +1,10 @@
-//! Accept loops for the HTTP and HTTPS ports. Each connection is served by
-//! hyper (HTTP/1.1, or HTTP/2 by ALPN or prior knowledge) with limits that
-//! keep a slow or hostile client from holding the proxy: a deadline for the
-//! TLS handshake and for every request head (which is also the keep-alive
-//! idle timeout), bounded header sizes (431), and HTTP/2 pings.
+//! Accept loops for the HTTP and HTTPS ports. An HTTP/1.1 connection starts
+//! on the fast path (`fast`), which hands it to hyper when a request needs
+//! more than it does; HTTP/2 (by ALPN or prior knowledge) is hyper's from
+//! the start. Limits keep a slow or hostile client from holding the
+//! proxy: a deadline for the TLS handshake and for every request head
+//! (which is also the keep-alive idle timeout), bounded header sizes
+//! (431), and HTTP/2 pings.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -14,18 +16,19 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
+use crate::fast::{self, End, MAX_HEAD};
 use crate::metrics::Metrics;
 use crate::proxy::{Conn, Proxy};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest request head; bigger ones get 431.
-const MAX_HEAD: usize = 64 * 1024;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     /// A request head must arrive within this; idle keep-alive connections
     /// are closed after it too.
     pub header_timeout: Duration,
+    /// HTTP/1.1 connections start on the fast path.
+    pub fast_path: bool,
 }
 
 pub async fn serve(
@@ -55,6 +58,7 @@ pub async fn serve(
             proxy: proxy.clone(),
             metrics: metrics.clone(),
             builders: builders.clone(),
+            limits,
         };
         let tls = tls.clone();
         tokio::spawn(task.run(stream, tls, conn));
@@ -81,6 +85,7 @@ struct Connection {
     proxy: Arc<Proxy>,
     metrics: Arc<Metrics>,
     builders: Arc<Builders>,
+    limits: Limits,
 }
 
 struct Builders {
@@ -96,30 +101,54 @@ impl Connection {
         let peer = conn.peer;
         let conn = Arc::new(conn);
         let proxy = self.proxy.clone();
-        let service = service_fn(move |req| {
-            let proxy = proxy.clone();
+        let timeout = self.limits.header_timeout;
+        let service = {
             let conn = conn.clone();
-            async move { Ok::<_, Infallible>(proxy.serve(req, &conn).await) }
-        });
+            service_fn(move |req| {
+                let proxy = proxy.clone();
+                let conn = conn.clone();
+                async move { Ok::<_, Infallible>(proxy.serve(req, &conn).await) }
+            })
+        };
         let result = match tls {
-            None => {
+            None if !self.limits.fast_path => {
                 self.builders
                     .any
                     .serve_connection_with_upgrades(TokioIo::new(stream), service)
                     .await
             }
+            None => match fast::serve(&self.proxy, &conn, stream, timeout).await {
+                End::Closed => Ok(()),
+                End::Generic(io) => {
+                    self.builders
+                        .any
+                        .serve_connection_with_upgrades(TokioIo::new(io), service)
+                        .await
+                }
+            },
             Some(acceptor) => {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(tls_stream)) => {
                         let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                        let io = TokioIo::new(tls_stream);
                         if h2 {
+                            let io = TokioIo::new(tls_stream);
                             self.builders.h2.serve_connection(io, service).await
-                        } else {
+                        } else if !self.limits.fast_path {
+                            let io = TokioIo::new(tls_stream);
                             self.builders
                                 .any
                                 .serve_connection_with_upgrades(io, service)
                                 .await
+                        } else {
+                            match fast::serve(&self.proxy, &conn, tls_stream, timeout).await {
+                                End::Closed => Ok(()),
+                                End::Generic(io) => {
+                                    self.builders
+                                        .any
+                                        .serve_connection_with_upgrades(TokioIo::new(io), service)
+                                        .await
+                                }
+                            }
                         }
                     }
                     Ok(Err(e)) => {
@@ -165,7 +194,10 @@ mod tests {
             None,
             proxy,
             metrics,
-            Limits { header_timeout },
+            Limits {
+                header_timeout,
+                fast_path: true,
+            },
         ));
         addr
     }
