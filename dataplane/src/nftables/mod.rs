@@ -72,7 +72,7 @@ struct State {
 impl Kernel {
     /// Creates the (empty) table in this network namespace for node
     /// `node`, reached at `node_ips`; `None` (logged) when nftables cannot
-    /// be used here, so the engine balances everything.
+    /// be used here.
     pub async fn start(tun: &str, node: &str, node_ips: Vec<Ipv4Addr>) -> Option<Kernel> {
         let hairpin = match std::fs::read_to_string(BRIDGE_NF) {
             Ok(on) if on.trim() == "1" => Hairpin::SelfOnly,
@@ -96,7 +96,7 @@ impl Kernel {
                 Some(kernel)
             }
             Err(e) => {
-                tracing::info!(error = %e, "nftables unavailable; the data plane engine balances all Service traffic");
+                tracing::warn!(error = %e, "cannot program nftables here");
                 None
             }
         }
