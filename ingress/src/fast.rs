@@ -205,22 +205,28 @@ fn decide(proxy: &Proxy, conn: &Conn, data: &[u8], out: &mut Vec<u8>) -> Step {
     };
     let host = lower(host);
     let path = head.target.split('?').next().unwrap_or("/");
-    let snapshot = proxy.state.load();
-    let Some(matched) = snapshot.table.lookup(&host, path) else {
-        drop(snapshot);
-        proxy.metrics.record(None, 404, secs(started));
+    // A local answer, counted and logged against its route (none: 404).
+    let local = |out: &mut Vec<u8>, route: Option<&Route>, status, text, location| {
+        proxy
+            .metrics
+            .record(route.map(|r| &r.metrics), status, secs(started));
         log(
             proxy,
             conn,
             head.method,
             &host,
             path,
-            404,
-            "",
+            status,
+            route.map_or("", |r| r.ingress.as_str()),
             None,
             started,
         );
-        return answer(out, 404, "404 page not found\n", None);
+        answer(out, status, text, location)
+    };
+    let snapshot = proxy.state.load();
+    let Some(matched) = snapshot.table.lookup(&host, path) else {
+        drop(snapshot);
+        return local(out, None, 404, "404 page not found\n", None);
     };
     let route = matched.route.clone();
     let matched_len = matched.matched_len;
@@ -229,21 +235,7 @@ fn decide(proxy: &Proxy, conn: &Conn, data: &[u8], out: &mut Vec<u8>) -> Step {
         return Step::Generic;
     }
     let finish = |out: &mut Vec<u8>, status, text, location| {
-        proxy
-            .metrics
-            .record(Some(&route.metrics), status, secs(started));
-        log(
-            proxy,
-            conn,
-            head.method,
-            &host,
-            path,
-            status,
-            &route.ingress,
-            None,
-            started,
-        );
-        answer(out, status, text, location)
+        local(out, Some(&route), status, text, location)
     };
     if !conn.tls && route.redirect_https {
         let location = if proxy.https_port == 443 {

@@ -13,12 +13,14 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use crate::fast::{self, End, MAX_HEAD};
 use crate::metrics::Metrics;
 use crate::proxy::{Conn, Proxy};
+use crate::rewind::Rewind;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -101,7 +103,6 @@ impl Connection {
         let peer = conn.peer;
         let conn = Arc::new(conn);
         let proxy = self.proxy.clone();
-        let timeout = self.limits.header_timeout;
         let service = {
             let conn = conn.clone();
             service_fn(move |req| {
@@ -111,13 +112,7 @@ impl Connection {
             })
         };
         let result = match tls {
-            None if !self.limits.fast_path => {
-                self.builders
-                    .any
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                    .await
-            }
-            None => match fast::serve(&self.proxy, &conn, stream, timeout).await {
+            None => match self.http1(stream, &conn).await {
                 End::Closed => Ok(()),
                 End::Generic(io) => {
                     self.builders
@@ -133,14 +128,8 @@ impl Connection {
                         if h2 {
                             let io = TokioIo::new(tls_stream);
                             self.builders.h2.serve_connection(io, service).await
-                        } else if !self.limits.fast_path {
-                            let io = TokioIo::new(tls_stream);
-                            self.builders
-                                .any
-                                .serve_connection_with_upgrades(io, service)
-                                .await
                         } else {
-                            match fast::serve(&self.proxy, &conn, tls_stream, timeout).await {
+                            match self.http1(tls_stream, &conn).await {
                                 End::Closed => Ok(()),
                                 End::Generic(io) => {
                                     self.builders
@@ -166,6 +155,22 @@ impl Connection {
             tracing::debug!(%peer, error = %e, "connection ended with an error");
         }
         self.metrics.connections.dec();
+    }
+}
+
+impl Connection {
+    /// An HTTP/1.1 (or HTTP/2 prior knowledge) connection: through the
+    /// fast path when it is on, until it closes or hands the connection
+    /// (with the bytes it read) to hyper; straight to hyper otherwise.
+    async fn http1<S>(&self, stream: S, conn: &Conn) -> End<S>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        if self.limits.fast_path {
+            fast::serve(&self.proxy, conn, stream, self.limits.header_timeout).await
+        } else {
+            End::Generic(Rewind::new(Vec::new(), stream))
+        }
     }
 }
 
