@@ -11,11 +11,13 @@
 //! and LoadBalancer traffic, and connections from host processes (the
 //! output path is not hooked, so they are routed into the device).
 //!
-//! Updates are incremental: each change appends the commands for the
-//! Service it touched, and a task sends what has gathered as one `nft -f -`
-//! transaction. If one fails, the whole table is rebuilt from the model.
+//! Updates are incremental: each change appends the operations for the
+//! Service it touched, and a task sends what has gathered as one netlink
+//! transaction (`netlink`). If one fails, the whole table is rebuilt from
+//! the model: the skeleton by `nft`, the Services by netlink.
 
 mod flows;
+mod netlink;
 mod rules;
 
 use std::collections::{BTreeMap, HashMap};
@@ -30,7 +32,7 @@ use tokio::sync::Notify;
 use crate::service::{ServiceKey, ServiceSpec};
 
 pub use rules::Hairpin;
-use rules::{Frontend, PortRule};
+use rules::{Frontend, Op, PortRule};
 
 /// How long a failed transaction waits before the table is rebuilt.
 const RETRY: Duration = Duration::from_secs(1);
@@ -43,6 +45,10 @@ pub enum Error {
     Spawn(std::io::Error),
     #[error("nft refused the update: {0}")]
     Refused(String),
+    #[error(transparent)]
+    Netlink(#[from] netlink::Error),
+    #[error("the netlink task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 /// The kernel backend's model of what is programmed, and the commands
@@ -62,7 +68,7 @@ struct State {
     /// Endpoint addresses in the hairpin set, with how many Service ports
     /// use each.
     endpoints: BTreeMap<Ipv4Addr, usize>,
-    pending: String,
+    pending: Vec<Op>,
     /// The next transaction rebuilds the table from `services`.
     rebuild: bool,
     /// New flows per Service port chain, as last read from the kernel.
@@ -156,20 +162,21 @@ impl Kernel {
         self.wake.notify_one();
         loop {
             self.wake.notified().await;
-            let script = {
+            let (skeleton, ops) = {
                 let mut state = self.lock();
                 if state.rebuild {
                     state.rebuild = false;
                     state.pending.clear();
-                    self.full(&state)
+                    let skeleton = rules::skeleton(&self.tun, self.hairpin, &self.node_ips);
+                    (Some(skeleton), self.full(&state))
                 } else {
-                    std::mem::take(&mut state.pending)
+                    (None, std::mem::take(&mut state.pending))
                 }
             };
-            if script.is_empty() {
+            if skeleton.is_none() && ops.is_empty() {
                 continue;
             }
-            if let Err(e) = nft(&script).await {
+            if let Err(e) = apply(skeleton, ops).await {
                 tracing::warn!(error = %e, "updating the Service rules; rebuilding the table");
                 self.lock().rebuild = true;
                 tokio::time::sleep(RETRY).await;
@@ -241,15 +248,15 @@ impl Kernel {
         }
     }
 
-    /// The whole table, for a rebuild.
-    fn full(&self, state: &State) -> String {
-        let mut script = rules::skeleton(&self.tun, self.hairpin, &self.node_ips);
+    /// Every Service in the model, for a rebuild onto a fresh skeleton.
+    fn full(&self, state: &State) -> Vec<Op> {
+        let mut ops = Vec::new();
         for rules in state.services.values() {
-            rules::diff(&[], rules, &mut script);
+            rules::diff(&[], rules, &mut ops);
         }
         let endpoints: Vec<Ipv4Addr> = state.endpoints.keys().copied().collect();
-        rules::hairpin(&endpoints, true, &mut script);
-        script
+        rules::hairpin(&endpoints, true, &mut ops);
+        ops
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -258,6 +265,19 @@ impl Kernel {
             Err(poisoned) => poisoned.into_inner(),
         }
     }
+}
+
+/// Recreates the table from `skeleton` if given, then applies `ops`.
+/// Until they land, Service traffic is routed into the TUN device, where
+/// the engine balances it.
+async fn apply(skeleton: Option<String>, ops: Vec<Op>) -> Result<(), Error> {
+    if let Some(skeleton) = skeleton {
+        nft(&skeleton).await?;
+    }
+    // A batch of a few messages takes microseconds, a rebuild of 10,000
+    // Services some hundred milliseconds: off the runtime's workers.
+    tokio::task::spawn_blocking(move || netlink::apply(&ops)).await??;
+    Ok(())
 }
 
 /// Runs `script` as one `nft` transaction.
