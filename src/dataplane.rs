@@ -49,10 +49,11 @@ pub struct DataplaneArgs {
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
     /// Who balances connections from this node's pods to Services:
-    /// `engine` (the data plane's own NAT) or `nftables` (kernel rules, as
+    /// `engine` (the data plane's own NAT), `nftables` (kernel rules, as
     /// kube-proxy's nftables mode; also `externalTrafficPolicy: Local`
-    /// NodePorts from outside).
-    #[arg(long, default_value = "engine")]
+    /// NodePorts from outside) or `auto` (nftables where `nft` works here,
+    /// else the engine).
+    #[arg(long, default_value = "auto")]
     pub service_backend: overlay::ServiceBackend,
 }
 

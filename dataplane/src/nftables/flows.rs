@@ -1,29 +1,11 @@
-//! Reading the kernel's side back: the per-port new-flow counters from
-//! `nft list counters`, and the connections to Services from
+//! Reading the kernel's connections to Services back from
 //! `/proc/net/nf_conntrack`, in the engine's `conntrack -L` line shape.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
 use crate::service::{Protocol, ServiceKey};
-
-/// `counter <name> {` … `packets N bytes M` … → name: N.
-pub fn parse_counters(listing: &str) -> BTreeMap<String, u64> {
-    let mut counters = BTreeMap::new();
-    let mut current: Option<&str> = None;
-    for line in listing.lines().map(str::trim) {
-        if let Some(rest) = line.strip_prefix("counter ") {
-            current = rest.strip_suffix('{').map(str::trim);
-        } else if let (Some(name), Some(rest)) = (current, line.strip_prefix("packets ")) {
-            if let Some(Ok(n)) = rest.split_whitespace().next().map(str::parse::<u64>) {
-                counters.insert(name.to_owned(), n);
-            }
-            current = None;
-        }
-    }
-    counters
-}
 
 /// The connections in `table` (`/proc/net/nf_conntrack`) whose original
 /// destination is a Service frontend in `frontends`.
@@ -102,19 +84,6 @@ impl<'a> Flow<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn counters_are_read_by_name() {
-        let listing = "table ip skiff_services {\n\tcounter svc-default/web/tcp/80 {\n\t\tpackets 12 bytes 720\n\t}\n\tcounter svc-kube-system/kube-dns/udp/53 {\n\t\tpackets 0 bytes 0\n\t}\n}\n";
-        let counters = parse_counters(listing);
-        assert_eq!(counters.get("svc-default/web/tcp/80"), Some(&12));
-        assert_eq!(counters.get("svc-kube-system/kube-dns/udp/53"), Some(&0));
-        assert_eq!(
-            super::super::rules::service_of_chain("svc-kube-system/kube-dns/udp/53"),
-            Some(ServiceKey::new("kube-system", "kube-dns"))
-        );
-        assert_eq!(super::super::rules::service_of_chain("prerouting"), None);
-    }
 
     #[test]
     fn only_connections_to_service_frontends_are_listed() {

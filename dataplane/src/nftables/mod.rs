@@ -187,8 +187,9 @@ impl Kernel {
 
     /// Reads the per-port new-flow counters from the kernel.
     pub async fn refresh_counters(&self) {
-        match nft_output(&["list", "counters", "table", "ip", rules::TABLE]).await {
-            Ok(listing) => self.lock().counters = flows::parse_counters(&listing),
+        match tokio::task::spawn_blocking(netlink::counters).await {
+            Ok(Ok(counters)) => self.lock().counters = counters,
+            Ok(Err(e)) => tracing::debug!(error = %e, "reading the Service rule counters"),
             Err(e) => tracing::debug!(error = %e, "reading the Service rule counters"),
         }
     }
@@ -299,21 +300,6 @@ async fn nft(script: &str) -> Result<(), Error> {
     let output = child.wait_with_output().await.map_err(Error::Spawn)?;
     if output.status.success() {
         Ok(())
-    } else {
-        Err(Error::Refused(first_lines(&output.stderr)))
-    }
-}
-
-async fn nft_output(args: &[&str]) -> Result<String, Error> {
-    let output = tokio::process::Command::new("nft")
-        .args(args)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(Error::Spawn)?;
-    if output.status.success() {
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     } else {
         Err(Error::Refused(first_lines(&output.stderr)))
     }

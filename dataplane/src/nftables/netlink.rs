@@ -9,6 +9,7 @@
 //! as `nft` writes them, so `nft list` shows these rules as it would
 //! show its own.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 
@@ -30,7 +31,7 @@ pub enum Error {
     Refused { op: String, errno: Errno },
     #[error("the kernel refused the batch: {0}")]
     Batch(Errno),
-    #[error("no answer from the kernel for the batch")]
+    #[error("no answer from the kernel")]
     NoAnswer,
 }
 
@@ -57,14 +58,55 @@ pub fn apply(ops: &[Op]) -> Result<(), Error> {
     })
 }
 
+/// Packets counted so far by each named counter of the table (the new
+/// flows of each Service port chain): one dump, whatever the table holds.
+pub fn counters() -> Result<BTreeMap<String, u64>, Error> {
+    let mut request = Batch::default();
+    let start = request.message(NFT_MSG_GETOBJ, NLM_F_DUMP);
+    request.string(ATTR_TABLE, TABLE);
+    request.be32(NFTA_OBJ_TYPE, NFT_OBJECT_COUNTER);
+    request.finish(start);
+    let socket = Socket::open(request.buf.len())?;
+    socket.send(&request.buf)?;
+    let mut counters = BTreeMap::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = socket.receive(&mut buf)?;
+        for (kind, body) in messages(&buf[..n]) {
+            match kind {
+                NLMSG_DONE => return Ok(counters),
+                NLMSG_ERROR => {
+                    let errno = body
+                        .get(0..4)
+                        .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                    if errno != 0 {
+                        return Err(Error::Batch(Errno::from_raw(-errno)));
+                    }
+                }
+                k if k == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWOBJ => {
+                    // After the nfgenmsg: the object's attributes.
+                    if let Some((name, packets)) = body.get(4..).and_then(counter) {
+                        counters.insert(name, packets);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
 // --- constants from linux/netlink.h and linux/netfilter/nf_tables.h ---
 
 const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP: u16 = 0x300;
 const NLM_F_APPEND: u16 = 0x800;
 const NLM_F_CREATE: u16 = 0x400;
 const NLA_F_NESTED: u16 = 0x8000;
+/// An attribute type without its nested and byte-order flags.
+const NLA_TYPE_MASK: u16 = 0x3fff;
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const BATCH_BEGIN: u16 = 0x10;
@@ -78,6 +120,7 @@ const NFT_MSG_DELRULE: u16 = 8;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
 const NFT_MSG_NEWOBJ: u16 = 18;
+const NFT_MSG_GETOBJ: u16 = 19;
 const NFT_MSG_DELOBJ: u16 = 20;
 
 /// `NFTA_CHAIN_*`, `NFTA_RULE_*`, `NFTA_OBJ_*`: the table comes first.
@@ -468,6 +511,18 @@ impl Socket {
         Ok(())
     }
 
+    /// One read; [`Error::NoAnswer`] once the receive timeout passes.
+    fn receive(&self, buf: &mut [u8]) -> Result<usize, Error> {
+        loop {
+            match recv(self.0.as_raw_fd(), buf, MsgFlags::empty()) {
+                Ok(n) => return Ok(n),
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) => return Err(Error::NoAnswer),
+                Err(e) => return Err(Error::Socket(e.into())),
+            }
+        }
+    }
+
     /// Reads the kernel's answers until the acknowledgement of message
     /// `last` (asked for only on the last one; errors come for any). The
     /// first error is returned, named by `describe(seq)`.
@@ -475,11 +530,10 @@ impl Socket {
         let mut buf = vec![0u8; 64 * 1024];
         let mut failure: Option<Error> = None;
         loop {
-            let n = match recv(self.0.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+            let n = match self.receive(&mut buf) {
                 Ok(n) => n,
-                Err(Errno::EINTR) => continue,
-                Err(Errno::EAGAIN) => return Err(failure.unwrap_or(Error::NoAnswer)),
-                Err(e) => return Err(Error::Socket(e.into())),
+                Err(Error::NoAnswer) => return Err(failure.unwrap_or(Error::NoAnswer)),
+                Err(e) => return Err(e),
             };
             let mut done = false;
             for (seq, errno) in acks(&buf[..n]) {
@@ -502,27 +556,65 @@ impl Socket {
 /// The (sequence, error) of each acknowledgement in `buf`; error 0 is
 /// success, otherwise a negative errno.
 fn acks(buf: &[u8]) -> impl Iterator<Item = (u32, i32)> + '_ {
+    messages(buf).filter_map(|(kind, body)| {
+        if kind != NLMSG_ERROR {
+            return None;
+        }
+        // nlmsgerr: the error, then the header of the message it answers.
+        let errno = i32::from_ne_bytes(body.get(0..4)?.try_into().ok()?);
+        let seq = u32::from_ne_bytes(body.get(12..16)?.try_into().ok()?);
+        Some((seq, errno))
+    })
+}
+
+/// The (type, body) of each netlink message in `buf`, up to the first
+/// that does not fit.
+fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> + '_ {
     let mut at = 0;
     std::iter::from_fn(move || {
-        loop {
-            let header = buf.get(at..at + 16)?;
-            let len = u32::from_ne_bytes(header[0..4].try_into().ok()?) as usize;
-            let kind = u16::from_ne_bytes(header[4..6].try_into().ok()?);
-            if len < 16 {
-                return None;
-            }
-            let body = buf.get(at + 16..at + len);
-            at += len.div_ceil(4) * 4;
-            if kind != NLMSG_ERROR {
-                continue;
-            }
-            // nlmsgerr: the error, then the header of the message it answers.
-            let body = body?;
-            let errno = i32::from_ne_bytes(body.get(0..4)?.try_into().ok()?);
-            let seq = u32::from_ne_bytes(body.get(12..16)?.try_into().ok()?);
-            return Some((seq, errno));
-        }
+        let header = buf.get(at..at + 16)?;
+        let len = u32::from_ne_bytes(header[0..4].try_into().ok()?) as usize;
+        let kind = u16::from_ne_bytes(header[4..6].try_into().ok()?);
+        let body = buf
+            .get(at + 16..at.checked_add(len)?)
+            .filter(|_| len >= 16)?;
+        at += len.div_ceil(4) * 4;
+        Some((kind, body))
     })
+}
+
+/// The (type, value) of each attribute in `buf`, up to the first that
+/// does not fit.
+fn attributes(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let header = buf.get(at..at + 4)?;
+        let len = usize::from(u16::from_ne_bytes([header[0], header[1]]));
+        let kind = u16::from_ne_bytes([header[2], header[3]]) & NLA_TYPE_MASK;
+        let value = buf.get(at + 4..at.checked_add(len)?).filter(|_| len >= 4)?;
+        at += len.div_ceil(4) * 4;
+        Some((kind, value))
+    })
+}
+
+/// A counter object's name and packets, from its attributes.
+fn counter(attrs: &[u8]) -> Option<(String, u64)> {
+    let (mut name, mut packets) = (None, None);
+    for (kind, value) in attributes(attrs) {
+        match kind {
+            NFTA_OBJ_NAME => {
+                let text = value.split(|b| *b == 0).next()?;
+                name = Some(String::from_utf8_lossy(text).into_owned());
+            }
+            NFTA_OBJ_DATA => {
+                packets = attributes(value)
+                    .find(|(kind, _)| *kind == NFTA_COUNTER_PACKETS)
+                    .and_then(|(_, v)| Some(u64::from_be_bytes(v.try_into().ok()?)));
+            }
+            _ => {}
+        }
+    }
+    Some((name?, packets?))
 }
 
 #[cfg(test)]
@@ -632,6 +724,11 @@ mod tests {
             match refused {
                 Err(Error::Refused { op, .. }) if op.starts_with("delete chain") => {}
                 other => return Err(format!("a chain still in use was deleted: {other:?}")),
+            }
+            let counters = counters().map_err(|e| e.to_string())?;
+            let names: Vec<&str> = counters.keys().map(String::as_str).collect();
+            if names != ["svc-default/web/tcp/80"] || counters.values().any(|n| *n != 0) {
+                return Err(format!("counters read back: {counters:?}"));
             }
             nft(&["list", "table", "ip", TABLE], "")
         })

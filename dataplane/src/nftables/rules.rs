@@ -533,6 +533,7 @@ mod tests {
             service_of_chain("local-default/web/tcp/80"),
             Some(ServiceKey::new("default", "web"))
         );
+        assert_eq!(service_of_chain("prerouting"), None);
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! Service benchmark: HTTP through a ClusterIP against the same requests
 //! straight to the pod IP, through the data planes' Service backend
-//! (`--service-backend engine`, the default, or `nftables`; with
-//! `nftables` also "ClusterIP engine", a second Service on the same pod
-//! with ClientIP affinity, which the engine always keeps, so both
-//! backends are measured in one run). And against the two
+//! (`--service-backend nftables`, what `auto`, the data plane's default,
+//! picks where `nft` works, or `engine`; with `nftables` also "ClusterIP
+//! engine", a second Service on the same pod with ClientIP affinity, which
+//! the engine always keeps, so both backends are measured in one run). And against the two
 //! named peers doing the same job, in one run: a kernel nftables DNAT rule
 //! (kube-proxy nftables mode's verdict-map shape, on the client's node)
 //! and HAProxy in TCP mode (a userspace L4 proxy on the client's node).
@@ -435,7 +435,7 @@ fn parse_args() -> anyhow::Result<Args> {
         connections: 16,
         endpoint_services: vec![100, 10_000],
         http: true,
-        backend: "engine".to_owned(),
+        backend: "nftables".to_owned(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
