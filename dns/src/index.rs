@@ -4,9 +4,14 @@
 //! and take a lock only when a new snapshot was published; the writer
 //! (`zone`) replaces only the shards it changed.
 
+mod bytes;
+
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+pub use bytes::{collect as collect_shard_memory, live_bytes as shard_bytes};
 
 /// Bits of a name's hash that pick its shard. Small shards (a few names
 /// each at a thousand Services) keep what a change copies small, and
@@ -35,19 +40,51 @@ pub type Node = [u8];
 /// slot holds 1 + the offset of an entry after the table, at the slot its
 /// name hashes to or after it (linear probing), or 0 when free. A quarter
 /// or more of the slots is free, so probes stay short.
+///
+/// A shard's bytes are its own allocation, or a range of a slab that
+/// `compact` packed many shards into, both in the shards' own heap
+/// (`bytes`): rewriting shards as names come and go leaves freed copies
+/// of every size behind, holes that keep the allocator's pages resident;
+/// packed back to back in one allocation once the changes settle, the
+/// live shards leave those pages empty, to be given back. Measured with
+/// 1,200 objects: about 750 B of RSS per object instead of 1,100.
 #[derive(Clone, Debug)]
-pub struct Shard(Arc<[u8]>);
+pub struct Shard {
+    bytes: Arc<Bytes>,
+    start: u32,
+    len: u32,
+}
 
 /// Bytes before a shard's slots.
 const SHARD_HEAD: usize = 8;
 
 impl Default for Shard {
     fn default() -> Self {
-        Shard(Arc::from(&[0u8; SHARD_HEAD][..]))
+        Shard::own(Bytes::copy_of(&[0u8; SHARD_HEAD]))
     }
 }
 
 impl Shard {
+    /// A shard in an allocation of its own (shards are far below 4 GiB:
+    /// `from_entries` refuses larger ones).
+    fn own(bytes: Bytes) -> Shard {
+        let len = bytes.as_slice().len() as u32;
+        Shard {
+            bytes: Arc::new(bytes),
+            start: 0,
+            len,
+        }
+    }
+
+    /// The shard's bytes.
+    fn data(&self) -> &[u8] {
+        let start = self.start as usize;
+        self.bytes
+            .as_slice()
+            .get(start..start + self.len as usize)
+            .unwrap_or(&[])
+    }
+
     /// The node of `name`, a lowercased wire name.
     pub fn get(&self, name: &[u8]) -> Option<&Node> {
         let slots = self.slots();
@@ -83,7 +120,7 @@ impl Shard {
 
     /// Whether both are the same shard (not a copy).
     pub fn ptr_eq(&self, other: &Shard) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
+        Arc::ptr_eq(&self.bytes, &other.bytes) && self.start == other.start
     }
 
     /// Every (name, node), in no particular order.
@@ -144,7 +181,7 @@ impl Shard {
             buf[SHARD_HEAD + 4 * slot..SHARD_HEAD + 4 * slot + 4]
                 .copy_from_slice(&(at as u32 + 1).to_le_bytes());
         }
-        Shard(Arc::from(buf))
+        Shard::own(Bytes::copy_of(&buf))
     }
 
     fn slots(&self) -> usize {
@@ -152,14 +189,57 @@ impl Shard {
     }
 
     fn entries(&self) -> &[u8] {
-        self.0.get(SHARD_HEAD + 4 * self.slots()..).unwrap_or(&[])
+        self.data()
+            .get(SHARD_HEAD + 4 * self.slots()..)
+            .unwrap_or(&[])
     }
 
     /// The little-endian word at byte `at`.
     fn word(&self, at: usize) -> Option<u32> {
-        let bytes = self.0.get(at..at + 4)?;
+        let bytes = self.data().get(at..at + 4)?;
         Some(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
     }
+}
+
+/// Packs the shards of `sets` back to back into one new allocation
+/// (unless they already share one), so that the copies left behind by
+/// their rewrites can be freed with the pages they hold. Returns whether
+/// anything was packed. Shards with no names keep the shared empty shard.
+pub fn compact(sets: &mut [&mut [Shard]]) -> bool {
+    let live = || {
+        sets.iter()
+            .flat_map(|set| set.iter())
+            .filter(|shard| !shard.is_empty())
+    };
+    let total: usize = live().map(|shard| shard.len as usize).sum();
+    // Already one slab holding exactly these shards (or nothing to pack).
+    let packed = live().next().is_none_or(|first| {
+        first.bytes.as_slice().len() == total && live().all(|s| Arc::ptr_eq(&s.bytes, &first.bytes))
+    });
+    if packed || total >= u32::MAX as usize {
+        return false;
+    }
+    let bytes = Arc::new(Bytes::build(total, |dst| {
+        let mut at = 0;
+        for shard in live() {
+            let data = shard.data();
+            dst[at..at + data.len()].copy_from_slice(data);
+            at += data.len();
+        }
+    }));
+    let mut at = 0u32;
+    for set in sets.iter_mut() {
+        for shard in set.iter_mut().filter(|shard| !shard.is_empty()) {
+            let len = shard.len;
+            *shard = Shard {
+                bytes: bytes.clone(),
+                start: at,
+                len,
+            };
+            at += len;
+        }
+    }
+    true
 }
 
 /// A map from names (up to 255 bytes) to byte strings in shards, for
@@ -203,6 +283,11 @@ impl ShardMap {
 
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.shards.iter().flat_map(|s| s.iter())
+    }
+
+    /// The shards, for `compact`.
+    pub fn shards_mut(&mut self) -> &mut [Shard] {
+        &mut self.shards
     }
 
     fn shard(&self, name: &[u8]) -> usize {
@@ -518,6 +603,46 @@ mod tests {
                 same(&shard, &model);
             }
         }
+    }
+
+    #[test]
+    fn compacted_shards_keep_their_names_in_one_allocation() {
+        let mut index = empty_shards();
+        let mut map = ShardMap::new(4);
+        let mut model = BTreeMap::new();
+        for i in 0..40u8 {
+            let key = name(i);
+            let node = vec![i; usize::from(i)];
+            let shard = shard_of(&key);
+            index[shard] = index[shard].with_changes(&[(&key, Some(&node))]);
+            map.set(&key, Some(&node));
+            model.insert(key, node);
+        }
+        let check = |index: &[Shard], map: &ShardMap| {
+            for (key, node) in &model {
+                assert_eq!(index[shard_of(key)].get(key), Some(&node[..]));
+                assert_eq!(map.get(key), Some(&node[..]));
+            }
+            assert_eq!(index.iter().map(|s| s.len()).sum::<usize>(), model.len());
+            assert_eq!(map.iter().count(), model.len());
+        };
+        assert!(compact(&mut [&mut index, map.shards_mut()]));
+        check(&index, &map);
+        let live: Vec<&Shard> = index.iter().filter(|s| !s.is_empty()).collect();
+        assert!(live.iter().all(|s| Arc::ptr_eq(&s.bytes, &live[0].bytes)));
+        assert!(!live[0].ptr_eq(live[1]), "shards in one slab stay apart");
+        assert!(
+            !compact(&mut [&mut index, map.shards_mut()]),
+            "packed shards are not packed again"
+        );
+        // A change after packing rewrites its shard on its own; the next
+        // packing takes it in again.
+        let key = name(3);
+        map.set(&key, Some(b"changed"));
+        assert_eq!(map.get(&key), Some(&b"changed"[..]));
+        map.set(&key, Some(&model[&key]));
+        assert!(compact(&mut [&mut index, map.shards_mut()]));
+        check(&index, &map);
     }
 
     #[test]

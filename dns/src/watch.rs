@@ -22,9 +22,27 @@ use crate::zone::{Owner, ZoneBuilder};
 /// Most events applied before a publish, so a long burst still shows up.
 const MAX_BURST: usize = 4096;
 
-/// How long the watches stay quiet after a publish before the memory the
-/// burst freed is given back to the system.
+/// How long the watches stay quiet after a publish before the shards are
+/// packed (`index::compact`) and the memory the burst freed is given back
+/// to the system.
 const SETTLE: Duration = Duration::from_millis(500);
+
+/// How long after a compaction's publish the freed memory is given
+/// back: longer than an idle UDP worker takes to let go of the snapshot
+/// it holds (`udp::STOP_POLL`), whose shards are then freed.
+const RELEASE: Duration = Duration::from_millis(300);
+
+/// Where the watch is since the last burst of changes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Settle {
+    /// Nothing to do until the next event.
+    Quiet,
+    /// Changes applied; once quiet for `SETTLE`, the shards are packed.
+    Changed,
+    /// Packed and published; once the old snapshot is let go of
+    /// (`RELEASE`), the freed memory is returned.
+    Compacted,
+}
 
 /// (namespace, name); boxed, as the state holds one per object.
 type Key = (Box<str>, Box<str>);
@@ -57,27 +75,38 @@ pub async fn run(client: Client, mut builder: ZoneBuilder, published: Arc<Publis
     let events = futures::stream::select(services, futures::stream::select(slices, pods));
     let mut events = std::pin::pin!(events);
     let mut state = ClusterState::default();
-    let mut settled = true;
+    let mut settle = Settle::Quiet;
     loop {
-        let ev = if settled {
-            events.next().await
-        } else {
-            match tokio::time::timeout(SETTLE, events.next()).await {
+        let wait = match settle {
+            Settle::Quiet => None,
+            Settle::Changed => Some(SETTLE),
+            Settle::Compacted => Some(RELEASE),
+        };
+        let ev = match wait {
+            None => events.next().await,
+            Some(wait) => match tokio::time::timeout(wait, events.next()).await {
                 Ok(ev) => ev,
+                Err(_) if settle == Settle::Changed => {
+                    if state.compact(&mut builder) {
+                        builder.publish(&published);
+                    }
+                    settle = Settle::Compacted;
+                    continue;
+                }
                 Err(_) => {
                     return_freed_memory();
                     // The API client's connections run on the runtime's
                     // workers, which allocated what they read.
                     tokio::spawn(async { return_freed_memory() });
-                    settled = true;
+                    settle = Settle::Quiet;
                     continue;
                 }
-            }
+            },
         };
         let Some(ev) = ev else {
             break;
         };
-        settled = false;
+        settle = Settle::Changed;
         state.handle(ev);
         let mut burst = 1;
         while burst < MAX_BURST {
@@ -101,6 +130,9 @@ pub async fn run(client: Client, mut builder: ZoneBuilder, published: Arc<Publis
 /// only while it keeps allocating, so an idle DNS server would otherwise
 /// hold them for good.
 fn return_freed_memory() {
+    // The shards' own heap first, so that the pages it frees are among
+    // those returned.
+    crate::index::collect_shard_memory();
     // SAFETY: mi_collect only walks the allocator's own structures; any
     // thread may call it at any time. In a process whose global allocator
     // is not mimalloc it finds nothing to collect.
@@ -281,6 +313,13 @@ impl ClusterState {
                 .insert(name);
             self.dirty.insert(svc);
         }
+    }
+
+    /// Packs the zone's shards and this state's (`ZoneBuilder::compact_with`)
+    /// once changes have settled; true when the builder's index changed
+    /// and should be published.
+    pub fn compact(&mut self, builder: &mut ZoneBuilder) -> bool {
+        builder.compact_with(&mut self.services)
     }
 
     /// Renders the records of every Service touched since the last flush.

@@ -403,6 +403,17 @@ impl ZoneBuilder {
         }
     }
 
+    /// Packs the index's shards, the owners' and `others`' into one
+    /// allocation (`index::compact`), for when the changes have settled;
+    /// true when it did, and the next published index holds them so.
+    pub fn compact_with(&mut self, others: &mut ShardMap) -> bool {
+        crate::index::compact(&mut [
+            &mut self.shards,
+            self.owners.shards_mut(),
+            others.shards_mut(),
+        ])
+    }
+
     /// Builds and publishes.
     pub fn publish(&mut self, to: &Published) {
         let index = self.build();
