@@ -131,7 +131,12 @@ fn checkpointed_log_reopens_whole() -> anyhow::Result<()> {
     let dir = temp_dir()?;
     let db = dir.path().join("state.db");
     let runtime = tokio::runtime::Runtime::new()?;
-    let value = |i: usize| Bytes::from(format!("{i:0>65536}"));
+    // 64 KiB, distinct per key.
+    let value = |i: usize| {
+        let mut bytes = format!("{i:0>8}").into_bytes();
+        bytes.resize(64 << 10, b'v');
+        Bytes::from(bytes)
+    };
     // 16 MiB in bursts of 4 MiB with pauses (checkpoints when idle), then
     // 46 MiB without one (a checkpoint while writes keep coming).
     let keys = 1000;
