@@ -1018,10 +1018,22 @@ async fn check_namespace_open(state: &ApiState, ns: &str) -> Result<(), ApiError
         .registry
         .get("", "v1", "namespaces")
         .ok_or_else(|| ApiError::internal("namespaces are not served"))?;
+    /// Only what this check reads: every create in a namespace runs it,
+    /// and the rest of the namespace (managedFields) need not be built.
+    #[derive(serde::Deserialize)]
+    struct Namespace {
+        #[serde(default)]
+        metadata: Metadata,
+    }
+    #[derive(Default, serde::Deserialize)]
+    struct Metadata {
+        #[serde(rename = "deletionTimestamp", default)]
+        deletion_timestamp: Option<serde::de::IgnoredAny>,
+    }
     let kv = read(state, namespaces, None, ns).await?;
-    let object: Value = serde_json::from_slice(&kv.value)
+    let object: Namespace = serde_json::from_slice(&kv.value)
         .map_err(|e| ApiError::internal(format!("stored namespace: {e}")))?;
-    if object.pointer("/metadata/deletionTimestamp").is_some() {
+    if object.metadata.deletion_timestamp.is_some() {
         return Err(ApiError::forbidden(format!(
             "unable to create new content in namespace {ns} because it is being terminated"
         )));

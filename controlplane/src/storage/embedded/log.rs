@@ -2,6 +2,11 @@
 //! the style of k3s's kine. SQLite runs in WAL mode with `synchronous=FULL`,
 //! so a committed transaction is on disk before the writer acknowledges it;
 //! the exclusive lock keeps a second process off the same file.
+//!
+//! Checkpoints (copying the WAL back into the database file, two more
+//! fsyncs) are the writer's to schedule rather than SQLite's: SQLite runs
+//! them inside whichever commit crosses 1,000 WAL pages, and the writes of
+//! that batch then wait for them.
 
 use std::path::Path;
 use std::time::Duration;
@@ -15,9 +20,33 @@ use crate::storage::{Revision, StoreError};
 /// Marks a database file as Skiff's ("Skif").
 const APPLICATION_ID: i64 = 0x536b_6966;
 const SCHEMA_VERSION: i64 = 1;
+/// Log bytes appended since the last checkpoint after which the writer
+/// checkpoints as soon as it is idle (about SQLite's own 1,000 pages).
+const IDLE_CHECKPOINT_BYTES: usize = 4 << 20;
+/// Log bytes after which the writer checkpoints even while writes wait,
+/// so that the WAL stays bounded under sustained load.
+const FORCED_CHECKPOINT_BYTES: usize = 32 << 20;
+/// A WAL grown past this is cut back to it after a checkpoint. Below it
+/// the file is kept and overwritten, so a commit's fdatasync has no file
+/// size to write along with the data.
+const WAL_SIZE_LIMIT: i64 = 64 << 20;
 
 pub(super) struct Log {
     conn: Connection,
+    /// Bytes appended since the last checkpoint (keys and values: an
+    /// estimate of the WAL's growth).
+    unchecked: usize,
+}
+
+/// When a checkpoint is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Checkpoint {
+    /// Not yet.
+    No,
+    /// Once no write is waiting.
+    WhenIdle,
+    /// Before the next batch.
+    Now,
 }
 
 /// Everything the index needs to start.
@@ -35,7 +64,7 @@ impl Log {
         // promptly, not a transient to wait out.
         conn.busy_timeout(Duration::from_millis(500))
             .map_err(|e| open_error(path, e))?;
-        let log = Log { conn };
+        let log = Log { conn, unchecked: 0 };
         log.configure(path)?;
         log.check_identity(path)?;
         Ok(log)
@@ -60,7 +89,20 @@ impl Log {
         }
         self.conn
             .pragma_update(None, "synchronous", "FULL")
-            .map_err(sqlite)
+            .map_err(sqlite)?;
+        // The writer checkpoints (see the module comment).
+        self.conn
+            .pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(sqlite)?;
+        let _limit: i64 = self
+            .conn
+            .query_row(
+                &format!("PRAGMA journal_size_limit={WAL_SIZE_LIMIT}"),
+                [],
+                |row| row.get(0),
+            )
+            .map_err(sqlite)?;
+        Ok(())
     }
 
     fn check_identity(&self, path: &Path) -> Result<(), StoreError> {
@@ -164,6 +206,7 @@ impl Log {
                 .map_err(internal)?;
             for row in rows {
                 let value: &[u8] = row.value.as_deref().unwrap_or_default();
+                self.unchecked += row.key.len() + value.len();
                 insert
                     .execute(params![
                         row.revision,
@@ -178,6 +221,31 @@ impl Log {
         tx.commit().map_err(internal)
     }
 
+    /// Whether the WAL has grown enough to be checkpointed.
+    pub fn checkpoint_due(&self) -> Checkpoint {
+        if self.unchecked >= FORCED_CHECKPOINT_BYTES {
+            Checkpoint::Now
+        } else if self.unchecked >= IDLE_CHECKPOINT_BYTES {
+            Checkpoint::WhenIdle
+        } else {
+            Checkpoint::No
+        }
+    }
+
+    /// Copies the WAL into the database file. Nothing else reads the file
+    /// (exclusive locking), so a passive checkpoint copies all of it.
+    pub fn checkpoint(&mut self) -> Result<(), StoreError> {
+        let (busy, frames, copied): (i64, i64, i64) = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })
+            .map_err(internal)?;
+        tracing::debug!(busy, frames, copied, "store log checkpointed");
+        self.unchecked = 0;
+        Ok(())
+    }
+
     /// Deletes the named revisions and records the new compaction point.
     pub fn compact(&mut self, revision: Revision, doomed: &[Revision]) -> Result<(), StoreError> {
         let tx = self.conn.transaction().map_err(internal)?;
@@ -188,6 +256,8 @@ impl Log {
             for rev in doomed {
                 delete.execute([rev]).map_err(internal)?;
             }
+            // A deletion rewrites a page; count a row's share of one.
+            self.unchecked += doomed.len() * 64;
             tx.execute(
                 "UPDATE meta SET value = ?1 WHERE name = 'compacted'",
                 [revision],

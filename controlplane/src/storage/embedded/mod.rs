@@ -6,6 +6,7 @@
 //! batch), appends the batch to the log in one transaction — one fsync for
 //! all of them — then applies it to the index and wakes watchers. Concurrent
 //! writers therefore share fsyncs (group commit) and revisions stay gapless.
+//! Checkpoints of the log wait for a pause in writes (see [`log`]).
 
 mod index;
 mod log;
@@ -14,13 +15,14 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use self::index::{Index, WriteOp};
-use self::log::Log;
+use self::log::{Checkpoint, Log};
 use super::{
     Deleted, Event, KeyValue, RangeRequest, RangeResponse, Revision, Store, StoreError,
     WatchStream, check_key, check_value,
@@ -32,6 +34,10 @@ const MAX_BATCH: usize = 1024;
 const QUEUE_DEPTH: usize = 8192;
 /// Events a watcher takes from the index per lock.
 const WATCH_CHUNK: usize = 256;
+/// A pause in writes this long lets a due checkpoint run. Under a closed
+/// loop of writers the queue is briefly empty after every commit, so an
+/// empty queue alone is no pause.
+const IDLE: Duration = Duration::from_millis(100);
 
 pub struct EmbeddedStore {
     index: Arc<RwLock<Index>>,
@@ -215,8 +221,19 @@ struct Accepted {
 
 impl Writer {
     fn run(mut self) {
+        // Only to wait for the queue with a timeout; nothing is spawned.
+        let timer = match tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        {
+            Ok(timer) => Some(timer),
+            Err(e) => {
+                tracing::warn!(error = %e, "store writer has no timer; checkpoints run in line");
+                None
+            }
+        };
         let mut batch = Vec::with_capacity(MAX_BATCH);
-        while let Some(first) = self.queue.blocking_recv() {
+        while let Some(first) = self.next_request(timer.as_ref()) {
             batch.push(first);
             while batch.len() < MAX_BATCH {
                 match self.queue.try_recv() {
@@ -225,6 +242,36 @@ impl Writer {
                 }
             }
             self.process(&mut batch);
+            if self.log.checkpoint_due() == Checkpoint::Now {
+                self.checkpoint();
+            }
+        }
+    }
+
+    /// The next request; `None` once the store is closed. While a
+    /// checkpoint is due, a pause of [`IDLE`] in writes runs it first.
+    fn next_request(&mut self, timer: Option<&tokio::runtime::Runtime>) -> Option<Request> {
+        let due = self.log.checkpoint_due();
+        match timer {
+            Some(timer) if due != Checkpoint::No => {
+                // The timeout is made inside the runtime: it needs its timer.
+                let next =
+                    timer.block_on(async { tokio::time::timeout(IDLE, self.queue.recv()).await });
+                match next {
+                    Ok(next) => return next,
+                    Err(_) => self.checkpoint(),
+                }
+            }
+            None if due != Checkpoint::No => self.checkpoint(),
+            _ => {}
+        }
+        self.queue.blocking_recv()
+    }
+
+    fn checkpoint(&mut self) {
+        if let Err(e) = self.log.checkpoint() {
+            // The WAL keeps every commit; a later checkpoint retries.
+            tracing::warn!(error = %e, "store log checkpoint failed");
         }
     }
 
