@@ -51,7 +51,7 @@ pub enum Error {
     Task(#[from] tokio::task::JoinError),
 }
 
-/// The kernel backend's model of what is programmed, and the commands
+/// The kernel backend's model of what is programmed, and the operations
 /// not yet sent.
 pub struct Kernel {
     state: Mutex<State>,
@@ -187,9 +187,12 @@ impl Kernel {
 
     /// Reads the per-port new-flow counters from the kernel.
     pub async fn refresh_counters(&self) {
-        match tokio::task::spawn_blocking(netlink::counters).await {
-            Ok(Ok(counters)) => self.lock().counters = counters,
-            Ok(Err(e)) => tracing::debug!(error = %e, "reading the Service rule counters"),
+        let read = tokio::task::spawn_blocking(netlink::counters).await;
+        match read
+            .map_err(Error::from)
+            .and_then(|r| r.map_err(Error::from))
+        {
+            Ok(counters) => self.lock().counters = counters,
             Err(e) => tracing::debug!(error = %e, "reading the Service rule counters"),
         }
     }
@@ -275,8 +278,8 @@ async fn apply(skeleton: Option<String>, ops: Vec<Op>) -> Result<(), Error> {
     if let Some(skeleton) = skeleton {
         nft(&skeleton).await?;
     }
-    // A batch of a few messages takes microseconds, a rebuild of 10,000
-    // Services some hundred milliseconds: off the runtime's workers.
+    // Blocking socket calls, and a rebuild's batch holds every Service:
+    // off the runtime's workers.
     tokio::task::spawn_blocking(move || netlink::apply(&ops)).await??;
     Ok(())
 }
