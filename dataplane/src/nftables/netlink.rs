@@ -352,14 +352,8 @@ fn encode(batch: &mut Batch, op: &Op, last: bool) {
                 // numgen writes a host-order u32.
                 cmp_eq(b, &0u32.to_ne_bytes());
             }
-            b.expr("immediate", |b| {
-                b.be32(NFTA_IMMEDIATE_DREG, NFT_REG_1);
-                b.value(NFTA_IMMEDIATE_DATA, &ip.octets());
-            });
-            b.expr("immediate", |b| {
-                b.be32(NFTA_IMMEDIATE_DREG, NFT_REG_2);
-                b.value(NFTA_IMMEDIATE_DATA, &port.to_be_bytes());
-            });
+            immediate(b, NFT_REG_1, &ip.octets());
+            immediate(b, NFT_REG_2, &port.to_be_bytes());
             b.expr("nat", |b| {
                 b.be32(NFTA_NAT_TYPE, NFT_NAT_DNAT);
                 b.be32(NFTA_NAT_FAMILY, u32::from(NFPROTO_IPV4));
@@ -406,6 +400,14 @@ fn rule(batch: &mut Batch, chain: &str, ack: u16, body: impl FnOnce(&mut Batch))
     body(batch);
     batch.end_nest(exprs);
     batch.finish(start);
+}
+
+/// Loads `value` into register `reg`.
+fn immediate(batch: &mut Batch, reg: u32, value: &[u8]) {
+    batch.expr("immediate", |b| {
+        b.be32(NFTA_IMMEDIATE_DREG, reg);
+        b.value(NFTA_IMMEDIATE_DATA, value);
+    });
 }
 
 /// Register 1 equals `value`, or the rule stops here.
