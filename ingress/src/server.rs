@@ -10,17 +10,22 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::service::service_fn;
+use hyper::body::Incoming;
+use hyper::service::{Service, service_fn};
+use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
+use crate::body::ResponseBody;
 use crate::fast::{self, End, MAX_HEAD};
 use crate::metrics::Metrics;
 use crate::proxy::{Conn, Proxy};
 use crate::rewind::Rewind;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -112,15 +117,7 @@ impl Connection {
             })
         };
         let result = match tls {
-            None => match self.http1(stream, &conn).await {
-                End::Closed => Ok(()),
-                End::Generic(io) => {
-                    self.builders
-                        .any
-                        .serve_connection_with_upgrades(TokioIo::new(io), service)
-                        .await
-                }
-            },
+            None => self.http1(stream, &conn, service).await,
             Some(acceptor) => {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(tls_stream)) => {
@@ -129,15 +126,7 @@ impl Connection {
                             let io = TokioIo::new(tls_stream);
                             self.builders.h2.serve_connection(io, service).await
                         } else {
-                            match self.http1(tls_stream, &conn).await {
-                                End::Closed => Ok(()),
-                                End::Generic(io) => {
-                                    self.builders
-                                        .any
-                                        .serve_connection_with_upgrades(TokioIo::new(io), service)
-                                        .await
-                                }
-                            }
+                            self.http1(tls_stream, &conn, service).await
                         }
                     }
                     Ok(Err(e)) => {
@@ -161,15 +150,27 @@ impl Connection {
 impl Connection {
     /// An HTTP/1.1 (or HTTP/2 prior knowledge) connection: through the
     /// fast path when it is on, until it closes or hands the connection
-    /// (with the bytes it read) to hyper; straight to hyper otherwise.
-    async fn http1<S>(&self, stream: S, conn: &Conn) -> End<S>
+    /// (with the bytes it read) to hyper's `service`; straight to hyper
+    /// otherwise.
+    async fn http1<S, Svc>(&self, stream: S, conn: &Conn, service: Svc) -> Result<(), BoxError>
     where
-        S: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        Svc: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible>,
+        Svc::Future: Send + 'static,
     {
-        if self.limits.fast_path {
+        let end = if self.limits.fast_path {
             fast::serve(&self.proxy, conn, stream, self.limits.header_timeout).await
         } else {
             End::Generic(Rewind::new(Vec::new(), stream))
+        };
+        match end {
+            End::Closed => Ok(()),
+            End::Generic(io) => {
+                self.builders
+                    .any
+                    .serve_connection_with_upgrades(TokioIo::new(io), service)
+                    .await
+            }
         }
     }
 }
