@@ -39,6 +39,9 @@ const SERVICE_CIDR: &str = "10.43.0.0/16";
 /// The address the nftables peer translates (outside every other range).
 const NFT_VIP: &str = "10.45.0.1";
 const HAPROXY_PORT: u16 = 8083;
+/// Paths measured per scope, at most: pod IP, ClusterIP (two backends),
+/// nftables DNAT, HAProxy.
+const MAX_PATHS: usize = 5;
 
 struct Args {
     seconds: u32,
@@ -80,6 +83,10 @@ async fn main() -> anyhow::Result<()> {
     let api = api::ApiThread::start(&cluster.node(0).netns, cluster.server().kubeconfig()).await?;
     api.keep_nodes_alive(cluster.nodes.iter().map(|n| n.name.clone()).collect());
     cluster.add_pod(0, "client")?;
+    // Paths after the first get their own client pods, see `client_for`.
+    for path in 1..MAX_PATHS {
+        cluster.add_pod(0, &format!("client-{path}"))?;
+    }
     cluster.add_pod(1, "remote")?;
     cluster.add_pod(0, "local")?;
     let work = tempfile::tempdir()?;
@@ -151,7 +158,6 @@ fn load_average() -> String {
 
 /// HTTP through each path, same-node and cross-node.
 fn http(cluster: &Cluster, args: &Args, work: &tempfile::TempDir) -> anyhow::Result<()> {
-    let client_ns = &cluster.pod("client").netns;
     let node1 = &cluster.node(0).netns;
     let gateway = cluster
         .node(0)
@@ -184,8 +190,9 @@ fn http(cluster: &Cluster, args: &Args, work: &tempfile::TempDir) -> anyhow::Res
                 format!("{gateway}:{HAPROXY_PORT}"),
             ),
         ]);
-        for (name, target) in &targets {
-            if let Err(e) = wait_for_http(client_ns, target) {
+        ensure!(targets.len() <= MAX_PATHS, "more paths than client pods");
+        for (i, (name, target)) in targets.iter().enumerate() {
+            if let Err(e) = wait_for_http(client_for(cluster, i), target) {
                 let metrics = cluster.metrics(0).unwrap_or_default();
                 for line in metrics.lines().filter(|l| l.starts_with("skiff_")) {
                     eprintln!("  node 1 {line}");
@@ -197,7 +204,7 @@ fn http(cluster: &Cluster, args: &Args, work: &tempfile::TempDir) -> anyhow::Res
             let mut samples = vec![Vec::new(); targets.len()];
             for _ in 0..args.runs {
                 for (i, (_, target)) in targets.iter().enumerate() {
-                    match wrk(client_ns, target, args, close) {
+                    match wrk(client_for(cluster, i), target, args, close) {
                         Ok(sample) => samples[i].push(sample),
                         Err(e) => {
                             report_state(cluster);
@@ -235,6 +242,23 @@ fn http(cluster: &Cluster, args: &Args, work: &tempfile::TempDir) -> anyhow::Res
         println!("  node 1 {line}");
     }
     Ok(())
+}
+
+/// The client pod measuring path `i` (the order of `targets`). Each path
+/// has its own client address because the server pod keeps TIME_WAIT for
+/// a minute after each closed connection: the new-connection runs cycle
+/// through the client's ports within seconds, and a SYN that meets a
+/// TIME_WAIT left by another path (same client address and port, same
+/// pod) is refused when its TCP timestamp is older, as it is when the
+/// client's timestamp offset was derived for a different destination
+/// address (the Service IP instead of the pod IP). The client then waits
+/// a second to retry. With one address per path, a path only meets its
+/// own TIME_WAITs, which its timestamps always pass.
+fn client_for(cluster: &Cluster, i: usize) -> &Netns {
+    match i {
+        0 => &cluster.pod("client").netns,
+        i => &cluster.pod(&format!("client-{i}")).netns,
+    }
 }
 
 /// Once a NAT table is loaded in a node's namespace, every connection
