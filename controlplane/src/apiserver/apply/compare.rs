@@ -39,10 +39,24 @@ impl Comparison {
 
 /// Compares `old` and `new`, whole objects of shape `shape`.
 pub(super) fn compare(old: &Value, new: &Value, shape: Shape) -> Comparison {
+    compare_where(old, new, shape, &|_, _| true)
+}
+
+/// Compares only the fields `keep(parent, name)` accepts, as if the others
+/// were missing on both sides: a view of the objects without copying
+/// them, which every write would otherwise do twice. A root that is not an
+/// object counts as an empty one.
+pub(super) fn compare_where(old: &Value, new: &Value, shape: Shape, keep: &Keep) -> Comparison {
+    let empty = Value::Object(Map::new());
+    let old = if old.is_object() { old } else { &empty };
+    let new = if new.is_object() { new } else { &empty };
     let mut comparison = Comparison::default();
-    comparison.walk(Some(old), Some(new), shape, &mut Vec::new(), 0);
+    comparison.walk(Some(old), Some(new), shape, &mut Vec::new(), 0, keep);
     comparison
 }
+
+/// Whether the field `name` under the path `parent` is compared.
+pub(super) type Keep = dyn Fn(&[PathElement], &str) -> bool;
 
 /// How two values at one path are compared.
 enum Walk<'v> {
@@ -62,6 +76,7 @@ impl Comparison {
         shape: Shape,
         path: &mut Path,
         depth: usize,
+        keep: &Keep,
     ) {
         let walk = if depth > MAX_DEPTH {
             Walk::Leaf
@@ -77,6 +92,9 @@ impl Comparison {
                     }),
                 );
                 for name in names {
+                    if !keep(path, name) {
+                        continue;
+                    }
                     path.push(PathElement::Field(name.clone()));
                     self.walk(
                         old_fields.and_then(|f| f.get(name)),
@@ -84,6 +102,7 @@ impl Comparison {
                         shape.child(name),
                         path,
                         depth + 1,
+                        keep,
                     );
                     path.pop();
                 }
@@ -113,6 +132,7 @@ impl Comparison {
                         item_shape,
                         path,
                         depth + 1,
+                        keep,
                     );
                     path.pop();
                 }

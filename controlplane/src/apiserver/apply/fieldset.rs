@@ -136,12 +136,13 @@ impl FieldSet {
         let Some((first, rest)) = path.split_first() else {
             return;
         };
-        let child = self.children.entry(first.clone()).or_default();
-        if rest.is_empty() {
-            child.member = true;
-        } else {
-            child.insert(rest);
-        }
+        self.with_child(first, |child| {
+            if rest.is_empty() {
+                child.member = true;
+            } else {
+                child.insert(rest);
+            }
+        });
     }
 
     #[cfg(test)]
@@ -155,10 +156,17 @@ impl FieldSet {
     pub(crate) fn union_with(&mut self, other: &FieldSet) {
         self.member |= other.member;
         for (element, theirs) in &other.children {
-            self.children
-                .entry(element.clone())
-                .or_default()
-                .union_with(theirs);
+            self.with_child(element, |ours| ours.union_with(theirs));
+        }
+    }
+
+    /// Runs `f` on the node at `element`, made if missing. The element is
+    /// copied only then: a write inserts many paths through the same few
+    /// nodes.
+    fn with_child(&mut self, element: &PathElement, f: impl FnOnce(&mut FieldSet)) {
+        match self.children.get_mut(element) {
+            Some(child) => f(child),
+            None => f(self.children.entry(element.clone()).or_default()),
         }
     }
 

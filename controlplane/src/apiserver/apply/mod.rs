@@ -323,17 +323,23 @@ fn record(
     let shape = schema::root(kind);
     let mut managed = chosen_managed_fields(subresource, old, new);
     set_managed_fields(new, None);
-    // The tracked views leave managedFields out, so `old` needs no copy
-    // without them.
-    let old_view = match old {
-        Some(old) => tracked(old, scope),
-        None => tracked(&schema::skeleton(kind), scope),
+    let skeleton;
+    let before = match old {
+        Some(old) => old,
+        None => {
+            skeleton = schema::skeleton(kind);
+            &skeleton
+        }
     };
+    // The tracked part leaves managedFields out, so `old` needs no copy
+    // without them, nor does either object need one for its tracked part.
     let compare::Comparison {
         added: mut changed,
         modified,
         removed,
-    } = compare(&old_view, &tracked(new, scope), shape);
+    } = compare::compare_where(before, new, shape, &move |parent, name| {
+        is_tracked(scope, parent, name)
+    });
     changed.union_with(&modified);
 
     let api_version = match string_at(new, "apiVersion") {
@@ -506,26 +512,41 @@ fn configuration(
     Ok(config)
 }
 
+/// Whether the field `name` under `parent` is in the part of an object a
+/// write in `scope` may own (see [`tracked`]).
+fn is_tracked(scope: Scope, parent: &[PathElement], name: &str) -> bool {
+    match parent {
+        [] => match scope {
+            Scope::Status => name == "status",
+            Scope::Main => !matches!(name, "apiVersion" | "kind" | "status"),
+        },
+        [PathElement::Field(field)] if field == "metadata" => !SERVER_METADATA
+            .iter()
+            .chain(IDENTITY_METADATA)
+            .any(|server| *server == name),
+        _ => true,
+    }
+}
+
 /// The part of `object` a write in `scope` may own. Fields outside it are
 /// neither compared nor owned.
 fn tracked(object: &Value, scope: Scope) -> Value {
     let Value::Object(fields) = object else {
         return Value::Object(Map::new());
     };
+    let metadata = [PathElement::Field("metadata".to_owned())];
     let mut view = Map::new();
-    for (name, value) in fields {
-        let keep = match scope {
-            Scope::Status => name == "status",
-            Scope::Main => !matches!(name.as_str(), "apiVersion" | "kind" | "status"),
+    for (name, value) in fields.iter().filter(|(name, _)| is_tracked(scope, &[], name)) {
+        let value = match value {
+            Value::Object(meta) if name == "metadata" => Value::Object(
+                meta.iter()
+                    .filter(|(name, _)| is_tracked(scope, &metadata, name))
+                    .map(|(name, value)| (name.clone(), value.clone()))
+                    .collect(),
+            ),
+            value => value.clone(),
         };
-        if keep {
-            view.insert(name.clone(), value.clone());
-        }
-    }
-    if let Some(Value::Object(meta)) = view.get_mut("metadata") {
-        for name in SERVER_METADATA.iter().chain(IDENTITY_METADATA) {
-            meta.remove(*name);
-        }
+        view.insert(name.clone(), value);
     }
     Value::Object(view)
 }
