@@ -4,8 +4,11 @@
 //! backend and `wrk -t1 -c64 -d10s --latency` on CPU 1, the proxies
 //! interleaved within each scenario. Scenarios: keep-alive and
 //! `Connection: close`, over HTTP and HTTPS (ECDSA P-256). Prints req/s,
-//! p50/p99 and the proxy's own CPU time per request (from /proc), and
-//! Skiff's ratios against nginx measured in the same run.
+//! p50/p99, the proxy's own CPU time per request (from /proc), how busy
+//! CPU 1 (backend and wrk) was, and Skiff's ratios against nginx measured
+//! in the same run. With CPU 1 near 100 %, req/s says more about the
+//! backend and wrk than about the proxy, and CPU per request is the
+//! proxy's figure.
 //!
 //! For new TLS connections, nginx's server without session resumption
 //! (`:8445`) and a Skiff ingress started with `--no-tls-resumption` are
@@ -73,6 +76,8 @@ struct Result {
     p50_ms: f64,
     p99_ms: f64,
     cpu_us: f64,
+    /// Share of CPU 1 (backend and wrk) busy during the run, in percent.
+    cpu1_busy: f64,
 }
 
 /// Kills the processes this benchmark started, whatever happens.
@@ -238,8 +243,8 @@ async fn main() -> anyhow::Result<()> {
         let medians: Vec<Result> = results[s].iter().map(|rs| median(rs)).collect();
         for (proxy, r) in proxies.iter().zip(&medians) {
             println!(
-                "  {:<8} {:>8.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  proxy CPU {:>7.1} µs/req",
-                proxy.name, r.rps, r.p50_ms, r.p99_ms, r.cpu_us
+                "  {:<8} {:>8.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  proxy CPU {:>7.1} µs/req  CPU 1 busy {:>3.0} %",
+                proxy.name, r.rps, r.p50_ms, r.p99_ms, r.cpu_us, r.cpu1_busy
             );
         }
         let (sk, ng) = (medians[0], medians[1]);
@@ -274,7 +279,9 @@ fn measure(proxy: &Proxy, scenario: &Scenario, duration: u64) -> anyhow::Result<
     }
     cmd.arg(url);
     let cpu_before = cpu_ticks(&proxy.pids)?;
+    let cpu1_before = cpu1_ticks();
     let out = cmd.output().context("running wrk")?;
+    let cpu1_after = cpu1_ticks();
     let cpu_after = cpu_ticks(&proxy.pids)?;
     let text = String::from_utf8_lossy(&out.stdout);
     ensure!(
@@ -295,7 +302,28 @@ fn measure(proxy: &Proxy, scenario: &Scenario, duration: u64) -> anyhow::Result<
         p50_ms: parse_latency(&text, "50%").context("no p50")?,
         p99_ms: parse_latency(&text, "99%").context("no p99")?,
         cpu_us,
+        cpu1_busy: match (cpu1_before, cpu1_after) {
+            (Some((busy0, all0)), Some((busy1, all1))) if all1 > all0 => {
+                (busy1 - busy0) as f64 * 100.0 / (all1 - all0) as f64
+            }
+            _ => f64::NAN,
+        },
     })
+}
+
+/// Busy and total ticks of CPU 1 from /proc/stat (busy: all but idle
+/// and iowait).
+fn cpu1_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu1 "))?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let all: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3)? + ticks.get(4)?;
+    Some((all - idle, all))
 }
 
 /// user + system time of the processes and their children (nginx workers).
