@@ -87,18 +87,29 @@ impl Shard {
 
     /// The node of `name`, a lowercased wire name.
     pub fn get(&self, name: &[u8]) -> Option<&Node> {
-        let slots = self.slots();
+        self.get_hashed(name, name_hash(name))
+    }
+
+    /// As `get`, given `name_hash(name)`: the index's lookup hashes a
+    /// name once for both its shard and its slot.
+    fn get_hashed(&self, name: &[u8], hash: u64) -> Option<&Node> {
+        let data = self.data();
+        let word = |at: usize| -> Option<usize> {
+            let bytes = data.get(at..at + 4)?;
+            Some(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize)
+        };
+        let slots = word(0)?;
         if slots == 0 {
             return None;
         }
-        let entries = self.entries();
-        let mut slot = slot_of(name, slots);
+        let entries = data.get(SHARD_HEAD + 4 * slots..)?;
+        let mut slot = slot_at(hash, slots);
         loop {
-            let entry = self.word(SHARD_HEAD + 4 * slot)?;
+            let entry = word(SHARD_HEAD + 4 * slot)?;
             if entry == 0 {
                 return None;
             }
-            let (key, node) = entry_at(entries, entry as usize - 1)?;
+            let (key, node) = entry_at(entries, entry - 1)?;
             if key == name {
                 return Some(node);
             }
@@ -174,7 +185,7 @@ impl Shard {
             buf.extend_from_slice(key);
             buf.extend_from_slice(&(node.len() as u32).to_le_bytes());
             buf.extend_from_slice(node);
-            let mut slot = slot_of(key, slots);
+            let mut slot = slot_at(name_hash(key), slots);
             while buf[SHARD_HEAD + 4 * slot..SHARD_HEAD + 4 * slot + 4] != [0; 4] {
                 slot = if slot + 1 == slots { 0 } else { slot + 1 };
             }
@@ -305,12 +316,10 @@ fn entry_at(entries: &[u8], at: usize) -> Option<(&[u8], &Node)> {
     Some((key, node))
 }
 
-/// The home slot of `name` in a table of `slots` slots: the hash's bits
-/// below those `shard_of` took, scaled to the table.
-fn slot_of(name: &[u8], slots: usize) -> usize {
-    let mut h = FxHasher::default();
-    h.write(name);
-    let bits = h.finish() << SHARD_BITS;
+/// The home slot of a name with `hash` in a table of `slots` slots: the
+/// hash's bits below those `shard_of` took, scaled to the table.
+fn slot_at(hash: u64, slots: usize) -> usize {
+    let bits = hash << SHARD_BITS;
     ((u128::from(bits) * slots as u128) >> 64) as usize
 }
 
@@ -407,7 +416,8 @@ impl Index {
 
     /// The node of `name`, a lowercased wire name.
     pub fn node(&self, name: &[u8]) -> Option<&[u8]> {
-        self.shards[shard_of(name)].get(name)
+        let hash = name_hash(name);
+        self.shards[(hash >> (64 - SHARD_BITS)) as usize].get_hashed(name, hash)
     }
 
     /// Number of names, for tests and logs.

@@ -24,7 +24,8 @@
 //! skiff-bench --bin dns && target/bench/dns [ROUNDS]`; `target/bench/dns
 //! zone` prints only the in-process zone figure, `target/bench/dns memory`
 //! only the
-//! memory figures (no dnsperf runs).
+//! memory figures (no dnsperf runs), `target/bench/dns serve` sets the
+//! three servers up and keeps them until SIGINT (for profiling).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::fmt::Write as _;
@@ -129,9 +130,10 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let memory_only = std::env::args().nth(1).as_deref() == Some("memory");
+    let serve_only = std::env::args().nth(1).as_deref() == Some("serve");
     let rounds: usize = std::env::args()
         .nth(1)
-        .filter(|_| !memory_only)
+        .filter(|_| !memory_only && !serve_only)
         .map(|r| r.parse())
         .transpose()
         .context("ROUNDS must be a number")?
@@ -202,6 +204,21 @@ async fn main() -> anyhow::Result<()> {
     };
     if memory_only {
         print_memory(&memory)?;
+        return Ok(());
+    }
+    if serve_only {
+        // For profiling and trying load settings by hand: the servers stay
+        // up, as configured for the runs, until SIGINT.
+        for peer in servers {
+            println!(
+                "serving {} on 127.0.0.1:{} pid {}",
+                peer.name,
+                peer.port,
+                peer.child.id()
+            );
+        }
+        println!("queries in {}", queries.display());
+        tokio::signal::ctrl_c().await?;
         return Ok(());
     }
 
