@@ -536,7 +536,10 @@ fn tracked(object: &Value, scope: Scope) -> Value {
     };
     let metadata = [PathElement::Field("metadata".to_owned())];
     let mut view = Map::new();
-    for (name, value) in fields.iter().filter(|(name, _)| is_tracked(scope, &[], name)) {
+    for (name, value) in fields
+        .iter()
+        .filter(|(name, _)| is_tracked(scope, &[], name))
+    {
         let value = match value {
             Value::Object(meta) if name == "metadata" => Value::Object(
                 meta.iter()
