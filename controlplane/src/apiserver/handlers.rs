@@ -968,13 +968,17 @@ fn check_fields(
     object: &mut Value,
     mode: FieldValidation,
 ) -> Result<Vec<String>, ApiError> {
-    let typed = (rt.typed_round_trip)(object).map_err(|e| {
+    let not_this_kind = |e: serde_json::Error| {
         ApiError::bad_request(format!(
             "{} in version {:?} cannot be handled as a {}: {e}",
             rt.kind, rt.version, rt.kind
         ))
-    })?;
-    let unknown = validation::unknown_fields(object, &typed);
+    };
+    let mut unknown = Vec::new();
+    (rt.typed_check)(object, &mut |path| {
+        unknown.extend(validation::unknown_field(object, &path));
+    })
+    .map_err(not_this_kind)?;
     if unknown.is_empty() {
         return Ok(Vec::new());
     }
@@ -991,11 +995,11 @@ fn check_fields(
             messages.join(", ")
         ))),
         FieldValidation::Warn => {
-            *object = typed;
+            *object = (rt.typed_round_trip)(object).map_err(not_this_kind)?;
             Ok(messages)
         }
         FieldValidation::Ignore => {
-            *object = typed;
+            *object = (rt.typed_round_trip)(object).map_err(not_this_kind)?;
             Ok(Vec::new())
         }
     }

@@ -28,8 +28,15 @@ pub struct ResourceType {
     pub subresources: &'static [Subresource],
     /// Decodes a JSON object as this kind's typed struct and encodes it
     /// back: an error names the first field of the wrong type, and the
-    /// result holds only fields the type knows (used to find unknown ones).
+    /// result holds only fields the type knows (used to drop unknown ones).
     pub typed_round_trip: fn(&Value) -> Result<Value, serde_json::Error>,
+    /// Decodes a JSON object as this kind's typed struct and drops it: an
+    /// error names the first field of the wrong type, and `unknown` is
+    /// called with the path of every field the type does not know. The
+    /// check every write makes; cheaper than the round trip, which only
+    /// a write that has unknown fields to drop then needs.
+    pub typed_check:
+        fn(&Value, &mut dyn FnMut(serde_ignored::Path<'_>)) -> Result<(), serde_json::Error>,
     /// The OpenAPI schema name (`io.k8s.api.core.v1.Pod`).
     pub schema_name: String,
     /// Adds the kind's schema (and everything it refers to) to a generator.
@@ -261,10 +268,19 @@ where
         categories,
         subresources,
         typed_round_trip: round_trip::<T>,
+        typed_check: check::<T>,
         schema_name: T::schema_name().into_owned(),
         schema: |generator| generator.subschema_for::<T>(),
         stored_as: None,
     }
+}
+
+fn check<T: DeserializeOwned>(
+    value: &Value,
+    unknown: &mut dyn FnMut(serde_ignored::Path<'_>),
+) -> Result<(), serde_json::Error> {
+    let _typed: T = serde_ignored::deserialize(value, unknown)?;
+    Ok(())
 }
 
 fn round_trip<T: DeserializeOwned + Serialize>(value: &Value) -> Result<Value, serde_json::Error> {

@@ -3,6 +3,7 @@
 //! [`super::strategy`].
 
 use serde_json::{Map, Value};
+use std::fmt::Write as _;
 
 use super::status::Cause;
 
@@ -174,51 +175,53 @@ pub fn check_metadata(meta: &Map<String, Value>, rule: NameRule, causes: &mut Ve
     }
 }
 
-/// Paths of fields in `original` that `typed` (its round trip through the
-/// typed struct) lost: the fields the kind does not know.
-pub fn unknown_fields(original: &Value, typed: &Value) -> Vec<String> {
-    let mut found = Vec::new();
-    walk_unknown(original, typed, &mut String::new(), &mut found);
-    found
-}
-
-fn walk_unknown(original: &Value, typed: &Value, path: &mut String, found: &mut Vec<String>) {
-    match (original, typed) {
-        (Value::Object(a), Value::Object(b)) => {
-            for (key, value) in a {
-                let len = path.len();
-                if !path.is_empty() {
-                    path.push('.');
-                }
-                path.push_str(key);
-                match b.get(key) {
-                    Some(other) => walk_unknown(value, other, path, found),
-                    // Explicit nulls and empty optional fields also vanish
-                    // in the round trip without being unknown.
-                    None if value.is_null() => {}
-                    None if is_known_empty(value) => {}
-                    None => found.push(path.clone()),
-                }
-                path.truncate(len);
+/// The field of `original` at `ignored` (where a typed decode skipped a
+/// field it does not know), as upstream names it:
+/// `spec.containers[0].bogus`. `None` for an explicit null or an empty
+/// object, which clients send for fields they leave unset.
+pub fn unknown_field(original: &Value, ignored: &serde_ignored::Path<'_>) -> Option<String> {
+    let mut steps = Vec::new();
+    let mut at = ignored;
+    loop {
+        at = match at {
+            serde_ignored::Path::Root => break,
+            serde_ignored::Path::Seq { parent, index } => {
+                steps.push(Step::Index(*index));
+                parent
             }
-        }
-        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
-            for (i, (x, y)) in a.iter().zip(b).enumerate() {
-                let len = path.len();
-                path.push_str(&format!("[{i}]"));
-                walk_unknown(x, y, path, found);
-                path.truncate(len);
+            serde_ignored::Path::Map { parent, key } => {
+                steps.push(Step::Field(key));
+                parent
             }
-        }
-        _ => {}
+            serde_ignored::Path::Some { parent }
+            | serde_ignored::Path::NewtypeStruct { parent }
+            | serde_ignored::Path::NewtypeVariant { parent } => parent,
+        };
     }
+    let mut value = original;
+    let mut name = String::new();
+    for step in steps.iter().rev() {
+        value = match step {
+            Step::Field(key) => {
+                if !name.is_empty() {
+                    name.push('.');
+                }
+                name.push_str(key);
+                value.get(key)?
+            }
+            Step::Index(index) => {
+                let _ = write!(name, "[{index}]");
+                value.get(index)?
+            }
+        };
+    }
+    let unset = value.is_null() || matches!(value, Value::Object(m) if m.is_empty());
+    (!unset).then_some(name)
 }
 
-/// k8s-openapi skips some empty values on output (e.g. `Option<Vec>` that
-/// deserialized from `[]` stays, but an empty object for a defaulted struct
-/// may not); those are not unknown.
-fn is_known_empty(value: &Value) -> bool {
-    matches!(value, Value::Object(m) if m.is_empty())
+enum Step<'p> {
+    Field(&'p str),
+    Index(usize),
 }
 
 #[cfg(test)]
@@ -243,11 +246,26 @@ mod tests {
 
     #[test]
     fn finds_unknown_fields() {
-        let original = json!({"spec": {"replicas": 1, "bogus": 2, "template": {"x": null}}, "list": [{"a": 1, "b": 2}]});
-        let typed = json!({"spec": {"replicas": 1, "template": {}}, "list": [{"a": 1}]});
-        assert_eq!(
-            unknown_fields(&original, &typed),
-            vec!["list[0].b", "spec.bogus"]
-        );
+        #[derive(serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Spec {
+            replicas: Option<i32>,
+            template: Option<std::collections::BTreeMap<String, Value>>,
+            list: Option<Vec<Item>>,
+        }
+        #[derive(serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Item {
+            a: i32,
+        }
+        let original = json!({"spec": {"replicas": 1, "bogus": 2, "unset": null, "empty": {}, "list": [{"a": 1, "b": [2]}]}});
+        let mut found = Vec::new();
+        let _: std::collections::BTreeMap<String, Spec> =
+            serde_ignored::deserialize(&original, |path| {
+                found.extend(unknown_field(&original, &path));
+            })
+            .unwrap();
+        found.sort();
+        assert_eq!(found, vec!["spec.bogus", "spec.list[0].b"]);
     }
 }
