@@ -12,6 +12,9 @@ use serde_json::Value;
 
 use super::conversion::{EVENTS_AS_CORE, StoredAs};
 
+/// Told where a typed decode skipped a field its type does not know.
+pub type OnUnknown<'a> = dyn FnMut(serde_ignored::Path<'_>) + 'a;
+
 /// One served resource (one kind in one group-version).
 pub struct ResourceType {
     pub group: &'static str,
@@ -35,8 +38,7 @@ pub struct ResourceType {
     /// called with the path of every field the type does not know. The
     /// check every write makes; cheaper than the round trip, which only
     /// a write that has unknown fields to drop then needs.
-    pub typed_check:
-        fn(&Value, &mut dyn FnMut(serde_ignored::Path<'_>)) -> Result<(), serde_json::Error>,
+    pub typed_check: fn(&Value, &mut OnUnknown<'_>) -> Result<(), serde_json::Error>,
     /// The OpenAPI schema name (`io.k8s.api.core.v1.Pod`).
     pub schema_name: String,
     /// Adds the kind's schema (and everything it refers to) to a generator.
@@ -277,7 +279,7 @@ where
 
 fn check<T: DeserializeOwned>(
     value: &Value,
-    unknown: &mut dyn FnMut(serde_ignored::Path<'_>),
+    unknown: &mut OnUnknown<'_>,
 ) -> Result<(), serde_json::Error> {
     let _typed: T = serde_ignored::deserialize(value, unknown)?;
     Ok(())
