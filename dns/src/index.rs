@@ -94,10 +94,7 @@ impl Shard {
     /// name once for both its shard and its slot.
     fn get_hashed(&self, name: &[u8], hash: u64) -> Option<&Node> {
         let data = self.data();
-        let word = |at: usize| -> Option<usize> {
-            let bytes = data.get(at..at + 4)?;
-            Some(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize)
-        };
+        let word = |at: usize| le_word(data, at).map(|w| w as usize);
         let slots = word(0)?;
         if slots == 0 {
             return None;
@@ -207,9 +204,14 @@ impl Shard {
 
     /// The little-endian word at byte `at`.
     fn word(&self, at: usize) -> Option<u32> {
-        let bytes = self.data().get(at..at + 4)?;
-        Some(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+        le_word(self.data(), at)
     }
+}
+
+/// The little-endian word at byte `at` of `data`.
+fn le_word(data: &[u8], at: usize) -> Option<u32> {
+    let bytes = data.get(at..at + 4)?;
+    Some(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
 }
 
 /// Packs the shards of `sets` back to back into one new allocation
@@ -417,7 +419,7 @@ impl Index {
     /// The node of `name`, a lowercased wire name.
     pub fn node(&self, name: &[u8]) -> Option<&[u8]> {
         let hash = name_hash(name);
-        self.shards[(hash >> (64 - SHARD_BITS)) as usize].get_hashed(name, hash)
+        self.shards[shard_at(hash)].get_hashed(name, hash)
     }
 
     /// Number of names, for tests and logs.
@@ -436,7 +438,12 @@ pub fn empty_shards() -> Vec<Shard> {
 }
 
 pub fn shard_of(key: &[u8]) -> usize {
-    (name_hash(key) >> (64 - SHARD_BITS)) as usize
+    shard_at(name_hash(key))
+}
+
+/// The shard of a name with `hash`: the hash's top bits.
+fn shard_at(hash: u64) -> usize {
+    (hash >> (64 - SHARD_BITS)) as usize
 }
 
 /// The hash names are placed by.

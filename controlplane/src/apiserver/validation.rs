@@ -2,8 +2,9 @@
 //! and fields the typed structs do not know. Kind-specific rules live in
 //! [`super::strategy`].
 
-use serde_json::{Map, Value};
 use std::fmt::Write as _;
+
+use serde_json::{Map, Value};
 
 use super::status::Cause;
 

@@ -75,14 +75,12 @@ pub fn counters() -> Result<BTreeMap<String, u64>, Error> {
         for (kind, body) in messages(&buf[..n]) {
             match kind {
                 NLMSG_DONE => return Ok(counters),
-                NLMSG_ERROR => {
-                    let errno = body
-                        .get(0..4)
-                        .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
-                    if errno != 0 {
+                NLMSG_ERROR => match error_of(body) {
+                    Some((errno, _)) if errno != 0 => {
                         return Err(Error::Batch(Errno::from_raw(-errno)));
                     }
-                }
+                    _ => {}
+                },
                 k if k == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWOBJ => {
                     // After the nfgenmsg: the object's attributes.
                     if let Some((name, packets)) = body.get(4..).and_then(counter) {
@@ -559,14 +557,17 @@ impl Socket {
 /// success, otherwise a negative errno.
 fn acks(buf: &[u8]) -> impl Iterator<Item = (u32, i32)> + '_ {
     messages(buf).filter_map(|(kind, body)| {
-        if kind != NLMSG_ERROR {
-            return None;
-        }
-        // nlmsgerr: the error, then the header of the message it answers.
-        let errno = i32::from_ne_bytes(body.get(0..4)?.try_into().ok()?);
-        let seq = u32::from_ne_bytes(body.get(12..16)?.try_into().ok()?);
+        let (errno, seq) = error_of(body).filter(|_| kind == NLMSG_ERROR)?;
         Some((seq, errno))
     })
+}
+
+/// An `NLMSG_ERROR` body (nlmsgerr: the error, then the header of the
+/// message it answers): (error, that message's sequence number).
+fn error_of(body: &[u8]) -> Option<(i32, u32)> {
+    let errno = i32::from_ne_bytes(body.get(0..4)?.try_into().ok()?);
+    let seq = u32::from_ne_bytes(body.get(12..16)?.try_into().ok()?);
+    Some((errno, seq))
 }
 
 /// The (type, body) of each netlink message in `buf`, up to the first
