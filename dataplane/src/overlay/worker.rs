@@ -322,6 +322,18 @@ impl Worker {
                 });
             self.local.io(Io::UdpRecv, bytes, datagrams);
         }
+        let mut decap = Decap {
+            queue: &self.queue,
+            table,
+            local: &mut self.local,
+            mtu: inbound.mtu,
+            svc: self.svc.as_mut(),
+        };
+        // One run for the whole batch: a super-packet of more segments than
+        // one GSO send carries arrives as consecutive messages, and joined
+        // again here it reaches the TUN device in one write.
+        let mut run = Run::default();
+        let mut run_from = None;
         for i in 0..received {
             let Some(message) = inbound.batch.get(i) else {
                 break;
@@ -330,29 +342,28 @@ impl Worker {
             let from = match message.from {
                 Some(from) if table.is_known_source(from.ip()) => from,
                 _ => {
-                    self.local.drop(Drop::UnknownSource, datagrams);
+                    decap.local.drop(Drop::UnknownSource, datagrams);
                     continue;
                 }
             };
             if message.truncated {
-                self.local.drop(Drop::Oversized, datagrams);
+                decap.local.drop(Drop::Oversized, datagrams);
                 continue;
             }
-            let mut decap = Decap {
-                queue: &self.queue,
-                table,
-                local: &mut self.local,
-                mtu: inbound.mtu,
-                svc: self.svc.as_mut(),
-            };
+            if run_from != Some(from) {
+                run.deliver(&mut decap);
+                run_from = Some(from);
+            }
             decapsulate(
                 message.data,
                 message.segment,
                 from,
                 &mut inbound.reassembly,
+                &mut run,
                 &mut decap,
             );
         }
+        run.deliver(&mut decap);
     }
 }
 
@@ -562,16 +573,17 @@ struct Decap<'a> {
 
 /// Delivers every packet in one received message: `data` holds datagrams
 /// of `segment` bytes (the last may be shorter). Consecutive TCP segments
-/// of one flow are joined into one super-packet.
-fn decapsulate(
-    data: &[u8],
+/// of one flow are joined into one super-packet in `run`, which the caller
+/// delivers once no later message can continue it.
+fn decapsulate<'a>(
+    data: &'a [u8],
     segment: usize,
     from: SocketAddr,
     reassembly: &mut Reassembly,
+    run: &mut Run<'a>,
     d: &mut Decap<'_>,
 ) {
     let mut fragments: [&[u8]; MAX_FRAGMENTS as usize] = [&[]; MAX_FRAGMENTS as usize];
-    let mut run = Run::default();
     let mut at = 0;
     while at < data.len() {
         let end = (at + segment).min(data.len());
@@ -619,12 +631,11 @@ fn decapsulate(
             deliver(&[whole.payload], vnet, false, d);
         }
     }
-    run.deliver(d);
 }
 
-/// Consecutive segments of one TCP flow from one received message, to be
-/// written to the TUN device as one super-packet (what GRO does for a
-/// NIC). Borrows the message; allocates nothing.
+/// Consecutive segments of one TCP flow from one peer's received messages,
+/// to be written to the TUN device as one super-packet (what GRO does for
+/// a NIC). Borrows the messages; allocates nothing.
 struct Run<'a> {
     first: Option<tcp::Segment<'a>>,
     /// The first segment's checksum is partial (matters when it stays
