@@ -11,7 +11,7 @@ mod join;
 mod node_agent;
 mod server;
 
-use std::ffi::{c_char, c_int};
+use std::ffi::{c_char, c_int, c_long};
 
 use anyhow::Context;
 use clap::Parser;
@@ -42,6 +42,9 @@ fn main() -> anyhow::Result<()> {
         return agent::shim::main(&state_dir).context("container monitor");
     }
     let cli = Cli::parse();
+    if let Command::Server(_) = &cli.command {
+        purge_freed_memory_sooner();
+    }
     if let Command::Cni = cli.command {
         std::process::exit(cni::plugin::main());
     }
@@ -114,4 +117,25 @@ fn shim_state_dir() -> Option<std::path::PathBuf> {
     let mut args = std::env::args_os().skip(1);
     let (command, flag, dir) = (args.next()?, args.next()?, args.next()?);
     (command == "shim" && flag == "--state-dir" && args.next().is_none()).then(|| dir.into())
+}
+
+/// mimalloc (v3) gives freed memory back to the system a second after the
+/// free, and only while the process goes on allocating. The API server
+/// frees in bursts (writes, LISTs, watch fan-out) and may then idle, so
+/// it kept what the last second of a burst freed: the API bench read
+/// 154-157 MB of RSS right after storing 10,000 pods, and 132-133 MB with
+/// a tenth of a second, at the same CPU per call (three runs each).
+fn purge_freed_memory_sooner() {
+    /// `mi_option_purge_delay`'s place in `mi_option_t`, the same in the
+    /// v2 and v3 mimalloc that libmimalloc-sys bundles (it binds no name
+    /// for it).
+    const PURGE_DELAY: c_int = 15;
+    const MILLIS: c_long = 100;
+    // SAFETY: mimalloc allows setting an option at any time; this one
+    // only decides when later frees are returned to the system.
+    unsafe { mi_option_set(PURGE_DELAY, MILLIS) }
+}
+
+unsafe extern "C" {
+    fn mi_option_set(option: c_int, value: c_long);
 }
