@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
+use rusqlite::{Connection, ErrorCode, InterruptHandle, OptionalExtension, params};
 
 use super::index::Row;
 use crate::storage::{Revision, StoreError};
@@ -47,6 +47,17 @@ pub(super) enum Checkpoint {
     WhenIdle,
     /// Before the next batch.
     Now,
+}
+
+/// How a checkpoint ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Checkpointed {
+    /// The WAL is in the database file.
+    Done,
+    /// Stopped through [`Log::interrupt_handle`] before the end. SQLite
+    /// records a checkpoint's progress only when it completes, so the WAL
+    /// still holds everything and the checkpoint is still due.
+    Interrupted,
 }
 
 /// Everything the index needs to start.
@@ -234,16 +245,32 @@ impl Log {
 
     /// Copies the WAL into the database file. Nothing else reads the file
     /// (exclusive locking), so a passive checkpoint copies all of it.
-    pub fn checkpoint(&mut self) -> Result<(), StoreError> {
-        let (busy, frames, copied): (i64, i64, i64) = self
+    pub fn checkpoint(&mut self) -> Result<Checkpointed, StoreError> {
+        let counts = self
             .conn
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
-                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-            })
-            .map_err(internal)?;
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    row.get::<_, i64>(1)?,
+                    row.get::<_, i64>(2)?,
+                ))
+            });
+        let (busy, frames, copied) = match counts {
+            Ok(counts) => counts,
+            Err(e) if e.sqlite_error_code() == Some(ErrorCode::OperationInterrupted) => {
+                return Ok(Checkpointed::Interrupted);
+            }
+            Err(e) => return Err(internal(e)),
+        };
         tracing::debug!(busy, frames, copied, "store log checkpointed");
         self.unchecked = 0;
-        Ok(())
+        Ok(Checkpointed::Done)
+    }
+
+    /// Stops a [`Log::checkpoint`] running on another thread (at its next
+    /// page; a call while none runs is forgotten).
+    pub fn interrupt_handle(&self) -> InterruptHandle {
+        self.conn.get_interrupt_handle()
     }
 
     /// Deletes the named revisions and records the new compaction point.
@@ -283,4 +310,57 @@ fn open_error(path: &Path, e: rusqlite::Error) -> StoreError {
 
 fn internal(e: rusqlite::Error) -> StoreError {
     StoreError::Internal(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Appends rows `first..first + count` with values of `size` bytes, in
+    /// transactions of 100.
+    fn append_rows(log: &mut Log, first: Revision, count: Revision, size: usize) {
+        let rows: Vec<Row> = (first..first + count)
+            .map(|revision| Row {
+                revision,
+                key: Bytes::from(format!("/registry/pods/default/p{revision}")),
+                create_revision: revision,
+                value: Some(Bytes::from(vec![b'x'; size])),
+            })
+            .collect();
+        for chunk in rows.chunks(100) {
+            log.append(chunk).unwrap();
+        }
+    }
+
+    #[test]
+    fn an_interrupted_checkpoint_keeps_the_log_and_stays_due() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let mut log = Log::open(&path).unwrap();
+        // 24 MB of log: the checkpoint copies thousands of pages, far longer
+        // than the 50 µs between two interrupts.
+        append_rows(&mut log, 1, 12_000, 2_000);
+        assert_eq!(log.checkpoint_due(), Checkpoint::WhenIdle);
+        let interrupt = log.interrupt_handle();
+        let outcome = std::thread::scope(|scope| {
+            let worker = scope.spawn(|| log.checkpoint());
+            // An interrupt before the statement starts is forgotten, so
+            // keep interrupting until the checkpoint returns.
+            while !worker.is_finished() {
+                interrupt.interrupt();
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            worker.join().unwrap()
+        });
+        assert_eq!(outcome.unwrap(), Checkpointed::Interrupted);
+        assert_eq!(log.checkpoint_due(), Checkpoint::WhenIdle);
+        // The connection goes on working, and a checkpoint left alone ends.
+        append_rows(&mut log, 12_001, 10, 2);
+        assert_eq!(log.checkpoint().unwrap(), Checkpointed::Done);
+        assert_eq!(log.checkpoint_due(), Checkpoint::No);
+        drop(log);
+        let loaded = Log::open(&path).unwrap().load().unwrap();
+        assert_eq!(loaded.rows.len(), 12_010);
+        assert_eq!(loaded.rows.last().map(|r| r.revision), Some(12_010));
+    }
 }
