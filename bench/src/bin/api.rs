@@ -63,10 +63,10 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "API benchmark: skiff server (embedded store, API only: scheduler, controllers, DNS, ingress off) over HTTPS, {CLIENTS} concurrent kube-rs clients"
     );
-    // Not timed: a client's first calls open its connection (TCP, TLS,
-    // HTTP/2) and the server's first writes grow its store and heap. The
-    // figures below are the steady state after that; the warm-up's own
-    // latency is printed as well.
+    // Not timed: a client's first calls open its connections (TCP, TLS;
+    // kube-rs speaks HTTP/1.1 here) and the server's first writes grow its
+    // store and heap. The figures below are the steady state after that;
+    // the warm-up's own latency is printed as well.
     let warm_pods = pods_in(&clients, "default");
     let warm_up = run(CLIENTS, WARM_UP, move |i| {
         let api = warm_pods(i);
