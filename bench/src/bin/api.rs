@@ -67,27 +67,10 @@ async fn main() -> anyhow::Result<()> {
     // kube-rs speaks HTTP/1.1 here) and the server's first writes grow its
     // store and heap. The figures below are the steady state after that;
     // the warm-up's own latency is printed as well.
-    let warm_pods = pods_in(&clients, "default");
-    let warm_up = run(CLIENTS, WARM_UP, move |i| {
-        let api = warm_pods(i);
-        async move {
-            api.create(&PostParams::default(), &pod(&format!("warm-{i}")))
-                .await?;
-            Ok(())
-        }
-    })
-    .await?;
+    let warm_up = create_pods(pods_in(&clients, "default"), WARM_UP, "warm").await?;
     report("warm-up creates (not counted below)", &warm_up, None);
     let cpu = ServerCpu::new(&server)?;
-    let creates = run(CLIENTS, 6_400, move |i| {
-        let api = pods(i);
-        async move {
-            api.create(&PostParams::default(), &pod(&format!("bench-{i}")))
-                .await?;
-            Ok(())
-        }
-    })
-    .await?;
+    let creates = create_pods(pods, 6_400, "bench").await?;
     report("create pod", &creates, Some(Duration::from_millis(5)));
     cpu.report_since(&creates)?;
     // A create is acknowledged only once its log append is on disk, so the
@@ -133,15 +116,7 @@ async fn main() -> anyhow::Result<()> {
     let lists_ns: Api<Pod> = Api::namespaced(clients[0].clone(), "lists");
     create_namespace(&clients[0], "lists").await?;
     let in_lists = pods_in(&clients, "lists");
-    run(CLIENTS, 1_000, move |i| {
-        let api = in_lists(i);
-        async move {
-            api.create(&PostParams::default(), &pod(&format!("l-{i}")))
-                .await?;
-            Ok(())
-        }
-    })
-    .await?;
+    create_pods(in_lists, 1_000, "l").await?;
     let mut list_latencies = Vec::new();
     let started = Instant::now();
     for _ in 0..50 {
@@ -158,15 +133,7 @@ async fn main() -> anyhow::Result<()> {
 
     // Fill to 10,000 pods in all and read the server's memory.
     let pods = pods_in(&clients, "default");
-    run(CLIENTS, 10_000 - WARM_UP - 6_400 - 1_000, move |i| {
-        let api = pods(i);
-        async move {
-            api.create(&PostParams::default(), &pod(&format!("fill-{i}")))
-                .await?;
-            Ok(())
-        }
-    })
-    .await?;
+    create_pods(pods, 10_000 - WARM_UP - 6_400 - 1_000, "fill").await?;
     let rss = server_rss_mb(&server)?;
     println!();
     println!(
@@ -284,6 +251,23 @@ fn pods_in(
 ) -> impl Fn(usize) -> Api<Pod> + Send + Sync + 'static {
     let clients = clients.clone();
     move |i| Api::namespaced(clients[i % clients.len()].clone(), namespace)
+}
+
+/// `total` pod creates named `{prefix}-{i}`, spread over `pods`, from
+/// [`CLIENTS`] concurrent tasks.
+async fn create_pods<P>(pods: P, total: usize, prefix: &'static str) -> anyhow::Result<Samples>
+where
+    P: Fn(usize) -> Api<Pod> + Send + Sync + 'static,
+{
+    run(CLIENTS, total, move |i| {
+        let api = pods(i);
+        async move {
+            api.create(&PostParams::default(), &pod(&format!("{prefix}-{i}")))
+                .await?;
+            Ok(())
+        }
+    })
+    .await
 }
 
 /// `total` calls of `call(i)` from `clients` concurrent tasks.
