@@ -48,9 +48,14 @@ fn main() -> anyhow::Result<()> {
     if let Command::Cni = cli.command {
         std::process::exit(cni::plugin::main());
     }
+    // rustls warns about what a TLS peer did wrong, e.g. a client that
+    // names an IP address in SNI, as wrk and other OpenSSL clients do:
+    // a line per handshake that any client can trigger, so only its
+    // errors are shown unless RUST_LOG asks for more.
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info,rustls=error")),
         )
         .init();
     // The shim forks, so it must run before any thread exists.

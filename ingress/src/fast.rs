@@ -19,6 +19,7 @@ use tokio::time::Instant;
 
 use crate::annotations::Protocol;
 use crate::buf::{Buf, Deadline};
+use crate::finish::{self, Finish};
 use crate::h1::{self, BadChunk, Chunked, Framing, Refusal};
 use crate::pool::{self, ConnectError, Upstream};
 use crate::proxy::{CONNECT_TIMEOUT, Conn, Proxy, lower};
@@ -40,7 +41,7 @@ pub enum End<S> {
 /// generic path.
 pub async fn serve<S>(proxy: &Proxy, conn: &Conn, mut io: S, header_timeout: Duration) -> End<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + Finish,
 {
     let mut rx = Buf::default();
     let mut out = Vec::with_capacity(4096);
@@ -95,7 +96,11 @@ where
             }
             Step::Forward { head_len, ex } => {
                 rx.consume(head_len);
-                exchange(proxy, conn, &mut io, &mut rx, &mut out, ex, &mut deadline).await
+                match exchange(proxy, conn, &mut io, &mut rx, &mut out, ex, &mut deadline).await {
+                    After::Open => true,
+                    After::Close => false,
+                    After::Ended => return End::Closed,
+                }
             }
         };
         if !keep {
@@ -148,6 +153,16 @@ enum Step {
         head_len: usize,
         ex: Exchange,
     },
+}
+
+/// How an exchange left the client's connection.
+enum After {
+    /// Ready for the next request.
+    Open,
+    /// To be closed.
+    Close,
+    /// Its write side already shut, with the last answer.
+    Ended,
 }
 
 /// A request on its way upstream.
@@ -323,14 +338,14 @@ async fn exchange<S>(
     out: &mut Vec<u8>,
     ex: Exchange,
     deadline: &mut Deadline,
-) -> bool
+) -> After
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + Finish,
 {
     let mut body = BodyState::new(ex.framing);
     let Ok(k) = body.take(rx.unread()) else {
         let _ = fail(proxy, conn, io, out, &ex, Failed::BadRequest, None, true).await;
-        return false;
+        return After::Close;
     };
     out.extend_from_slice(&rx.unread()[..k]);
     rx.consume(k);
@@ -341,7 +356,12 @@ where
             // A request body not read to its end leaves the connection
             // unusable.
             let keep = body.is_done() && !ex.close;
-            return fail(proxy, conn, io, out, &ex, failed, addr, !keep).await && keep;
+            let sent = fail(proxy, conn, io, out, &ex, failed, addr, !keep).await;
+            return if sent && keep {
+                After::Open
+            } else {
+                After::Close
+            };
         }
     };
     let mut resp_body = BodyState::new(head.framing);
@@ -357,27 +377,39 @@ where
             true,
         )
         .await;
-        return false;
+        return After::Close;
     };
     out.extend_from_slice(&up.buf.unread()[..k]);
     up.buf.consume(k);
     record(proxy, conn, &ex, head.status, Some(addr));
+    let last = ex.close && resp_body.is_done() && out.len() <= finish::MAX_FINAL;
+    if last {
+        if head.reusable && up.buf.unread().is_empty() {
+            pool.put(up);
+        }
+        let _ = io.finish(out).await;
+        return After::Ended;
+    }
     if io.write_all(out).await.is_err() {
-        return false;
+        return After::Close;
     }
     if !resp_body.is_done()
         && let Err(e) = pass_body(&mut resp_body, &mut up.stream, &mut up.buf, io).await
     {
         tracing::debug!(error = ?e, upstream = %addr, "response body not passed on whole");
-        return false;
+        return After::Close;
     }
     if io.flush().await.is_err() {
-        return false;
+        return After::Close;
     }
     if head.reusable && up.buf.unread().is_empty() {
         pool.put(up);
     }
-    !ex.close && head.framing != Framing::UntilClose
+    if !ex.close && head.framing != Framing::UntilClose {
+        After::Open
+    } else {
+        After::Close
+    }
 }
 
 /// An upstream response head, already rewritten into `out`.

@@ -63,7 +63,9 @@ mod buf;
 mod build;
 mod controller;
 mod fast;
+mod finish;
 mod h1;
+mod kx;
 mod metrics;
 mod metrics_server;
 mod pool;
@@ -194,5 +196,32 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
         .set_reuseaddr(true)
         .map_err(|e| Error::Bind(addr, e))?;
     socket.bind(addr).map_err(|e| Error::Bind(addr, e))?;
+    defer_accept(&socket).map_err(|e| Error::Bind(addr, e))?;
     socket.listen(4096).map_err(|e| Error::Bind(addr, e))
+}
+
+/// HTTP and TLS clients speak first, so the kernel may hold a new
+/// connection until its first bytes (the request or the ClientHello)
+/// arrive: the proxy then accepts and reads in one wakeup instead of two,
+/// as nginx's `listen ... deferred` does. A client that stays silent is
+/// handed over after about a second anyway, and the header deadline
+/// applies from there.
+fn defer_accept(socket: &tokio::net::TcpSocket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let seconds: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor and an int-sized option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&raw const seconds).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }

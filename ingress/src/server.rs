@@ -15,12 +15,13 @@ use hyper::service::{Service, service_fn};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::AsyncRead;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use crate::body::ResponseBody;
 use crate::fast::{self, End, MAX_HEAD};
+use crate::finish::Finish;
 use crate::metrics::Metrics;
 use crate::proxy::{Conn, Proxy};
 use crate::rewind::Rewind;
@@ -67,8 +68,10 @@ pub async fn serve(
             builders: builders.clone(),
             limits,
         };
-        let tls = tls.clone();
-        tokio::spawn(task.run(stream, tls, conn));
+        match &tls {
+            None => tokio::spawn(task.plain(stream, conn)),
+            Some(acceptor) => tokio::spawn(task.tls(stream, acceptor.clone(), conn)),
+        };
     }
 }
 
@@ -103,45 +106,76 @@ struct Builders {
 }
 
 impl Connection {
-    async fn run(self, stream: TcpStream, tls: Option<TlsAcceptor>, conn: Conn) {
+    /// A connection on the HTTP port. The two ports' connections are
+    /// separate tasks because an async fn keeps every branch's state side
+    /// by side: one task for both was 9 KB, copied at spawn and again at
+    /// its end.
+    async fn plain(self, stream: TcpStream, conn: Conn) {
         self.metrics.connections.inc();
-        let peer = conn.peer;
         let conn = Arc::new(conn);
-        let proxy = self.proxy.clone();
-        let service = {
-            let conn = conn.clone();
-            service_fn(move |req| {
-                let proxy = proxy.clone();
-                let conn = conn.clone();
-                async move { Ok::<_, Infallible>(proxy.serve(req, &conn).await) }
-            })
-        };
-        let result = match tls {
-            None => self.http1(stream, &conn, service).await,
-            Some(acceptor) => {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls_stream)) => {
-                        let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                        if h2 {
-                            let io = TokioIo::new(tls_stream);
-                            self.builders.h2.serve_connection(io, service).await
-                        } else {
-                            self.http1(tls_stream, &conn, service).await
-                        }
-                    }
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        Ok(())
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        Ok(())
-                    }
+        let service = self.service(&conn);
+        let result = self.http1(stream, &conn, service).await;
+        self.finish(&conn, result);
+    }
+
+    /// A connection on the HTTPS port: the handshake, then HTTP/1.1 or
+    /// HTTP/2 as ALPN chose.
+    async fn tls(self, stream: TcpStream, acceptor: TlsAcceptor, conn: Conn) {
+        self.metrics.connections.inc();
+        let conn = Arc::new(conn);
+        let peer = conn.peer;
+        let tls_stream =
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls_stream)) => tls_stream,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return self.finish(&conn, Ok(()));
                 }
-            }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return self.finish(&conn, Ok(()));
+                }
+            };
+        let service = self.service(&conn);
+        let result = if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+            let io = TokioIo::new(tls_stream);
+            // Boxed, as below: hyper's connection futures are kilobytes
+            // and rarely needed on the fast path.
+            Box::pin(self.builders.h2.serve_connection(io, service)).await
+        } else {
+            // Boxed: the stream is a kilobyte, and the fast path moves
+            // its connection through several states that each hold it.
+            self.http1(Box::new(tls_stream), &conn, service).await
         };
+        self.finish(&conn, result);
+    }
+
+    /// The hyper service for requests the fast path hands over.
+    fn service(
+        &self,
+        conn: &Arc<Conn>,
+    ) -> impl Service<
+        Request<Incoming>,
+        Response = Response<ResponseBody>,
+        Error = Infallible,
+        Future: Send + 'static,
+    >
+    + Clone
+    + Send
+    + 'static
+    + use<> {
+        let proxy = self.proxy.clone();
+        let conn = conn.clone();
+        service_fn(move |req| {
+            let proxy = proxy.clone();
+            let conn = conn.clone();
+            async move { Ok::<_, Infallible>(proxy.serve(req, &conn).await) }
+        })
+    }
+
+    fn finish(&self, conn: &Conn, result: Result<(), BoxError>) {
         if let Err(e) = result {
-            tracing::debug!(%peer, error = %e, "connection ended with an error");
+            tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
         }
         self.metrics.connections.dec();
     }
@@ -154,7 +188,7 @@ impl Connection {
     /// otherwise.
     async fn http1<S, Svc>(&self, stream: S, conn: &Conn, service: Svc) -> Result<(), BoxError>
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: AsyncRead + Finish + 'static,
         Svc: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible>,
         Svc::Future: Send + 'static,
     {
@@ -166,10 +200,12 @@ impl Connection {
         match end {
             End::Closed => Ok(()),
             End::Generic(io) => {
-                self.builders
-                    .any
-                    .serve_connection_with_upgrades(TokioIo::new(io), service)
-                    .await
+                Box::pin(
+                    self.builders
+                        .any
+                        .serve_connection_with_upgrades(TokioIo::new(io), service),
+                )
+                .await
             }
         }
     }

@@ -144,6 +144,11 @@ pub fn server_config(
 ) -> Result<rustls::ServerConfig, rustls::Error> {
     let mut provider = rustls::crypto::ring::default_provider();
     provider.cipher_suites = CIPHER_SUITES.to_vec();
+    for group in &mut provider.kx_groups {
+        if group.name() == rustls::NamedGroup::X25519 {
+            *group = &crate::kx::X25519;
+        }
+    }
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()

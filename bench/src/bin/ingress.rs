@@ -14,7 +14,7 @@
 //! (`:8445`) and a Skiff ingress started with `--no-tls-resumption` are
 //! compared, so every connection is a full handshake.
 //!
-//! `cargo build --release -p skiff && cargo run --profile bench -p skiff-bench --bin ingress [-- --rounds N --duration S]`
+//! `cargo build --release -p skiff && cargo run --profile bench -p skiff-bench --bin ingress [-- --rounds N --duration S --only TEXT]`
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -103,6 +103,17 @@ async fn main() -> anyhow::Result<()> {
     };
     let rounds = flag("--rounds", 1);
     let duration = flag("--duration", 10);
+    // `--only TEXT`: just the scenarios whose name contains TEXT.
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map_or("", String::as_str);
+    let scenarios: Vec<&Scenario> = SCENARIOS.iter().filter(|s| s.name.contains(only)).collect();
+    ensure!(
+        !scenarios.is_empty(),
+        "no scenario's name contains {only:?}"
+    );
     for tool in ["nginx", "haproxy", "wrk", "taskset"] {
         ensure!(
             which(tool),
@@ -229,16 +240,16 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "Ingress benchmark: wrk -t1 -c64 -d{duration}s --latency, proxy on CPU 0, backend nginx + wrk on CPU 1, {rounds} interleaved round(s)"
     );
-    let mut results = vec![vec![Vec::<Result>::new(); proxies.len()]; SCENARIOS.len()];
+    let mut results = vec![vec![Vec::<Result>::new(); proxies.len()]; scenarios.len()];
     for _ in 0..rounds {
-        for (s, scenario) in SCENARIOS.iter().enumerate() {
+        for (s, scenario) in scenarios.iter().enumerate() {
             for (i, proxy) in proxies.iter().enumerate() {
                 let r = measure(proxy, scenario, duration)?;
                 results[s][i].push(r);
             }
         }
     }
-    for (s, scenario) in SCENARIOS.iter().enumerate() {
+    for (s, scenario) in scenarios.iter().enumerate() {
         println!("{}:", scenario.name);
         let medians: Vec<Result> = results[s].iter().map(|rs| median(rs)).collect();
         for (proxy, r) in proxies.iter().zip(&medians) {
