@@ -139,8 +139,9 @@ impl Connection {
         let service = self.service(&conn);
         let result = if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
             let io = TokioIo::new(tls_stream);
-            // Boxed, as below: hyper's connection futures are kilobytes
-            // and rarely needed on the fast path.
+            // Boxed, as hyper's HTTP/1.1 fallback in `http1` is: hyper's
+            // connection futures are kilobytes, and the rare case should
+            // not set the size of every connection's task.
             Box::pin(self.builders.h2.serve_connection(io, service)).await
         } else {
             // Boxed: the stream is a kilobyte, and the fast path moves
