@@ -51,10 +51,15 @@ pub struct DataplaneArgs {
     /// Who balances connections from this node's pods to Services:
     /// `engine` (the data plane's own NAT), `nftables` (kernel rules, as
     /// kube-proxy's nftables mode; also `externalTrafficPolicy: Local`
-    /// NodePorts from outside) or `auto` (nftables where `nft` works here,
-    /// else the engine).
+    /// NodePorts from outside), `socket` (TCP translated at `connect()` by
+    /// a BPF program on the pods' cgroup, nftables for the rest) or `auto`
+    /// (each of socket and nftables where it works here, else the engine).
     #[arg(long, default_value = "auto")]
     pub service_backend: overlay::ServiceBackend,
+    /// The cgroup v2 folder of this node's pods, relative to the
+    /// hierarchy's root (default: the node agent's `/skiff/<node>`).
+    #[arg(long)]
+    pub pod_cgroup: Option<String>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -98,6 +103,7 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
     }
     config.metrics_addr = args.metrics_addr;
     config.service_backend = args.service_backend;
+    config.pod_cgroup = args.pod_cgroup;
     let run = overlay::run(client, config);
     tokio::select! {
         result = run => result.context("pod network data plane"),

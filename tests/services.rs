@@ -36,6 +36,11 @@ async fn cluster_ips_balance_pin_hairpin_and_refuse_with_nftables() -> anyhow::R
     cluster_ips_balance_pin_hairpin_and_refuse("nftables").await
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_ips_balance_pin_hairpin_and_refuse_at_connect() -> anyhow::Result<()> {
+    cluster_ips_balance_pin_hairpin_and_refuse("socket").await
+}
+
 /// The same checks whichever backend takes connections from local pods
 /// (`--service-backend`).
 async fn cluster_ips_balance_pin_hairpin_and_refuse(backend: &str) -> anyhow::Result<()> {
@@ -195,6 +200,13 @@ async fn cluster_ips_balance_pin_hairpin_and_refuse(backend: &str) -> anyhow::Re
             && l.contains("service=default/web")),
         "no flow to {web} listed:\n{flows}"
     );
+    // Balanced at connect, the client pod's connections were never
+    // translated (the flows above are the host's).
+    let from_client = format!("src={} dst={web} ", cluster.pod("client").ip);
+    ensure!(
+        (backend == "socket") != flows.lines().any(|l| l.contains(&from_client)),
+        "with the {backend} backend, the client pod's flows to {web}:\n{flows}"
+    );
 
     // An endpoint leaves (web-3 stops being ready): the Service keeps
     // answering, no request fails, and web-3 gets no new flows.
@@ -226,16 +238,17 @@ async fn cluster_ips_balance_pin_hairpin_and_refuse(backend: &str) -> anyhow::Re
         "after web-3 left: {after:?}"
     );
 
-    // The backend asked for is the one that balanced: with nftables the
-    // kernel has a chain for web's port (none for the pinned Service,
-    // which stays with the engine); with the engine there is no table.
+    // The backend asked for is the one that balanced: with nftables (also
+    // behind connect-time balancing) the kernel has a chain for web's port
+    // (none for the pinned Service, which stays with the engine); with the
+    // engine there is no table.
     let rules = cluster
         .node(0)
         .netns
         .run("nft", &["list", "ruleset"])
         .context("listing node 1's nftables rules")?;
     let chain = "chain svc-default/web/tcp/80 ";
-    if backend == "nftables" {
+    if backend != "engine" {
         ensure!(
             rules.contains(chain) && !rules.contains("svc-default/web-sticky/"),
             "node 1's nftables rules:\n{rules}"
@@ -245,6 +258,167 @@ async fn cluster_ips_balance_pin_hairpin_and_refuse(backend: &str) -> anyhow::Re
     }
     Ok(())
 }
+
+/// Connect-time balancing (`--service-backend socket`): processes in the
+/// client pod's cgroup dial the ClusterIP and are sent straight to an
+/// endpoint, on this node or across the overlay, while `getpeername()`
+/// still names the ClusterIP; the kernel NAT never sees those
+/// connections. UDP and Services without endpoints stay with nftables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_ips_balance_at_connect_for_pod_processes() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start_with(
+        SKIFF.as_ref(),
+        2,
+        &["--disable", "agent"],
+        &[
+            "--service-cidr",
+            "10.43.0.0/16",
+            "--cluster-cidr",
+            "10.42.0.0/16",
+            "--service-backend",
+            "socket",
+        ],
+    )
+    .await?;
+    for (name, node) in [("web-1", 0), ("web-2", 1)] {
+        cluster.add_pod(node, name)?;
+        serve(cluster.pod(name))?;
+    }
+    cluster.add_pod(0, "client")?;
+    cluster
+        .server()
+        .kubectl_stdin(&["apply", "-f", "-"], MANIFESTS)?;
+    for (name, node) in [("web-1", 1), ("web-2", 2)] {
+        create_pod_object(&cluster, name, node)?;
+        cluster.set_pod_status(name, cluster.pod(name).ip, true)?;
+    }
+    let web = cluster.cluster_ip("web")?;
+    let echo = cluster.cluster_ip("echo")?;
+    let empty = cluster.cluster_ip("empty")?;
+    let client = cluster.pod("client");
+
+    wait_until(&cluster, "both endpoints answer at connect", || {
+        Ok(dial_from_process(client, web, 40)?.0.len() == 2)
+    })
+    .await?;
+    let (seen, peers) = dial_from_process(client, web, 400)?;
+    eprintln!("400 connections to {web}:80 from the client's process went to {seen:?}");
+    for name in ["web-1", "web-2"] {
+        let n = seen.get(name).copied().unwrap_or(0);
+        ensure!(
+            (140..=260).contains(&n),
+            "{name} served {n} of 400: {seen:?}"
+        );
+    }
+    ensure!(
+        peers.iter().all(|p| *p == format!("{web}:80")),
+        "getpeername() did not name the ClusterIP: {peers:?}"
+    );
+    // Counted per Service as the NAT's flows are, yet none of them is in
+    // the kernel's or the engine's flow tables.
+    let metrics = cluster.metrics(0)?;
+    ensure!(
+        counter(
+            &metrics,
+            "skiff_service_new_flows_total{namespace=\"default\",service=\"web\"}"
+        ) >= 400.0,
+        "{metrics}"
+    );
+    ensure!(
+        counter(&metrics, "skiff_service_socket_frontends") >= 1.0,
+        "{metrics}"
+    );
+    let flows = cluster.node(0).netns.run(
+        SKIFF,
+        &["dataplane", "conntrack", "--addr", "127.0.0.1:9469"],
+    )?;
+    let translated = format!("src={} dst={web} ", client.ip);
+    ensure!(
+        !flows.lines().any(|l| l.contains(&translated)),
+        "connections from the pod went through a NAT:\n{flows}"
+    );
+
+    // UDP from the same pod: nftables translates, the echo comes back
+    // from the ClusterIP.
+    let udp = client
+        .netns
+        .run("python3", &["-c", UDP_ECHO, &echo.to_string()])?;
+    ensure!(
+        udp.starts_with(&format!("{echo}:53 ")) && udp.trim_end().ends_with(":ping"),
+        "UDP through {echo}: {udp:?}"
+    );
+    // No endpoints: refused, by the kernel rules.
+    let (refused, _) = dial_from_process(client, empty, 1)?;
+    ensure!(
+        refused.get("ConnectionRefusedError") == Some(&1),
+        "a Service without endpoints answered {refused:?}"
+    );
+
+    // web-2 stops being ready: new connections go to web-1 only.
+    cluster.set_pod_status("web-2", cluster.pod("web-2").ip, false)?;
+    wait_until(&cluster, "web-2 leaves the connect-time choice", || {
+        let (seen, _) = dial_from_process(cluster.pod("client"), web, 50)?;
+        Ok(seen.len() == 1 && seen.get("web-1") == Some(&50))
+    })
+    .await?;
+    Ok(())
+}
+
+/// `count` HTTP/1.0 requests to `vip:80`, each on its own connection,
+/// from a process in `pod` (its namespace and cgroup): who answered (or
+/// the error's name), and what `getpeername()` said of each connection.
+fn dial_from_process(
+    pod: &Pod,
+    vip: Ipv4Addr,
+    count: usize,
+) -> anyhow::Result<(BTreeMap<String, usize>, Vec<String>)> {
+    let out = pod.netns.run(
+        "python3",
+        &["-c", DIAL, &vip.to_string(), &count.to_string()],
+    )?;
+    let mut seen = BTreeMap::new();
+    let mut peers = Vec::new();
+    for line in out.lines() {
+        let (who, peer) = line.split_once(' ').unwrap_or((line, ""));
+        *seen.entry(who.to_owned()).or_insert(0) += 1;
+        peers.push(peer.to_owned());
+    }
+    Ok((seen, peers))
+}
+
+const DIAL: &str = r#"
+import socket, sys
+vip, count = sys.argv[1], int(sys.argv[2])
+for _ in range(count):
+    try:
+        s = socket.create_connection((vip, 80), timeout=5)
+        peer = "%s:%d" % s.getpeername()
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        s.close()
+        print(data.split(b"\r\n\r\n", 1)[1].decode(), peer)
+    except OSError as e:
+        print(type(e).__name__)
+"#;
+
+const UDP_ECHO: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2)
+for _ in range(5):
+    s.sendto(b"ping", (sys.argv[1], 53))
+    try:
+        data, peer = s.recvfrom(1500)
+        print("%s:%d" % peer, data.decode())
+        break
+    except socket.timeout:
+        pass
+"#;
 
 /// NodePort from outside the cluster: a client in the underlay (on no
 /// node) reaches the Service on every node's address, TCP and UDP, and
@@ -440,6 +614,11 @@ async fn kubectl_scale_drops_no_request_in_the_engine() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_scale_drops_no_request_with_nftables() -> anyhow::Result<()> {
     kubectl_scale_drops_no_request("nftables").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_scale_drops_no_request_at_connect() -> anyhow::Result<()> {
+    kubectl_scale_drops_no_request("socket").await
 }
 
 async fn kubectl_scale_drops_no_request(backend: &str) -> anyhow::Result<()> {

@@ -12,6 +12,10 @@ use crate::resources::{self, Qos};
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// Controllers the agent makes pod folders in.
 const CONTROLLERS: [&str; 5] = ["memory", "cpu", "cpuacct", "pids", "cpuset"];
+/// The v2 hierarchy of a hybrid host, where runc also puts each container
+/// (and where the data plane attaches its connect-time Service balancing
+/// to `/skiff/<node>`): the agent removes the pod's folder there too.
+const UNIFIED: &str = "unified";
 /// Upstream's CFS period.
 const CPU_PERIOD: u64 = 100_000;
 
@@ -99,7 +103,7 @@ pub fn create_pod(path: &str, pod: &Pod) -> std::io::Result<()> {
 /// tasks stay and the error says so.
 pub fn remove_pod(path: &str) -> std::io::Result<()> {
     let mut last = Ok(());
-    for controller in CONTROLLERS {
+    for controller in CONTROLLERS.into_iter().chain([UNIFIED]) {
         if let Err(e) = remove_tree(&dir(controller, path)) {
             last = Err(e);
         }

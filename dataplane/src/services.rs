@@ -50,6 +50,7 @@ use kube::runtime::watcher::{self, watcher};
 
 use crate::nftables::Kernel;
 use crate::service::{LoadBalancerPort, Metrics, Published, ServiceKey, ServiceTable, TableConfig};
+use crate::socket::SocketBalancer;
 
 /// The label tying an EndpointSlice to its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -70,10 +71,16 @@ pub struct Services {
     load_balancer: tokio::sync::watch::Sender<BTreeSet<LoadBalancerPort>>,
     /// The nftables backend, which takes connections from local pods.
     pub kernel: Option<Arc<Kernel>>,
+    /// Connect-time balancing, which takes TCP from local pods first.
+    pub socket: Option<Arc<SocketBalancer>>,
 }
 
 impl Services {
-    pub fn new(config: TableConfig, kernel: Option<Arc<Kernel>>) -> Self {
+    pub fn new(
+        config: TableConfig,
+        kernel: Option<Arc<Kernel>>,
+        socket: Option<Arc<SocketBalancer>>,
+    ) -> Self {
         let table = ServiceTable::new(config);
         Services {
             published: table.published(),
@@ -82,6 +89,7 @@ impl Services {
             dump: FlowDump::default(),
             load_balancer: tokio::sync::watch::Sender::new(BTreeSet::new()),
             kernel,
+            socket,
         }
     }
 
@@ -156,6 +164,12 @@ impl Services {
             "Services the data plane balances",
             self.len() as u64,
         );
+        gauge(
+            out,
+            "skiff_service_socket_frontends",
+            "TCP ClusterIP ports balanced at connect() for this node's pods",
+            self.socket.as_ref().map_or(0, |s| s.frontends() as u64),
+        );
         counter(
             out,
             "skiff_service_flows_created",
@@ -216,6 +230,11 @@ impl Services {
                 *rows.entry(key.clone()).or_default() += n;
             }
         });
+        if let Some(socket) = &self.socket {
+            for (key, n) in socket.new_flows() {
+                *rows.entry(key).or_default() += n;
+            }
+        }
         for (key, n) in rows {
             let _ = writeln!(
                 out,
@@ -455,6 +474,9 @@ fn sync(known: &Known, services: &Services, touched: &[Key]) {
                             if let Some(kernel) = &services.kernel {
                                 kernel.update(&service_key(key), spec.as_ref());
                             }
+                            if let Some(socket) = &services.socket {
+                                socket.update(&service_key(key), spec.as_ref());
+                            }
                         }
                         Err(e) => {
                             tracing::warn!(service = %format!("{}/{}", key.0, key.1), error = %e, "cannot balance Service");
@@ -465,6 +487,9 @@ fn sync(known: &Known, services: &Services, touched: &[Key]) {
                     table.remove(&service_key(key));
                     if let Some(kernel) = &services.kernel {
                         kernel.update(&service_key(key), None);
+                    }
+                    if let Some(socket) = &services.socket {
+                        socket.update(&service_key(key), None);
                     }
                 }
             }

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use ipnet::Ipv4Net;
 
+use crate::cgroup::Cgroup;
 use crate::netns::Netns;
 use crate::server::Server;
 
@@ -47,6 +48,9 @@ pub struct Cluster {
     /// Extra flags for every `skiff dataplane` started from now on.
     pub dataplane_args: Vec<String>,
     pods_made: usize,
+    /// The nodes' pod cgroups, `skiff-e2e/<prefix>/<node>/pod-<name>`
+    /// (last: removed after everything else).
+    cgroups: Option<Cgroup>,
 }
 
 pub struct ClusterNode {
@@ -138,6 +142,7 @@ impl Cluster {
             remote_kubeconfig: PathBuf::new(),
             dataplane_args: dataplane_args.iter().map(|a| a.to_string()).collect(),
             pods_made: 0,
+            cgroups: Cgroup::create(&format!("skiff-e2e/{prefix}")),
         };
         for index in 0..nodes {
             cluster.add_node_netns(index)?;
@@ -285,9 +290,16 @@ impl Cluster {
             self.remote_kubeconfig.clone()
         };
         let node = &mut self.nodes[index];
-        let child = node
-            .netns
-            .command(&self.bin.to_string_lossy())
+        // `ip netns exec` mounts a fresh /sys, without the cgroup
+        // hierarchies; the node sees the v2 one where a unified host has it.
+        let mut command = node.netns.command("sh");
+        let child = command
+            .args([
+                "-c",
+                r#"mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null; exec "$@""#,
+                "sh",
+            ])
+            .arg(&self.bin)
             .arg("dataplane")
             .arg("--kubeconfig")
             .arg(kubeconfig)
@@ -295,6 +307,18 @@ impl Cluster {
             .args(["--node-ip", &node.underlay_ip.to_string()])
             .args(["--mtu", &POD_MTU.to_string()])
             .args(["--metrics-addr", &format!("127.0.0.1:{METRICS_PORT}")])
+            .args(
+                self.cgroups
+                    .as_ref()
+                    .map(|c| {
+                        [
+                            "--pod-cgroup".to_owned(),
+                            format!("{}/{}", c.relative(), node.name),
+                        ]
+                    })
+                    .into_iter()
+                    .flatten(),
+            )
             .args(&self.dataplane_args)
             .env("RUST_LOG", "info")
             .env("RUST_BACKTRACE", "0")
@@ -426,8 +450,14 @@ impl Cluster {
     pub fn add_pod(&mut self, index: usize, name: &str) -> anyhow::Result<&Pod> {
         self.pods_made += 1;
         let serial = self.pods_made;
-        let netns = Netns::create(&format!("{}-p{serial}", self.prefix))?;
+        let mut netns = Netns::create(&format!("{}-p{serial}", self.prefix))?;
         let node = &mut self.nodes[index];
+        // As runc puts a pod's containers below the node's pod cgroup.
+        if let Some(cgroups) = &self.cgroups {
+            let dir = cgroups.path().join(&node.name).join(format!("pod-{name}"));
+            std::fs::create_dir_all(&dir)?;
+            netns.set_cgroup(dir);
+        }
         let ip = node
             .pod_cidr
             .hosts()

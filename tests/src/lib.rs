@@ -3,6 +3,7 @@
 //! test and removed after it, plus suites that hold every implementation of
 //! a contract to the same checks.
 
+pub mod cgroup;
 pub mod cluster;
 pub mod dns_upstream;
 pub mod etcd;

@@ -4,12 +4,15 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 
 pub struct Netns {
     name: String,
+    /// A cgroup folder the namespace's commands also join (a pod's).
+    cgroup: Option<PathBuf>,
 }
 
 impl Netns {
@@ -18,6 +21,7 @@ impl Netns {
         run("ip", &["netns", "add", name])?;
         let netns = Netns {
             name: name.to_owned(),
+            cgroup: None,
         };
         netns.ip(&["link", "set", "lo", "up"])?;
         Ok(netns)
@@ -42,12 +46,37 @@ impl Netns {
         Ok(())
     }
 
-    /// `program args…` inside the namespace, not yet started.
+    /// Makes every later [`Netns::command`] also join the cgroup folder
+    /// `dir`, as a pod's processes are in the pod's cgroup.
+    pub fn set_cgroup(&mut self, dir: PathBuf) {
+        self.cgroup = Some(dir);
+    }
+
+    /// The cgroup folder of [`Netns::set_cgroup`].
+    pub fn cgroup(&self) -> Option<&std::path::Path> {
+        self.cgroup.as_deref()
+    }
+
+    /// `program args…` inside the namespace (and its cgroup, if it has
+    /// one), not yet started.
     pub fn command(&self, program: &str) -> Command {
-        let mut command = Command::new("ip");
-        command
-            .args(["netns", "exec", &self.name, program])
-            .stdin(Stdio::null());
+        let mut command = match &self.cgroup {
+            Some(dir) => {
+                let mut sh = Command::new("sh");
+                sh.args([
+                    "-c",
+                    r#"echo $$ > "$0/cgroup.procs" && exec ip netns exec "$@""#,
+                ])
+                .arg(dir);
+                sh
+            }
+            None => {
+                let mut ip = Command::new("ip");
+                ip.args(["netns", "exec"]);
+                ip
+            }
+        };
+        command.args([&self.name, program]).stdin(Stdio::null());
         command
     }
 
@@ -72,8 +101,15 @@ impl Netns {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
-    /// Runs `f` on a fresh thread that has entered the namespace.
+    /// Runs `f` on a fresh thread that has entered the namespace; for a
+    /// pod's namespace, with this process in the pod's cgroup meanwhile
+    /// (see [`crate::cgroup::join_process`]).
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
+        let _joined = self
+            .cgroup
+            .as_deref()
+            .map(crate::cgroup::join_process)
+            .transpose()?;
         enter(&self.name, f)
     }
 }

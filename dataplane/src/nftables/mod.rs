@@ -32,7 +32,8 @@ use tokio::sync::Notify;
 use crate::service::{ServiceKey, ServiceSpec};
 
 pub use rules::Hairpin;
-use rules::{Frontend, Op, PortRule};
+pub(crate) use rules::{Frontend, port_rules};
+use rules::{Op, PortRule};
 
 /// How long a failed transaction waits before the table is rebuilt.
 const RETRY: Duration = Duration::from_secs(1);

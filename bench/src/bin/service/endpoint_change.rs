@@ -54,6 +54,14 @@ pub async fn run(cluster: &Cluster, api: &ApiThread, scales: &[u32]) -> anyhow::
         .run(create_probe(client.clone(), local.ip))
         .await
         .context("creating the probe Service")?;
+    // The probing threads stand for processes of the client pod: they
+    // connect as it does, through its cgroup's connect-time balancing.
+    let _joined = cluster
+        .pod("client")
+        .netns
+        .cgroup()
+        .map(skiff_e2e::cgroup::join_process)
+        .transpose()?;
     let started = Instant::now();
     let prober = Prober::start(cluster, SocketAddr::from((probe_vip, PROBE_PORT)))?;
     prober

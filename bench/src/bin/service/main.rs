@@ -1,12 +1,15 @@
 //! Service benchmark: HTTP through a ClusterIP against the same requests
 //! straight to the pod IP, through the data planes' Service backend
-//! (`--service-backend nftables`, what `auto`, the data plane's default,
-//! picks where `nft` works, or `engine`; with `nftables` also "ClusterIP
-//! engine", a second Service on the same pod with ClientIP affinity, which
-//! the engine always keeps, so both backends are measured in one run). And against the two
-//! named peers doing the same job, in one run: a kernel nftables DNAT rule
-//! (kube-proxy nftables mode's verdict-map shape, on the client's node)
-//! and HAProxy in TCP mode (a userspace L4 proxy on the client's node).
+//! (`--service-backend socket`, connect-time translation for the client
+//! pod's processes, what `auto`, the data plane's default, picks where a
+//! BPF program can be attached to the pods' cgroup; or `nftables` or
+//! `engine`). Unless the backend is `engine`, also "ClusterIP engine", a
+//! second Service on the same pod with ClientIP affinity, which the engine
+//! always keeps, so two backends are measured in one run. And against the
+//! two named peers doing the same job, in one run: a kernel nftables DNAT
+//! rule (kube-proxy nftables mode's verdict-map shape, on the client's
+//! node) and HAProxy in TCP mode (a userspace L4 proxy on the client's
+//! node).
 //!
 //! Two nodes (network namespaces from the test harness) run `skiff server`
 //! (node 1) and `skiff dataplane` with Services on (both). nginx (one
@@ -21,7 +24,7 @@
 //!
 //! `cargo build --release -p skiff && cargo build --profile bench -p
 //!  skiff-bench --bin service && target/release/service [--seconds 5] [--runs 3] [--connections 16] [--endpoint-services 100,10000]
-//!  [--no-http] [--service-backend engine|nftables]`
+//!  [--no-http] [--service-backend socket|nftables|engine]`
 
 mod api;
 mod endpoint_change;
@@ -459,7 +462,7 @@ fn parse_args() -> anyhow::Result<Args> {
         connections: 16,
         endpoint_services: vec![100, 10_000],
         http: true,
-        backend: "nftables".to_owned(),
+        backend: "socket".to_owned(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -479,7 +482,9 @@ fn parse_args() -> anyhow::Result<Args> {
             }
             "--no-http" => args.http = false,
             "--service-backend" => {
-                args.backend = it.next().context("--service-backend engine|nftables")?;
+                args.backend = it
+                    .next()
+                    .context("--service-backend socket|nftables|engine")?;
             }
             other => bail!("unknown argument {other}"),
         }
