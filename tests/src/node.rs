@@ -79,7 +79,8 @@ pub fn leftovers(data_dir: &Path, node: &str) -> Vec<String> {
             found.push(format!("mount {}", mount.display()));
         }
     }
-    for controller in ["memory", "cpu", "pids"] {
+    // `unified`: runc's container folders in the v2 hierarchy (hybrid).
+    for controller in ["memory", "cpu", "pids", "unified"] {
         let base = Path::new("/sys/fs/cgroup")
             .join(controller)
             .join("skiff")
@@ -141,6 +142,7 @@ pub fn clean_up(data_dir: &Path, node: Option<&str>) {
     };
     for controller in [
         "memory", "cpu", "cpuacct", "pids", "cpuset", "blkio", "devices", "freezer", "systemd",
+        "unified",
     ] {
         let base = Path::new("/sys/fs/cgroup")
             .join(controller)

@@ -23,7 +23,7 @@
 //! `endpoint_change`).
 //!
 //! `cargo build --release -p skiff && cargo build --profile bench -p
-//!  skiff-bench --bin service && target/release/service [--seconds 5] [--runs 3] [--connections 16] [--endpoint-services 100,10000]
+//!  skiff-bench --bin service && target/release/service [--seconds 5] [--runs 5] [--connections 16] [--endpoint-services 100,10000]
 //!  [--no-http] [--service-backend socket|nftables|engine]`
 
 mod api;
@@ -458,7 +458,7 @@ fn wait_for_http(netns: &Netns, target: &str) -> anyhow::Result<()> {
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
         seconds: 5,
-        runs: 3,
+        runs: 5,
         connections: 16,
         endpoint_services: vec![100, 10_000],
         http: true,
