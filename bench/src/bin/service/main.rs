@@ -9,7 +9,9 @@
 //! two named peers doing the same job, in one run: a kernel nftables DNAT
 //! rule (kube-proxy nftables mode's verdict-map shape, on the client's
 //! node) and HAProxy in TCP mode (a userspace L4 proxy on the client's
-//! node).
+//! node). A last row measures the pod IP again from another client pod:
+//! two identical paths, so its ratio and p99 difference show how far the
+//! run's noise alone moves the figures.
 //!
 //! Two nodes (network namespaces from the test harness) run `skiff server`
 //! (node 1) and `skiff dataplane` with Services on (both). nginx (one
@@ -17,7 +19,8 @@
 //! and in one on node 1 (same-node); wrk runs in a client pod on node 1.
 //! Every path is measured with keep-alive (requests/s, p99) and with a new
 //! connection per request (connections/s), interleaved over `--runs`
-//! rounds; the median is reported with the ratio to the pod IP.
+//! rounds; the median is reported with the ratio to the pod IP and the
+//! p99 difference, each the median over rounds of the round's own pair.
 //!
 //! Then the endpoint change latency at 100 and 10,000 Services (see
 //! `endpoint_change`).
@@ -43,8 +46,8 @@ const SERVICE_CIDR: &str = "10.43.0.0/16";
 const NFT_VIP: &str = "10.45.0.1";
 const HAPROXY_PORT: u16 = 8083;
 /// Paths measured per scope, at most: pod IP, ClusterIP (two backends),
-/// nftables DNAT, HAProxy.
-const MAX_PATHS: usize = 5;
+/// nftables DNAT, HAProxy, pod IP again.
+const MAX_PATHS: usize = 6;
 
 struct Args {
     seconds: u32,
@@ -135,7 +138,8 @@ spec: {selector: {app: local}, sessionAffinity: ClientIP, ports: [{port: 80, tar
     println!(
         "service benchmark: 2 nodes (netns), client pod on node 1, nginx (1 worker) in a pod on \
          node 2 (cross-node) and on node 1 (same-node); Service backend {}; wrk -t1 -c{} {} s per \
-         run, median of {} interleaved runs; conntrack TIME_WAIT 1 s in the nodes' namespaces; \
+         run, median of {} interleaved runs (ratios and p99 differences: median of each round's \
+         pair with the pod IP); conntrack TIME_WAIT 1 s in the nodes' namespaces; \
          load average at start {}",
         args.backend,
         args.connections,
@@ -192,6 +196,9 @@ fn http(cluster: &Cluster, args: &Args, work: &tempfile::TempDir) -> anyhow::Res
                 "HAProxy TCP".to_owned(),
                 format!("{gateway}:{HAPROXY_PORT}"),
             ),
+            // The same path as the first from another client pod: how far
+            // two identical paths differ in this run (the noise floor).
+            ("pod IP again".to_owned(), format!("{pod_ip}:80")),
         ]);
         ensure!(targets.len() <= MAX_PATHS, "more paths than client pods");
         for (i, (name, target)) in targets.iter().enumerate() {
@@ -216,21 +223,28 @@ fn http(cluster: &Cluster, args: &Args, work: &tempfile::TempDir) -> anyhow::Res
                     }
                 }
             }
-            let medians: Vec<Sample> = samples.iter().map(|s| median(s)).collect();
-            let base = medians[0];
             let what = if close {
                 "new connections/s"
             } else {
                 "keep-alive req/s"
             };
             let mut line = format!("service HTTP {scope} {what}:");
-            for ((name, _), m) in targets.iter().zip(&medians) {
+            for ((name, _), runs) in targets.iter().zip(&samples) {
+                let m = median(runs);
+                // Paired with the pod IP's run of the same round, so a
+                // drift of the host's speed between rounds cancels out.
+                let paired = |f: fn(&Sample, &Sample) -> f64| {
+                    let mut v: Vec<f64> =
+                        runs.iter().zip(&samples[0]).map(|(s, b)| f(s, b)).collect();
+                    v.sort_by(f64::total_cmp);
+                    v[v.len() / 2]
+                };
                 line.push_str(&format!(
                     " | {name} {:.0}/s p99 {:.0} µs ({:.2}x, p99 {:+.0} µs)",
                     m.rps,
                     m.p99_us,
-                    m.rps / base.rps.max(1.0),
-                    m.p99_us - base.p99_us
+                    paired(|s, b| s.rps / b.rps.max(1.0)),
+                    paired(|s, b| s.p99_us - b.p99_us)
                 ));
             }
             println!("{line}");
