@@ -35,8 +35,8 @@ const STOP_POLL: Duration = Duration::from_millis(200);
 /// send, a sleep and two context switches: at the bench's ~160,000
 /// queries/s about 32 queries arrive in 200 µs. Bigger bursts of answers
 /// also spare the client wakeups: dnsperf (on its own core) switched
-/// contexts 6,700 times a second against Skiff at 200 µs, 13,900 at
-/// 100 µs and 42,000 against unbound, for the same QPS or more.
+/// contexts 6,800 times a second against Skiff at 200 µs, 13,900 at
+/// 100 µs and 36,000 against unbound, for the same QPS or more.
 const COALESCE: Duration = Duration::from_micros(200);
 /// Timer slack for the coalescing sleep (the default, 50 µs, would more
 /// than double it).
