@@ -44,22 +44,7 @@ async fn cluster_ips_balance_pin_hairpin_and_refuse_at_connect() -> anyhow::Resu
 /// The same checks whichever backend takes connections from local pods
 /// (`--service-backend`).
 async fn cluster_ips_balance_pin_hairpin_and_refuse(backend: &str) -> anyhow::Result<()> {
-    // No node agent: the test reports pod status itself, and a real one
-    // would try to run the Pod objects below.
-    let mut cluster = Cluster::start_with(
-        SKIFF.as_ref(),
-        3,
-        &["--disable", "agent"],
-        &[
-            "--service-cidr",
-            "10.43.0.0/16",
-            "--cluster-cidr",
-            "10.42.0.0/16",
-            "--service-backend",
-            backend,
-        ],
-    )
-    .await?;
+    let mut cluster = start_cluster(3, backend).await?;
     for (name, node) in [("web-1", 0), ("web-2", 1), ("web-3", 2)] {
         cluster.add_pod(node, name)?;
         serve(cluster.pod(name))?;
@@ -266,20 +251,7 @@ async fn cluster_ips_balance_pin_hairpin_and_refuse(backend: &str) -> anyhow::Re
 /// connections. UDP and Services without endpoints stay with nftables.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_ips_balance_at_connect_for_pod_processes() -> anyhow::Result<()> {
-    let mut cluster = Cluster::start_with(
-        SKIFF.as_ref(),
-        2,
-        &["--disable", "agent"],
-        &[
-            "--service-cidr",
-            "10.43.0.0/16",
-            "--cluster-cidr",
-            "10.42.0.0/16",
-            "--service-backend",
-            "socket",
-        ],
-    )
-    .await?;
+    let mut cluster = start_cluster(2, "socket").await?;
     for (name, node) in [("web-1", 0), ("web-2", 1)] {
         cluster.add_pod(node, name)?;
         serve(cluster.pod(name))?;
@@ -428,20 +400,7 @@ async fn node_ports_answer_on_every_node() -> anyhow::Result<()> {
     // The nftables backend: Local NodePorts from outside need the kernel's
     // conntrack (the endpoint's reply leaves by the node's routing); the
     // other NodePorts stay with the engine either way.
-    let mut cluster = Cluster::start_with(
-        SKIFF.as_ref(),
-        3,
-        &["--disable", "agent"],
-        &[
-            "--service-cidr",
-            "10.43.0.0/16",
-            "--cluster-cidr",
-            "10.42.0.0/16",
-            "--service-backend",
-            "nftables",
-        ],
-    )
-    .await?;
+    let mut cluster = start_cluster(3, "nftables").await?;
     for (name, node) in [("web-1", 0), ("web-2", 1), ("web-3", 2)] {
         cluster.add_pod(node, name)?;
         serve(cluster.pod(name))?;
@@ -622,20 +581,7 @@ async fn kubectl_scale_drops_no_request_at_connect() -> anyhow::Result<()> {
 }
 
 async fn kubectl_scale_drops_no_request(backend: &str) -> anyhow::Result<()> {
-    let mut cluster = Cluster::start_with(
-        SKIFF.as_ref(),
-        2,
-        &["--disable", "agent"],
-        &[
-            "--service-cidr",
-            "10.43.0.0/16",
-            "--cluster-cidr",
-            "10.42.0.0/16",
-            "--service-backend",
-            backend,
-        ],
-    )
-    .await?;
+    let mut cluster = start_cluster(2, backend).await?;
     cluster.add_pod(0, "client")?;
     cluster
         .server()
@@ -1027,6 +973,26 @@ fn udp_exchange_in(
         }
         Err(anyhow::Error::from(last.expect("five attempts were made")).context("no echo"))
     })?
+}
+
+/// `nodes` nodes with Services balanced by `backend`; no node agent (the
+/// test reports pod status itself, and a real one would try to run the
+/// Pod objects).
+async fn start_cluster(nodes: usize, backend: &str) -> anyhow::Result<Cluster> {
+    Cluster::start_with(
+        SKIFF.as_ref(),
+        nodes,
+        &["--disable", "agent"],
+        &[
+            "--service-cidr",
+            "10.43.0.0/16",
+            "--cluster-cidr",
+            "10.42.0.0/16",
+            "--service-backend",
+            backend,
+        ],
+    )
+    .await
 }
 
 /// Retries `check` until it holds (errors count as not yet) for 30 s.

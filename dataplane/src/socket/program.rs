@@ -91,10 +91,7 @@ pub fn connect4(services: i32, peers: i32) -> Vec<u64> {
     a.store_reg(Size::H, 10, -2, 0);
     a.lookup(services, -8);
     a.jump_if(0, 0, Label::Allow);
-    a.load(Size::W, 2, 0, 0);
-    a.store_reg(Size::W, 6, CTX_USER_IP4, 2);
-    a.load(Size::H, 2, 0, 4);
-    a.store_reg(Size::W, 6, CTX_USER_PORT, 2);
+    a.set_address_from_r0();
     // peers[cookie] = (ip, port, 0): the key at fp-8 with its slot zeroed.
     a.store_imm(Size::H, 10, -2, 0);
     a.mov_reg(1, 6);
@@ -119,10 +116,7 @@ pub fn getpeername4(peers: i32) -> Vec<u64> {
     a.store_reg(Size::DW, 10, -8, 0);
     a.lookup(peers, -8);
     a.jump_if(0, 0, Label::Allow);
-    a.load(Size::W, 2, 0, 0);
-    a.store_reg(Size::W, 6, CTX_USER_IP4, 2);
-    a.load(Size::H, 2, 0, 4);
-    a.store_reg(Size::W, 6, CTX_USER_PORT, 2);
+    a.set_address_from_r0();
     a.label(Label::Allow);
     a.raw(0xb7, 0, 0, 0, 1);
     a.raw(0x95, 0, 0, 0, 0);
@@ -199,6 +193,15 @@ impl Asm {
         self.map_fd(1, map);
         self.stack_pointer(2, key);
         self.call(HELPER_MAP_LOOKUP);
+    }
+
+    /// The context's address and port (r6) from a map value's first six
+    /// bytes (r0): ip, then port, both in network order.
+    fn set_address_from_r0(&mut self) {
+        self.load(Size::W, 2, 0, 0);
+        self.store_reg(Size::W, 6, CTX_USER_IP4, 2);
+        self.load(Size::H, 2, 0, 4);
+        self.store_reg(Size::W, 6, CTX_USER_PORT, 2);
     }
 
     /// `if dst == imm goto label`
