@@ -8,7 +8,8 @@
 //! CPU 1 (backend and wrk) was, and Skiff's ratios against nginx measured
 //! in the same run. With CPU 1 near 100 %, req/s says more about the
 //! backend and wrk than about the proxy, and CPU per request is the
-//! proxy's figure.
+//! proxy's figure. For plain keep-alive, wrk straight to the backend (no
+//! proxy) is run too: the most req/s this setup can show.
 //!
 //! For new TLS connections, nginx's server without session resumption
 //! (`:8445`) and a Skiff ingress started with `--no-tls-resumption` are
@@ -240,12 +241,29 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "Ingress benchmark: wrk -t1 -c64 -d{duration}s --latency, proxy on CPU 0, backend nginx + wrk on CPU 1, {rounds} interleaved round(s)"
     );
+    // The ceiling of plain HTTP keep-alive: wrk straight to the backend,
+    // no proxy. CPU 1 then does the same work per request as behind a
+    // proxy (wrk's and the backend's sends, each running the receiving
+    // socket's side on loopback) minus the proxy's wakeups, so no proxy's
+    // req/s can go much past it. (Not so for Connection: close, where a
+    // proxy takes the new connections off the backend.)
+    let direct = Proxy {
+        name: "no proxy",
+        pids: Vec::new(),
+        http: format!("http://{BACKEND}/"),
+        https_keepalive: String::new(),
+        https_full: String::new(),
+    };
     let mut results = vec![vec![Vec::<Result>::new(); proxies.len()]; scenarios.len()];
+    let mut ceilings = vec![Vec::<Result>::new(); scenarios.len()];
     for _ in 0..rounds {
         for (s, scenario) in scenarios.iter().enumerate() {
             for (i, proxy) in proxies.iter().enumerate() {
                 let r = measure(proxy, scenario, duration)?;
                 results[s][i].push(r);
+            }
+            if !scenario.tls && scenario.mode == Mode::KeepAlive {
+                ceilings[s].push(measure(&direct, scenario, duration)?);
             }
         }
     }
@@ -259,6 +277,18 @@ async fn main() -> anyhow::Result<()> {
             );
         }
         let (sk, ng) = (medians[0], medians[1]);
+        if !ceilings[s].is_empty() {
+            let r = median(&ceilings[s]);
+            println!(
+                "  {:<8} {:>8.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  (wrk straight to the backend)  CPU 1 busy {:>3.0} %",
+                direct.name, r.rps, r.p50_ms, r.p99_ms, r.cpu1_busy
+            );
+            println!(
+                "  ceiling: no proxy/nginx req/s {:.2}x (skiff/no proxy {:.2}x)",
+                r.rps / ng.rps,
+                sk.rps / r.rps
+            );
+        }
         println!(
             "  skiff/nginx: req/s {:.2}x, p99 {:.2}x, CPU/req {:.2}x",
             sk.rps / ng.rps,
