@@ -119,6 +119,49 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks / TICKS_PER_SECOND)
 }
 
+/// How busy one CPU is over a stretch of time, from `/proc/stat`: busy
+/// is every state but idle and iowait.
+pub struct CpuBusy {
+    cpu: usize,
+    start: Option<(u64, u64)>,
+}
+
+impl CpuBusy {
+    /// Starts measuring `cpu`.
+    pub fn start(cpu: usize) -> CpuBusy {
+        CpuBusy {
+            cpu,
+            start: cpu_ticks(cpu),
+        }
+    }
+
+    /// The busy share since [`CpuBusy::start`], in percent (NaN when
+    /// `/proc/stat` could not be read).
+    pub fn percent(&self) -> f64 {
+        match (self.start, cpu_ticks(self.cpu)) {
+            (Some((busy0, all0)), Some((busy1, all1))) if all1 > all0 => {
+                (busy1 - busy0) as f64 * 100.0 / (all1 - all0) as f64
+            }
+            _ => f64::NAN,
+        }
+    }
+}
+
+/// Busy and total ticks of one CPU.
+fn cpu_ticks(cpu: usize) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let prefix = format!("cpu{cpu} ");
+    let line = stat.lines().find(|l| l.starts_with(&prefix))?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let all: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3)? + ticks.get(4)?;
+    Some((all - idle, all))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

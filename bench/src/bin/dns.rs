@@ -39,6 +39,7 @@ use anyhow::{Context, bail, ensure};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, Patch, PatchParams, PostParams};
+use skiff_bench::CpuBusy;
 use skiff_e2e::server::Server;
 
 /// ClusterIP Services, the names all three servers answer.
@@ -105,6 +106,9 @@ impl Drop for Peer {
 struct Run {
     qps: f64,
     cpu_us_per_query: f64,
+    /// How busy dnsperf's core (CPU 1) was, in percent: near 100, the
+    /// client rather than the server sets the QPS figure.
+    client_core_busy: f64,
     latency_us: f64,
     sent: u64,
     completed: u64,
@@ -233,13 +237,15 @@ async fn main() -> anyhow::Result<()> {
         for (i, peer) in servers.iter().enumerate() {
             let run = dnsperf(peer, &queries)?;
             println!(
-                "  round {} {:8} {:>9.0} QPS {:>6.2} µs CPU/query {:>7.1} µs avg latency lost {}",
+                "  round {} {:8} {:>9.0} QPS {:>6.2} µs CPU/query {:>7.1} µs avg latency lost {}  server core busy {:>3.0} %  dnsperf core busy {:>3.0} %",
                 round + 1,
                 peer.name,
                 run.qps,
                 run.cpu_us_per_query,
                 run.latency_us,
-                run.lost
+                run.lost,
+                run.qps * run.cpu_us_per_query / 1e4,
+                run.client_core_busy
             );
             results[i].push(run);
         }
@@ -253,15 +259,21 @@ async fn main() -> anyhow::Result<()> {
         .iter()
         .map(|r| median(r, |r| r.latency_us))
         .collect();
+    let client_busy: Vec<f64> = results
+        .iter()
+        .map(|r| median(r, |r| r.client_core_busy))
+        .collect();
     for (i, peer) in servers.iter().enumerate() {
         println!(
-            "dns {:8} QPS {:>9.0}  server CPU {:>6.2} µs/query  avg latency {:>7.1} µs  lost {}  RSS {} KiB",
+            "dns {:8} QPS {:>9.0}  server CPU {:>6.2} µs/query  avg latency {:>7.1} µs  lost {}  RSS {} KiB  server core busy {:>3.0} %  dnsperf core busy {:>3.0} %",
             peer.name,
             qps[i],
             cpu[i],
             latency[i],
             results[i].iter().map(|r| r.lost).sum::<u64>(),
-            rss_kib(peer.child.id()).unwrap_or(0)
+            rss_kib(peer.child.id()).unwrap_or(0),
+            qps[i] * cpu[i] / 1e4,
+            client_busy[i]
         );
     }
     println!(
@@ -655,6 +667,7 @@ fn dig(port: u16, name: &str, rtype: &str) -> anyhow::Result<String> {
 fn dnsperf(peer: &Peer, queries: &Path) -> anyhow::Result<Run> {
     let pid = peer.child.id();
     let before = tree_cpu_ticks(pid)?;
+    let client_core = CpuBusy::start(1);
     let out = Command::new("taskset")
         .args([
             "-c",
@@ -679,6 +692,7 @@ fn dnsperf(peer: &Peer, queries: &Path) -> anyhow::Result<Run> {
         ])
         .output()
         .context("running dnsperf")?;
+    let client_core_busy = client_core.percent();
     let after = tree_cpu_ticks(pid)?;
     let text = String::from_utf8_lossy(&out.stdout);
     ensure!(out.status.success(), "dnsperf failed: {text}");
@@ -686,6 +700,7 @@ fn dnsperf(peer: &Peer, queries: &Path) -> anyhow::Result<Run> {
     let ticks_per_second = 100.0; // USER_HZ on Linux
     let cpu_us = (after - before) as f64 * 1e6 / ticks_per_second;
     run.cpu_us_per_query = cpu_us / (run.completed.max(1) as f64);
+    run.client_core_busy = client_core_busy;
     Ok(run)
 }
 
@@ -717,6 +732,7 @@ fn parse_dnsperf(text: &str) -> anyhow::Result<Run> {
     Ok(Run {
         qps: number("Queries per second")?,
         cpu_us_per_query: 0.0,
+        client_core_busy: f64::NAN,
         latency_us: number("Average Latency (s)")? * 1e6,
         sent: number("Queries sent")? as u64,
         completed: number("Queries completed")? as u64,

@@ -22,6 +22,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use skiff_bench::CpuBusy;
 use skiff_e2e::etcd::free_port;
 use skiff_e2e::server::Server;
 
@@ -320,9 +321,9 @@ fn measure(proxy: &Proxy, scenario: &Scenario, duration: u64) -> anyhow::Result<
     }
     cmd.arg(url);
     let cpu_before = cpu_ticks(&proxy.pids)?;
-    let cpu1_before = cpu1_ticks();
+    let cpu1 = CpuBusy::start(1);
     let out = cmd.output().context("running wrk")?;
-    let cpu1_after = cpu1_ticks();
+    let cpu1_busy = cpu1.percent();
     let cpu_after = cpu_ticks(&proxy.pids)?;
     let text = String::from_utf8_lossy(&out.stdout);
     ensure!(
@@ -343,28 +344,8 @@ fn measure(proxy: &Proxy, scenario: &Scenario, duration: u64) -> anyhow::Result<
         p50_ms: parse_latency(&text, "50%").context("no p50")?,
         p99_ms: parse_latency(&text, "99%").context("no p99")?,
         cpu_us,
-        cpu1_busy: match (cpu1_before, cpu1_after) {
-            (Some((busy0, all0)), Some((busy1, all1))) if all1 > all0 => {
-                (busy1 - busy0) as f64 * 100.0 / (all1 - all0) as f64
-            }
-            _ => f64::NAN,
-        },
+        cpu1_busy,
     })
-}
-
-/// Busy and total ticks of CPU 1 from /proc/stat (busy: all but idle
-/// and iowait).
-fn cpu1_ticks() -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = stat.lines().find(|l| l.starts_with("cpu1 "))?;
-    let ticks: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    let all: u64 = ticks.iter().take(8).sum();
-    let idle = ticks.get(3)? + ticks.get(4)?;
-    Some((all - idle, all))
 }
 
 /// user + system time of the processes and their children (nginx workers).
