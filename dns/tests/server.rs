@@ -245,6 +245,54 @@ async fn answers_cluster_names_over_udp_and_tcp() {
     assert!(matches!(m.answers[0].data, RData::CNAME(_)));
 }
 
+/// One client socket with many queries in flight: answers of one size
+/// for it leave the worker as one segmented send, and must still arrive
+/// as one datagram per answer, each matching its query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_answers_for_one_client_arrive_one_per_datagram() {
+    let (_server, addr) = start(None, None).await;
+    let answers = tokio::task::spawn_blocking(move || {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut answers = Vec::new();
+        let mut buf = [0u8; 65535];
+        // In rounds small enough for the client's receive buffer. Same-size
+        // answers (the A record), and some of another size (NXDOMAIN with
+        // its SOA) mixed in.
+        for round in 0..5u16 {
+            for id in round * 60..(round + 1) * 60 {
+                let name = if id % 5 == 0 {
+                    "nope.default.svc.cluster.local."
+                } else {
+                    "web.default.svc.cluster.local."
+                };
+                let packet = query(id, name, RecordType::A).to_vec().unwrap();
+                socket.send_to(&packet, addr).unwrap();
+            }
+            while answers.len() < usize::from(round + 1) * 60 {
+                let n = socket.recv(&mut buf).expect("every query answered");
+                answers.push(Message::from_vec(&buf[..n]).expect("one whole answer per datagram"));
+            }
+        }
+        answers
+    })
+    .await
+    .unwrap();
+    let mut seen = vec![false; 300];
+    for m in answers {
+        let id = m.metadata.id;
+        assert!(!seen[usize::from(id)], "answer {id} twice");
+        seen[usize::from(id)] = true;
+        if id % 5 == 0 {
+            assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        } else {
+            assert_eq!(a_records(&m), vec!["10.43.0.20"], "answer {id}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwards_with_cache_and_tcp_fallback() {
     let upstream = start_upstream().await;

@@ -1,7 +1,10 @@
 //! UDP workers: one thread and one `SO_REUSEPORT` socket each, reading and
-//! writing in batches with `recvmmsg`/`sendmmsg`. All buffers are
-//! allocated once per worker; a query costs no allocation and no lock
-//! unless it leaves for the slow path.
+//! writing in batches with `recvmmsg`/`sendmmsg` (answers for one client
+//! grouped, see [`send`]). All buffers are allocated once per worker; a
+//! query costs no allocation and no lock unless it leaves for the slow
+//! path.
+
+mod send;
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -71,6 +74,7 @@ pub fn spawn(
             slow: slow.clone(),
             counters: metrics.worker(),
             stop: stop.clone(),
+            gso: true,
         };
         let handle = std::thread::Builder::new()
             .name(format!("dns-udp-{i}"))
@@ -106,6 +110,8 @@ struct Worker {
     slow: mpsc::Sender<SlowJob>,
     counters: Arc<WorkerCounters>,
     stop: Arc<AtomicBool>,
+    /// Whether answers for one client may leave as one segmented send.
+    gso: bool,
 }
 
 /// The batch's buffers and the kernel structures pointing into them.
@@ -115,9 +121,15 @@ struct Batch {
     send: Vec<[u8; MIN_OUT]>,
     addrs: Vec<libc::sockaddr_storage>,
     recv_iov: Vec<libc::iovec>,
-    send_iov: Vec<libc::iovec>,
     recv_hdrs: Vec<libc::mmsghdr>,
+    /// Each answer's bytes and the index of the query (and address) it
+    /// answers, in the order answered.
+    answer_iov: Vec<libc::iovec>,
+    answer_to: Vec<usize>,
+    /// The answers as sent: grouped per message.
+    send_iov: Vec<libc::iovec>,
     send_hdrs: Vec<libc::mmsghdr>,
+    controls: Vec<send::SegmentControl>,
 }
 
 impl Batch {
@@ -135,9 +147,12 @@ impl Batch {
             send: vec![[0; MIN_OUT]; BATCH],
             addrs: vec![zeroed_storage; BATCH],
             recv_iov: vec![iov; BATCH],
-            send_iov: vec![iov; BATCH],
             recv_hdrs: vec![zeroed_hdr; BATCH],
+            answer_iov: vec![iov; BATCH],
+            answer_to: vec![0; BATCH],
+            send_iov: vec![iov; BATCH],
             send_hdrs: vec![zeroed_hdr; BATCH],
+            controls: vec![[0; 3]; BATCH],
         });
         for i in 0..BATCH {
             b.recv_iov[i] = libc::iovec {
@@ -199,7 +214,8 @@ impl Worker {
             }
             let n = n as usize;
             let queued = self.answer_batch(&mut batch, n);
-            send_all(fd, &mut batch.send_hdrs[..queued]);
+            let messages = batch.plan(queued, self.gso);
+            send::send(fd, &mut batch.send_hdrs[..messages], &mut self.gso);
             busy = true;
             if n < BATCH {
                 std::thread::sleep(COALESCE);
@@ -208,7 +224,7 @@ impl Worker {
     }
 
     /// Answers the `n` received packets; returns how many answers are
-    /// ready in the send headers.
+    /// ready (in `answer_iov` and `answer_to`).
     fn answer_batch(&mut self, b: &mut Batch, n: usize) -> usize {
         let index = self.reader.current();
         let mut queued = 0;
@@ -224,15 +240,11 @@ impl Worker {
                 Outcome::Reply { len, rcode, qtype } => {
                     self.counters.request(Proto::Udp, qtype);
                     self.counters.response(rcode);
-                    b.send_iov[queued] = libc::iovec {
+                    b.answer_iov[queued] = libc::iovec {
                         iov_base: b.send[queued].as_mut_ptr().cast(),
                         iov_len: len,
                     };
-                    let out = &mut b.send_hdrs[queued].msg_hdr;
-                    out.msg_name = (&raw mut b.addrs[i]).cast();
-                    out.msg_namelen = hdr.msg_hdr.msg_namelen;
-                    out.msg_iov = &raw mut b.send_iov[queued];
-                    out.msg_iovlen = 1;
+                    b.answer_to[queued] = i;
                     queued += 1;
                 }
                 Outcome::Slow => {
@@ -251,27 +263,6 @@ impl Worker {
             }
         }
         queued
-    }
-}
-
-fn send_all(fd: i32, hdrs: &mut [libc::mmsghdr]) {
-    let mut sent = 0;
-    while sent < hdrs.len() {
-        // SAFETY: the headers point into the worker's batch buffers.
-        let n = unsafe {
-            libc::sendmmsg(
-                fd,
-                hdrs[sent..].as_mut_ptr(),
-                (hdrs.len() - sent) as libc::c_uint,
-                0,
-            )
-        };
-        if n <= 0 {
-            // Skip the message the kernel refused (e.g. unreachable peer).
-            sent += 1;
-        } else {
-            sent += n as usize;
-        }
     }
 }
 
