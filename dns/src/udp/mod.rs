@@ -35,8 +35,8 @@ const STOP_POLL: Duration = Duration::from_millis(200);
 /// delays answers by at most this much under load; a query reaching an
 /// idle worker is answered at once. A loaded worker spends most of its
 /// CPU in the kernel (perf: 87 %), and each batch costs a receive, a
-/// send, a sleep and two context switches: at the bench's ~160,000
-/// queries/s about 32 queries arrive in 200 µs. Bigger bursts of answers
+/// send, a sleep and two context switches: at the bench's 150,000-200,000
+/// queries/s, 30-40 queries arrive in 200 µs. Bigger bursts of answers
 /// also spare the client wakeups: dnsperf (on its own core) switched
 /// contexts 6,800 times a second against Skiff at 200 µs, 13,900 at
 /// 100 µs and 36,000 against unbound, for the same QPS or more.
