@@ -1,7 +1,9 @@
 //! The programs in the real kernel: a cgroup of the test's own, loopback
 //! endpoints, and a child process in the cgroup dialling a frontend in
-//! 127.0.0.0/8 where nothing listens (so a connection the programs did
-//! not translate is refused, and nothing leaves the machine).
+//! 127.0.0.0/8, so nothing leaves the machine. The frontend's port is one
+//! the test itself listens on there, answering "kernel": a connection the
+//! programs did not translate reaches that listener, whatever else the
+//! machine runs (another test's server on 0.0.0.0:80, say).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -51,7 +53,13 @@ impl Drop for TestCgroup {
 
 /// Endpoints that answer each connection with their name.
 fn endpoint(name: &'static str) -> (u16, std::thread::JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("binding an endpoint");
+    answering(Ipv4Addr::LOCALHOST, name)
+}
+
+/// A listener on a free port of `addr` that answers each connection with
+/// `name`.
+fn answering(addr: Ipv4Addr, name: &'static str) -> (u16, std::thread::JoinHandle<()>) {
+    let listener = TcpListener::bind((addr, 0)).expect("binding a listener");
     let port = listener.local_addr().expect("endpoint address").port();
     let handle = std::thread::spawn(move || {
         for mut stream in listener.incoming().flatten() {
@@ -64,6 +72,11 @@ fn endpoint(name: &'static str) -> (u16, std::thread::JoinHandle<()>) {
 }
 
 fn spec(ports: &[u16]) -> ServiceSpec {
+    spec_on(80, ports)
+}
+
+/// A Service on `FRONTEND:frontend_port` with endpoints on `ports`.
+fn spec_on(frontend_port: u16, ports: &[u16]) -> ServiceSpec {
     let backends = ports
         .iter()
         .map(|port| Backend {
@@ -81,7 +94,7 @@ fn spec(ports: &[u16]) -> ServiceSpec {
         ports: vec![ServicePort {
             name: "http".into(),
             protocol: Protocol::Tcp,
-            port: 80,
+            port: frontend_port,
             node_port: None,
             backends,
         }],
@@ -91,15 +104,15 @@ fn spec(ports: &[u16]) -> ServiceSpec {
     }
 }
 
-/// `count` connections to the frontend from a child process in the
+/// `count` connections to `FRONTEND:port` from a child process in the
 /// cgroup: who answered, and what `getpeername()` said.
-fn dial(cgroup: &TestCgroup, count: usize) -> (BTreeMap<String, usize>, Vec<String>) {
+fn dial(cgroup: &TestCgroup, port: u16, count: usize) -> (BTreeMap<String, usize>, Vec<String>) {
     let script = format!(
         r#"
 import socket
 for _ in range({count}):
     try:
-        s = socket.create_connection(("{FRONTEND}", 80), timeout=5)
+        s = socket.create_connection(("{FRONTEND}", {port}), timeout=5)
         peer = "%s:%d" % s.getpeername()
         print(s.recv(64).decode(), peer)
         s.close()
@@ -147,40 +160,43 @@ fn connect_goes_to_an_endpoint_and_getpeername_keeps_the_cluster_ip() {
     let balancer = SocketBalancer::start(&cgroup.relative, "n1").expect("attaching");
     let (a, _a) = endpoint("a");
     let (b, _b) = endpoint("b");
+    let (port, _kernel) = answering(FRONTEND, "kernel");
     let key = ServiceKey::new("default", "web");
 
-    balancer.update(&key, Some(&spec(&[a, b])));
+    balancer.update(&key, Some(&spec_on(port, &[a, b])));
     assert_eq!(balancer.frontends(), 1);
-    let (answered, peers) = dial(&cgroup, 200);
+    let (answered, peers) = dial(&cgroup, port, 200);
     assert_eq!(answered.len(), 2, "{answered:?}");
     for n in answered.values() {
         assert!((60..=140).contains(n), "far from half each: {answered:?}");
     }
     assert!(
-        peers.iter().all(|p| p == &format!("{FRONTEND}:80")),
+        peers.iter().all(|p| p == &format!("{FRONTEND}:{port}")),
         "getpeername: {peers:?}"
     );
     assert_eq!(balancer.new_flows(), BTreeMap::from([(key.clone(), 200)]));
 
     // One endpoint leaves: every new connection goes to the other.
-    balancer.update(&key, Some(&spec(&[b])));
-    let (answered, _) = dial(&cgroup, 30);
+    balancer.update(&key, Some(&spec_on(port, &[b])));
+    let (answered, _) = dial(&cgroup, port, 30);
     assert_eq!(answered, BTreeMap::from([("b".to_owned(), 30)]));
     // The count goes on across the rewrite.
     assert_eq!(balancer.new_flows(), BTreeMap::from([(key.clone(), 230)]));
 
     // A process outside the cgroup is not translated.
-    let outside = std::net::TcpStream::connect((FRONTEND, 80));
-    assert!(outside.is_err(), "{outside:?}");
+    let mut outside = std::net::TcpStream::connect((FRONTEND, port)).expect("connecting");
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut outside, &mut said).expect("reading");
+    assert_eq!(said, "kernel");
 
     // The Service goes: the frontend is left to the kernel's routing.
     balancer.update(&key, None);
     assert_eq!(balancer.frontends(), 0);
     assert!(balancer.new_flows().is_empty());
-    let (answered, _) = dial(&cgroup, 3);
+    let (answered, _) = dial(&cgroup, port, 3);
     assert_eq!(
         answered,
-        BTreeMap::from([("error".to_owned(), 3)]),
+        BTreeMap::from([("kernel".to_owned(), 3)]),
         "connections after the Service went"
     );
 }
