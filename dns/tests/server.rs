@@ -140,8 +140,18 @@ async fn start(
     resolv_conf: Option<std::path::PathBuf>,
     metrics: Option<SocketAddr>,
 ) -> (Server, SocketAddr) {
+    let listen = vec!["127.0.0.1:0".parse().unwrap()];
+    start_on(listen, resolv_conf, metrics).await
+}
+
+/// The test server on `listen`; the address returned is the first one's.
+async fn start_on(
+    listen: Vec<SocketAddr>,
+    resolv_conf: Option<std::path::PathBuf>,
+    metrics: Option<SocketAddr>,
+) -> (Server, SocketAddr) {
     let config = DnsConfig {
-        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        listen,
         upstream_resolv_conf: resolv_conf,
         workers: 2,
         metrics_listen: metrics,
@@ -247,39 +257,56 @@ async fn answers_cluster_names_over_udp_and_tcp() {
 
 /// One client socket with many queries in flight: answers of one size
 /// for it leave the worker as one segmented send, and must still arrive
-/// as one datagram per answer, each matching its query.
+/// as one datagram per answer, each matching its query. Over IPv4 and
+/// IPv6.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_answers_for_one_client_arrive_one_per_datagram() {
-    let (_server, addr) = start(None, None).await;
-    let answers = tokio::task::spawn_blocking(move || {
-        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_secs(5)))
+    let listen = vec!["127.0.0.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()];
+    let (server, _) = start_on(listen, None, None).await;
+    for addr in server.local_addrs.clone() {
+        let answers = tokio::task::spawn_blocking(move || answers_in_rounds(addr))
+            .await
             .unwrap();
-        let mut answers = Vec::new();
-        let mut buf = [0u8; 65535];
-        // In rounds small enough for the client's receive buffer. Same-size
-        // answers (the A record), and some of another size (NXDOMAIN with
-        // its SOA) mixed in.
-        for round in 0..5u16 {
-            for id in round * 60..(round + 1) * 60 {
-                let name = if id % 5 == 0 {
-                    "nope.default.svc.cluster.local."
-                } else {
-                    "web.default.svc.cluster.local."
-                };
-                let packet = query(id, name, RecordType::A).to_vec().unwrap();
-                socket.send_to(&packet, addr).unwrap();
-            }
-            while answers.len() < usize::from(round + 1) * 60 {
-                let n = socket.recv(&mut buf).expect("every query answered");
-                answers.push(Message::from_vec(&buf[..n]).expect("one whole answer per datagram"));
-            }
+        check_answers(answers);
+    }
+}
+
+/// 300 queries from one socket to `addr`, in rounds of 60, and their answers.
+fn answers_in_rounds(addr: SocketAddr) -> Vec<Message> {
+    let local = if addr.is_ipv6() {
+        "[::1]:0"
+    } else {
+        "127.0.0.1:0"
+    };
+    let socket = UdpSocket::bind(local).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut answers = Vec::new();
+    let mut buf = [0u8; 65535];
+    // In rounds small enough for the client's receive buffer. Same-size
+    // answers (the A record), and some of another size (NXDOMAIN with
+    // its SOA) mixed in.
+    for round in 0..5u16 {
+        for id in round * 60..(round + 1) * 60 {
+            let name = if id % 5 == 0 {
+                "nope.default.svc.cluster.local."
+            } else {
+                "web.default.svc.cluster.local."
+            };
+            let packet = query(id, name, RecordType::A).to_vec().unwrap();
+            socket.send_to(&packet, addr).unwrap();
         }
-        answers
-    })
-    .await
-    .unwrap();
+        while answers.len() < usize::from(round + 1) * 60 {
+            let n = socket.recv(&mut buf).expect("every query answered");
+            answers.push(Message::from_vec(&buf[..n]).expect("one whole answer per datagram"));
+        }
+    }
+    answers
+}
+
+/// Each of the 300 queries answered once, as asked.
+fn check_answers(answers: Vec<Message>) {
     let mut seen = vec![false; 300];
     for m in answers {
         let id = m.metadata.id;
