@@ -15,10 +15,8 @@
 use std::mem;
 
 use super::{BATCH, Batch};
+use crate::wire::MAX_UDP_PAYLOAD;
 
-/// Only answers this short are grouped: each datagram of a group must fit
-/// the path's MTU on its own, and 1,200 bytes fits any IPv6 path.
-const MAX_GROUPED_LEN: usize = 1200;
 /// A group carries at most this many bytes (one IP datagram's worth).
 const MAX_GROUP_BYTES: usize = 65_000;
 
@@ -42,7 +40,10 @@ impl Batch {
             let to = self.answer_to[first];
             self.send_iov[iov] = self.answer_iov[first];
             let mut count = 1;
-            if gso && len <= MAX_GROUPED_LEN {
+            // Each datagram of a train must fit the path on its own: UDP
+            // answers stop at the size that fits any path (larger ones,
+            // from the slow path, do not come here).
+            if gso && len <= usize::from(MAX_UDP_PAYLOAD) {
                 let limit = (MAX_GROUP_BYTES / len.max(1)).min(BATCH);
                 let later = (first + 1..queued).zip(&mut grouped[first + 1..queued]);
                 for (other, taken) in later {
