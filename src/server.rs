@@ -20,6 +20,11 @@ use ipnet::IpNet;
 use crate::cli::{Component, ServerArgs};
 
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
+    // Turned off before `main` (see `no_thp` there); asked again here only
+    // to report a refusal.
+    if let Err(e) = agent::shim::disable_own_thp() {
+        tracing::warn!(error = %e, "cannot turn transparent huge pages off for the server");
+    }
     let data_dir = &args.node.data_dir;
     let server_dir = data_dir.join("server");
     std::fs::create_dir_all(&server_dir)
