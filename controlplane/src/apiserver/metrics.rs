@@ -17,10 +17,14 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use super::ApiState;
-use super::request::{Route, route};
+use super::request::{Route, Target, route};
 use crate::storage::RangeRequest;
 
-type Labels = Vec<(&'static str, String)>;
+/// verb, group, version, resource, subresource, scope, component: all
+/// static strings, so a request's labels cost no allocation.
+type Labels = [(&'static str, &'static str); 7];
+/// The same with the response code.
+type CodeLabels = (Labels, [(&'static str, u16); 1]);
 
 /// Upstream's request latency buckets (seconds).
 const BUCKETS: &[f64] = &[
@@ -30,19 +34,19 @@ const BUCKETS: &[f64] = &[
 
 pub struct Metrics {
     registry: Registry,
-    requests: Family<Labels, Counter>,
+    requests: Family<CodeLabels, Counter>,
     durations: Family<Labels, Histogram>,
-    objects: Family<Labels, Gauge>,
+    objects: Family<[(&'static str, String); 1], Gauge>,
 }
 
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
-        let requests = Family::<Labels, Counter>::default();
+        let requests = Family::<CodeLabels, Counter>::default();
         let durations = Family::<Labels, Histogram>::new_with_constructor(|| {
             Histogram::new(BUCKETS.iter().copied())
         });
-        let objects = Family::<Labels, Gauge>::default();
+        let objects = Family::<[(&'static str, String); 1], Gauge>::default();
         registry.register(
             "apiserver_request",
             "Counter of apiserver requests broken out for each verb, dry run value, group, version, resource, scope, component, and HTTP response code.",
@@ -73,9 +77,22 @@ impl Default for Metrics {
     }
 }
 
-/// Middleware: counts and times every resource request.
-pub async fn record(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
-    let labels = classify(&state, &request);
+/// Middleware: counts and times every resource request. The resource
+/// path it parses is handed on with the request ([`Routed`]), so the
+/// handler does not parse it again.
+pub async fn record(
+    State(state): State<Arc<ApiState>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let labels = match route(state.registry, request.uri().path()) {
+        Ok(Some(Route::Resource(target))) => {
+            let labels = classify(&request, &target);
+            request.extensions_mut().insert(Routed(target));
+            Some(labels)
+        }
+        _ => None,
+    };
     let started = Instant::now();
     let response = next.run(request).await;
     if let Some(labels) = labels {
@@ -85,12 +102,15 @@ pub async fn record(State(state): State<Arc<ApiState>>, request: Request, next: 
             .durations
             .get_or_create(&labels)
             .observe(elapsed);
-        let mut with_code = labels;
-        with_code.push(("code", response.status().as_u16().to_string()));
-        state.metrics.requests.get_or_create(&with_code).inc();
+        let code = [("code", response.status().as_u16())];
+        state.metrics.requests.get_or_create(&(labels, code)).inc();
     }
     response
 }
+
+/// A request's resource path, as [`record`] parsed it.
+#[derive(Clone)]
+pub struct Routed(pub Target);
 
 /// `GET /metrics`.
 pub async fn serve(State(state): State<Arc<ApiState>>) -> Response {
@@ -101,7 +121,7 @@ pub async fn serve(State(state): State<Arc<ApiState>>) -> Response {
             ..RangeRequest::default()
         };
         if let Ok(range) = state.store.range(request).await {
-            let labels = vec![("resource", rt.qualified())];
+            let labels = [("resource", rt.qualified())];
             state
                 .metrics
                 .objects
@@ -124,12 +144,9 @@ pub async fn serve(State(state): State<Arc<ApiState>>) -> Response {
     }
 }
 
-/// Upstream's labels for a request: verb, group, version, resource,
-/// subresource, scope, component. Non-resource requests are not counted.
-fn classify(state: &ApiState, request: &Request) -> Option<Labels> {
-    let Ok(Some(Route::Resource(target))) = route(state.registry, request.uri().path()) else {
-        return None;
-    };
+/// Upstream's labels for a request to `target`: verb, group, version,
+/// resource, subresource, scope, component.
+fn classify(request: &Request, target: &Target) -> Labels {
     let query = request.uri().query().unwrap_or("");
     let watching = query
         .split('&')
@@ -150,19 +167,69 @@ fn classify(state: &ApiState, request: &Request) -> Option<Labels> {
         (Some(_), None) => "namespace",
         (None, None) => "cluster",
     };
-    Some(vec![
-        ("verb", verb.to_owned()),
-        ("group", target.rt.group.to_owned()),
-        ("version", target.rt.version.to_owned()),
-        ("resource", target.rt.plural.to_owned()),
-        (
-            "subresource",
-            target
-                .subresource
-                .map(|s| s.name().to_owned())
-                .unwrap_or_default(),
-        ),
-        ("scope", scope.to_owned()),
-        ("component", "apiserver".to_owned()),
-    ])
+    [
+        ("verb", verb),
+        ("group", target.rt.group),
+        ("version", target.rt.version),
+        ("resource", target.rt.plural),
+        ("subresource", target.subresource.map_or("", |s| s.name())),
+        ("scope", scope),
+        ("component", "apiserver"),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Api, PostParams};
+
+    use crate::apiserver::{self, ApiState, ServiceRanges, authn::Authenticator};
+    use crate::storage::embedded::EmbeddedStore;
+
+    #[tokio::test]
+    async fn counts_resource_requests_by_verb_resource_and_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join("state.db")).unwrap());
+        let ranges = ServiceRanges {
+            cidr: "10.43.0.0/16".parse().unwrap(),
+            node_ports: 30000..=32767,
+        };
+        let state = Arc::new(ApiState::new(store, ranges, "127.0.0.1:6443".into()));
+        apiserver::bootstrap(&state).await.unwrap();
+        let client =
+            apiserver::client::in_process(apiserver::router(state, Arc::new(Authenticator::new())));
+        let maps: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+        let map = serde_json::from_value(serde_json::json!({"metadata": {"name": "m"}})).unwrap();
+        maps.create(&PostParams::default(), &map).await.unwrap();
+        maps.get("m").await.unwrap();
+        maps.get("m").await.unwrap();
+        assert!(maps.get("missing").await.is_err());
+
+        let text = client
+            .request_text(http::Request::get("/metrics").body(Vec::new()).unwrap())
+            .await
+            .unwrap();
+        let count = |verb: &str, code: u16| {
+            let line = format!(
+                "apiserver_request_total{{verb=\"{verb}\",group=\"\",version=\"v1\",resource=\"configmaps\",subresource=\"\",scope=\"{}\",component=\"apiserver\",code=\"{code}\"}} ",
+                if verb == "POST" {
+                    "namespace"
+                } else {
+                    "resource"
+                }
+            );
+            text.lines()
+                .find_map(|l| l.strip_prefix(&line))
+                .unwrap_or_else(|| panic!("no {line:?} in\n{text}"))
+                .to_owned()
+        };
+        assert_eq!(count("POST", 201), "1");
+        assert_eq!(count("GET", 200), "2");
+        assert_eq!(count("GET", 404), "1");
+        assert!(text.contains(
+            "apiserver_request_duration_seconds_count{verb=\"GET\",group=\"\",version=\"v1\",resource=\"configmaps\",subresource=\"\",scope=\"resource\",component=\"apiserver\"} 3"
+        ), "{text}");
+    }
 }

@@ -217,9 +217,12 @@ async fn resource_request(State(state): State<Arc<ApiState>>, request: Request<B
 }
 
 async fn dispatch(state: Arc<ApiState>, request: Request<Body>) -> Result<Response, ApiError> {
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
     let path = parts.uri.path().to_owned();
-    let route = request::route(state.registry, &path)?.ok_or_else(|| ApiError::no_route(&path))?;
+    let route = match parts.extensions.remove::<metrics::Routed>() {
+        Some(metrics::Routed(target)) => Route::Resource(target),
+        None => request::route(state.registry, &path)?.ok_or_else(|| ApiError::no_route(&path))?,
+    };
     match route {
         Route::GroupVersion { group, version } => {
             if let Some(group_only) = group_document(state.registry, &path) {

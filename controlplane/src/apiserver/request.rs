@@ -16,6 +16,7 @@ pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
 
 /// A parsed resource path such as
 /// `/apis/apps/v1/namespaces/default/deployments/web/scale`.
+#[derive(Clone)]
 pub struct Target {
     pub rt: &'static ResourceType,
     pub namespace: Option<String>,

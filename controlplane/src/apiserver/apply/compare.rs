@@ -50,8 +50,11 @@ pub(super) fn compare_where(old: &Value, new: &Value, shape: Shape, keep: &Keep)
     let empty = Value::Object(Map::new());
     let old = if old.is_object() { old } else { &empty };
     let new = if new.is_object() { new } else { &empty };
-    let mut comparison = Comparison::default();
-    comparison.walk(Some(old), Some(new), shape, &mut Vec::new(), 0, keep);
+    let mut comparison = Comparison::walk(Some(old), Some(new), shape, &mut Vec::new(), 0, keep);
+    // The root is never a member of a set.
+    comparison.added.clear_member();
+    comparison.modified.clear_member();
+    comparison.removed.clear_member();
     comparison
 }
 
@@ -69,22 +72,26 @@ enum Walk<'v> {
 }
 
 impl Comparison {
+    /// The comparison below `path` (whose last element is where `old` and
+    /// `new` sit), built from the bottom up: each child's sets move into
+    /// their parent's under the child's path element, so no set is searched
+    /// from the root and no element is copied per path.
     fn walk(
-        &mut self,
         old: Option<&Value>,
         new: Option<&Value>,
         shape: Shape,
         path: &mut Path,
         depth: usize,
         keep: &Keep,
-    ) {
+    ) -> Comparison {
         let walk = if depth > MAX_DEPTH {
             Walk::Leaf
         } else {
             classify(old, new, shape)
         };
+        let mut here = Comparison::default();
         match walk {
-            Walk::Leaf => self.leaf(old, new, path),
+            Walk::Leaf => here.leaf(old, new),
             Walk::Fields(old_fields, new_fields) => {
                 let names = old_fields.into_iter().flat_map(Map::keys).chain(
                     new_fields.into_iter().flat_map(Map::keys).filter(|name| {
@@ -96,7 +103,7 @@ impl Comparison {
                         continue;
                     }
                     path.push(PathElement::Field(name.clone()));
-                    self.walk(
+                    let below = Comparison::walk(
                         old_fields.and_then(|f| f.get(name)),
                         new_fields.and_then(|f| f.get(name)),
                         shape.child(name),
@@ -104,9 +111,9 @@ impl Comparison {
                         depth + 1,
                         keep,
                     );
-                    path.pop();
+                    here.adopt(path.pop(), below);
                 }
-                self.container(old, new, path);
+                here.container(old, new);
             }
             Walk::Items(old_items, new_items) => {
                 let item_shape = match shape {
@@ -126,7 +133,7 @@ impl Comparison {
                         continue;
                     }
                     path.push(name.clone());
-                    self.walk(
+                    let below = Comparison::walk(
                         old_by_name.get(name).copied(),
                         new_by_name.get(name).copied(),
                         item_shape,
@@ -134,27 +141,49 @@ impl Comparison {
                         depth + 1,
                         keep,
                     );
-                    path.pop();
+                    here.adopt(path.pop(), below);
                 }
-                self.container(old, new, path);
+                here.container(old, new);
             }
         }
+        here
     }
 
-    fn leaf(&mut self, old: Option<&Value>, new: Option<&Value>, path: &Path) {
+    /// Puts a child's sets under `element` (the child's own path element,
+    /// just popped) in this node's. The element is copied only for a
+    /// second or third set that is not empty.
+    fn adopt(&mut self, element: Option<PathElement>, below: Comparison) {
+        let Some(element) = element else {
+            return;
+        };
+        let Comparison {
+            added,
+            modified,
+            removed,
+        } = below;
+        if !modified.is_empty() {
+            self.modified.adopt(element.clone(), modified);
+        }
+        if !removed.is_empty() {
+            self.removed.adopt(element.clone(), removed);
+        }
+        self.added.adopt(element, added);
+    }
+
+    fn leaf(&mut self, old: Option<&Value>, new: Option<&Value>) {
         match (old, new) {
-            (None, Some(_)) => self.added.insert(path),
-            (Some(_), None) => self.removed.insert(path),
-            (Some(a), Some(b)) if !items::json_equal(a, b) => self.modified.insert(path),
+            (None, Some(_)) => self.added.set_member(),
+            (Some(_), None) => self.removed.set_member(),
+            (Some(a), Some(b)) if !items::json_equal(a, b) => self.modified.set_member(),
             _ => {}
         }
     }
 
     /// A struct, map or list that appeared or disappeared is itself added or removed.
-    fn container(&mut self, old: Option<&Value>, new: Option<&Value>, path: &Path) {
+    fn container(&mut self, old: Option<&Value>, new: Option<&Value>) {
         match (old, new) {
-            (None, Some(_)) => self.added.insert(path),
-            (Some(_), None) => self.removed.insert(path),
+            (None, Some(_)) => self.added.set_member(),
+            (Some(_), None) => self.removed.set_member(),
             _ => {}
         }
     }

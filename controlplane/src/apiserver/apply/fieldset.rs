@@ -10,6 +10,7 @@
 //! is `{}`, and `"."` marks a member that also has members below it.
 
 use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 
 use serde_json::{Map, Value};
 
@@ -37,10 +38,16 @@ pub(crate) enum PathElement {
 
 impl PathElement {
     fn encode(&self) -> String {
+        let tagged = |tag: &str, text: &str| {
+            let mut key = String::with_capacity(tag.len() + text.len());
+            key.push_str(tag);
+            key.push_str(text);
+            key
+        };
         match self {
-            PathElement::Field(name) => format!("f:{name}"),
-            PathElement::Key(key) => format!("k:{key}"),
-            PathElement::Value(value) => format!("v:{value}"),
+            PathElement::Field(name) => tagged("f:", name),
+            PathElement::Key(key) => tagged("k:", key),
+            PathElement::Value(value) => tagged("v:", value),
             PathElement::Index(index) => format!("i:{index}"),
         }
     }
@@ -143,6 +150,28 @@ impl FieldSet {
                 child.insert(rest);
             }
         });
+    }
+
+    /// Makes the path leading to this node a member.
+    pub(crate) fn set_member(&mut self) {
+        self.member = true;
+    }
+
+    pub(crate) fn clear_member(&mut self) {
+        self.member = false;
+    }
+
+    /// Puts `child` (a set of paths below `element`) under `element`.
+    pub(crate) fn adopt(&mut self, element: PathElement, child: FieldSet) {
+        if child.is_empty() {
+            return;
+        }
+        match self.children.entry(element) {
+            Entry::Vacant(vacant) => {
+                vacant.insert(child);
+            }
+            Entry::Occupied(mut occupied) => occupied.get_mut().union_with(&child),
+        }
     }
 
     #[cfg(test)]
