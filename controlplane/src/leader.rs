@@ -278,8 +278,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
-    use crate::apiserver::{self, ApiState, ServiceRanges, authn::Authenticator};
-    use crate::storage::embedded::EmbeddedStore;
+    use crate::apiserver;
 
     /// Counts how many candidates are working at once, and how often any
     /// started.
@@ -321,15 +320,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_candidate_leads_and_a_follower_takes_over() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(EmbeddedStore::open(&dir.path().join("state.db")).unwrap());
-        let ranges = ServiceRanges {
-            cidr: "10.43.0.0/16".parse().unwrap(),
-            node_ports: 30000..=32767,
-        };
-        let state = Arc::new(ApiState::new(store, ranges, "127.0.0.1:6443".into()));
-        apiserver::bootstrap(&state).await.unwrap();
-        let client =
-            apiserver::client::in_process(apiserver::router(state, Arc::new(Authenticator::new())));
+        let client = apiserver::client::test_server(dir.path()).await;
         let timing = Timing {
             lease_duration: Duration::from_millis(1500),
             renew_deadline: Duration::from_millis(1000),

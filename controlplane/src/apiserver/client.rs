@@ -18,3 +18,22 @@ pub fn in_process(router: Router) -> kube::Client {
         .service(router);
     kube::Client::new(service, "default")
 }
+
+/// For tests: a bootstrapped API server on an embedded store in `dir`, and
+/// an in-process client of it.
+#[cfg(test)]
+pub(crate) async fn test_server(dir: &std::path::Path) -> kube::Client {
+    use std::sync::Arc;
+
+    use super::{ApiState, ServiceRanges, authn::Authenticator};
+    use crate::storage::embedded::EmbeddedStore;
+
+    let store = Arc::new(EmbeddedStore::open(&dir.join("state.db")).unwrap());
+    let ranges = ServiceRanges {
+        cidr: "10.43.0.0/16".parse().unwrap(),
+        node_ports: 30000..=32767,
+    };
+    let state = Arc::new(ApiState::new(store, ranges, "127.0.0.1:6443".into()));
+    super::bootstrap(&state).await.unwrap();
+    in_process(super::router(state, Arc::new(Authenticator::new())))
+}

@@ -180,26 +180,15 @@ fn classify(request: &Request, target: &Target) -> Labels {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use k8s_openapi::api::core::v1::ConfigMap;
     use kube::api::{Api, PostParams};
 
-    use crate::apiserver::{self, ApiState, ServiceRanges, authn::Authenticator};
-    use crate::storage::embedded::EmbeddedStore;
+    use crate::apiserver;
 
     #[tokio::test]
     async fn counts_resource_requests_by_verb_resource_and_code() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(EmbeddedStore::open(&dir.path().join("state.db")).unwrap());
-        let ranges = ServiceRanges {
-            cidr: "10.43.0.0/16".parse().unwrap(),
-            node_ports: 30000..=32767,
-        };
-        let state = Arc::new(ApiState::new(store, ranges, "127.0.0.1:6443".into()));
-        apiserver::bootstrap(&state).await.unwrap();
-        let client =
-            apiserver::client::in_process(apiserver::router(state, Arc::new(Authenticator::new())));
+        let client = apiserver::client::test_server(dir.path()).await;
         let maps: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
         let map = serde_json::from_value(serde_json::json!({"metadata": {"name": "m"}})).unwrap();
         maps.create(&PostParams::default(), &map).await.unwrap();
