@@ -1,14 +1,16 @@
 //! Overlay benchmark: Skiff's TUN overlay against the kernel's VXLAN, in
-//! one run, over the same underlay and MTU.
+//! one run, over the same underlay and MTU, with a bare TUN forwarder
+//! beside them as the ceiling of any TUN overlay on this machine.
 //!
 //! Two nodes (network namespaces on a veth/bridge underlay, from the test
 //! harness) run `skiff server` (node 1) and `skiff dataplane` (both). Each
 //! node also gets a kernel VXLAN device (`vxlan id 42 … dstport 4789`, MTU
-//! 1450 as the overlay's) with its own pod bridge and pod. Then, interleaved
-//! so that machine noise hits both alike: iperf3 pod to pod, 1 stream and 4
-//! streams, 10 s, three times each (the median is reported); ping and a TCP
-//! request/response loop for latency; and the data planes' CPU time from
-//! `/proc/PID/stat` per Gbit carried.
+//! 1450 as the overlay's) and a bare forwarder (`bare`), each with its own
+//! pod bridge and pod. Then, interleaved so that machine noise hits all
+//! alike: iperf3 pod to pod, 1 stream and 4 streams, 10 s, three times each
+//! (the median is reported); ping and a TCP request/response loop for
+//! latency; and the data planes' CPU time from `/proc/PID/stat` per Gbit
+//! carried.
 //!
 //! `cargo build --release -p skiff && cargo build --profile bench -p
 //!  skiff-bench --bin overlay && target/bench/overlay [--seconds 10] [--runs 3] [-- extra skiff dataplane flags]`
@@ -22,6 +24,8 @@ use anyhow::{Context, bail, ensure};
 use skiff_e2e::cluster::{Cluster, POD_MTU};
 use skiff_e2e::netns::Netns;
 
+mod bare;
+
 struct Args {
     seconds: u32,
     runs: usize,
@@ -34,17 +38,36 @@ struct Endpoint<'a> {
     ip: Ipv4Addr,
 }
 
+/// A path's two pods, client first.
+fn endpoints<'a>(netns: [&'a Netns; 2], ip: [Ipv4Addr; 2]) -> (Endpoint<'a>, Endpoint<'a>) {
+    (
+        Endpoint {
+            netns: netns[0],
+            ip: ip[0],
+        },
+        Endpoint {
+            netns: netns[1],
+            ip: ip[1],
+        },
+    )
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Path {
     Skiff,
     Vxlan,
+    /// The ceiling of any TUN overlay (see `bare`).
+    Bare,
 }
 
 impl Path {
+    const ALL: [Path; 3] = [Path::Skiff, Path::Vxlan, Path::Bare];
+
     fn name(self) -> &'static str {
         match self {
             Path::Skiff => "skiff overlay",
             Path::Vxlan => "kernel VXLAN",
+            Path::Bare => "bare TUN forwarder",
         }
     }
 }
@@ -61,26 +84,20 @@ async fn main() -> anyhow::Result<()> {
     cluster.add_pod(0, "a")?;
     cluster.add_pod(1, "b")?;
     let vxlan_pods = setup_vxlan(&cluster)?;
-    let skiff = (
-        Endpoint {
-            netns: &cluster.pod("a").netns,
-            ip: cluster.pod("a").ip,
-        },
-        Endpoint {
-            netns: &cluster.pod("b").netns,
-            ip: cluster.pod("b").ip,
-        },
-    );
-    let vxlan = (
-        Endpoint {
-            netns: &vxlan_pods[0],
-            ip: vxlan_pod_ip(1),
-        },
-        Endpoint {
-            netns: &vxlan_pods[1],
-            ip: vxlan_pod_ip(2),
-        },
-    );
+    let bare = bare::Bare::start(&cluster)?;
+    let (a, b) = (cluster.pod("a"), cluster.pod("b"));
+    // In `Path` order.
+    let paths = [
+        endpoints([&a.netns, &b.netns], [a.ip, b.ip]),
+        endpoints(
+            [&vxlan_pods[0], &vxlan_pods[1]],
+            [vxlan_pod_ip(1), vxlan_pod_ip(2)],
+        ),
+        endpoints(
+            [&bare.pods[0], &bare.pods[1]],
+            [bare::pod_ip(1), bare::pod_ip(2)],
+        ),
+    ];
     let pids: Vec<u32> = (0..2).filter_map(|i| cluster.dataplane_pid(i)).collect();
     ensure!(pids.len() == 2, "data planes are not running");
     println!(
@@ -88,26 +105,23 @@ async fn main() -> anyhow::Result<()> {
          iperf3 {} s per run, median of {} interleaved runs; data plane args {:?}",
         args.seconds, args.runs, args.dataplane_args
     );
-    for (path, (a, b)) in [(Path::Skiff, &skiff), (Path::Vxlan, &vxlan)] {
+    for (path, (a, b)) in Path::ALL.into_iter().zip(&paths) {
         ping(a, b.ip, 3).with_context(|| format!("{} does not connect the pods", path.name()))?;
     }
-    let servers = [
-        IperfServer::start(skiff.1.netns)?,
-        IperfServer::start(vxlan.1.netns)?,
-    ];
+    let servers = paths
+        .iter()
+        .map(|(_, b)| IperfServer::start(b.netns))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     std::thread::sleep(Duration::from_millis(300));
 
-    // throughput[streams index][path] = Gbit/s samples; cpu likewise in
-    // data plane CPU seconds per Gbit.
+    // gbits[streams index][path] = Gbit/s samples; cpu likewise in data
+    // plane CPU seconds per Gbit.
     let streams = [1usize, 4];
-    let mut gbits = vec![[Vec::new(), Vec::new()]; streams.len()];
+    let mut gbits = vec![[Vec::new(), Vec::new(), Vec::new()]; streams.len()];
     let mut cpu_per_gbit = vec![Vec::new(); streams.len()];
     for run in 0..args.runs {
         for (s, &n) in streams.iter().enumerate() {
-            for (p, (path, (a, b))) in [(Path::Skiff, &skiff), (Path::Vxlan, &vxlan)]
-                .into_iter()
-                .enumerate()
-            {
+            for (p, (path, (a, b))) in Path::ALL.into_iter().zip(&paths).enumerate() {
                 let cpu_before = cpu_seconds(&pids)?;
                 let rate = iperf(a, b.ip, n, args.seconds)?;
                 let cpu = cpu_seconds(&pids)? - cpu_before;
@@ -115,7 +129,7 @@ async fn main() -> anyhow::Result<()> {
                     cpu_per_gbit[s].push(cpu / (rate * f64::from(args.seconds)));
                 }
                 println!(
-                    "  run {} {:>2} stream(s) {:<13} {rate:6.2} Gbit/s{}",
+                    "  run {} {:>2} stream(s) {:<20} {rate:6.2} Gbit/s{}",
                     run + 1,
                     n,
                     path.name(),
@@ -131,24 +145,32 @@ async fn main() -> anyhow::Result<()> {
     }
     drop(servers);
 
-    let mut ping_p50 = [0.0; 2];
+    let mut ping_p50 = [0.0; 3];
     let mut rr = [(Duration::ZERO, Duration::ZERO); 2];
     for _ in 0..2 {
-        for (p, (a, b)) in [&skiff, &vxlan].into_iter().enumerate() {
+        for (p, (a, b)) in paths.iter().enumerate() {
             ping_p50[p] = ping_median(a, b.ip)?;
-            rr[p] = request_response(a, b, 5_000)?;
+            if let Some(rr) = rr.get_mut(p) {
+                *rr = request_response(a, b, 5_000)?;
+            }
         }
     }
+    drop(bare);
 
     println!();
+    let [skiff, vxlan, bare] = [0, 1, 2];
     for (s, &n) in streams.iter().enumerate() {
-        let skiff_rate = median(&mut gbits[s][0]);
-        let vxlan_rate = median(&mut gbits[s][1]);
+        let rates = gbits[s].each_mut().map(|samples| median(samples));
         println!(
-            "overlay iperf3 {n} stream{}: skiff {skiff_rate:.2} Gbit/s, kernel VXLAN {vxlan_rate:.2} Gbit/s, ratio {:.2}x (goal {})",
+            "overlay iperf3 {n} stream{}: skiff {:.2} Gbit/s, kernel VXLAN {:.2} Gbit/s, ratio {:.2}x (goal {}); \
+             bare TUN forwarder {:.2} Gbit/s ({:.2}x VXLAN)",
             if n == 1 { "" } else { "s" },
-            skiff_rate / vxlan_rate,
+            rates[skiff],
+            rates[vxlan],
+            rates[skiff] / rates[vxlan],
             if n == 1 { ">= 1.0x" } else { ">= 0.8x" },
+            rates[bare],
+            rates[bare] / rates[vxlan],
         );
     }
     for (s, &n) in streams.iter().enumerate() {
@@ -158,18 +180,22 @@ async fn main() -> anyhow::Result<()> {
             median(&mut cpu_per_gbit[s]),
         );
     }
+    let over_vxlan = |p: usize| (ping_p50[p] - ping_p50[vxlan]) * 1000.0;
     println!(
-        "overlay ping RTT p50: skiff {:.3} ms, kernel VXLAN {:.3} ms, difference {:+.0} µs (goal <= +50 µs)",
-        ping_p50[0],
-        ping_p50[1],
-        (ping_p50[0] - ping_p50[1]) * 1000.0
+        "overlay ping RTT p50: skiff {:.3} ms, kernel VXLAN {:.3} ms, difference {:+.0} µs (goal <= +50 µs); \
+         bare TUN forwarder {:.3} ms ({:+.0} µs)",
+        ping_p50[skiff],
+        ping_p50[vxlan],
+        over_vxlan(skiff),
+        ping_p50[bare],
+        over_vxlan(bare),
     );
     println!(
         "overlay TCP request/response (1 byte) p50/p99: skiff {:.0}/{:.0} µs, kernel VXLAN {:.0}/{:.0} µs",
-        micros(rr[0].0),
-        micros(rr[0].1),
-        micros(rr[1].0),
-        micros(rr[1].1)
+        micros(rr[skiff].0),
+        micros(rr[skiff].1),
+        micros(rr[vxlan].0),
+        micros(rr[vxlan].1)
     );
     let metrics = cluster.metrics(0)?;
     let drops: Vec<&str> = metrics
@@ -246,9 +272,6 @@ fn setup_vxlan(cluster: &Cluster) -> anyhow::Result<Vec<Netns>> {
         ])?;
         netns.ip(&["link", "set", "vx0", "mtu", &POD_MTU.to_string(), "up"])?;
         netns.ip(&["addr", "add", &format!("192.168.77.{n}/24"), "dev", "vx0"])?;
-        netns.ip(&["link", "add", "vbr0", "type", "bridge"])?;
-        netns.ip(&["addr", "add", &format!("10.201.{n}.1/24"), "dev", "vbr0"])?;
-        netns.ip(&["link", "set", "vbr0", "mtu", &POD_MTU.to_string(), "up"])?;
         netns.ip(&[
             "route",
             "add",
@@ -258,22 +281,52 @@ fn setup_vxlan(cluster: &Cluster) -> anyhow::Result<Vec<Netns>> {
             "dev",
             "vx0",
         ])?;
-        let pod = Netns::create(&format!("{}-vx{n}", cluster.prefix))?;
-        netns.add_veth("vxp", &pod, "eth0")?;
-        let mtu = POD_MTU.to_string();
-        netns.ip(&["link", "set", "vxp", "master", "vbr0", "mtu", &mtu, "up"])?;
-        pod.ip(&[
-            "addr",
-            "add",
-            &format!("{}/24", vxlan_pod_ip(n)),
-            "dev",
-            "eth0",
-        ])?;
-        pod.ip(&["link", "set", "eth0", "mtu", &mtu, "up"])?;
-        pod.ip(&["route", "add", "default", "via", &format!("10.201.{n}.1")])?;
-        pods.push(pod);
+        pods.push(add_bridged_pod(
+            cluster,
+            netns,
+            &format!("vx{n}"),
+            "vbr0",
+            vxlan_pod_ip(n),
+            "65536",
+        )?);
     }
     Ok(pods)
+}
+
+/// A pod namespace `<prefix>-<name>` at `ip` (a /24 whose `.1` is the
+/// node's side), bridged on the node `netns` through `bridge`, building
+/// super-packets of at most `gso_max_size` bytes.
+fn add_bridged_pod(
+    cluster: &Cluster,
+    netns: &Netns,
+    name: &str,
+    bridge: &str,
+    ip: Ipv4Addr,
+    gso_max_size: &str,
+) -> anyhow::Result<Netns> {
+    let [a, b, c, _] = ip.octets();
+    let gateway = Ipv4Addr::new(a, b, c, 1).to_string();
+    let mtu = POD_MTU.to_string();
+    netns.ip(&["link", "add", bridge, "type", "bridge"])?;
+    netns.ip(&["addr", "add", &format!("{gateway}/24"), "dev", bridge])?;
+    netns.ip(&["link", "set", bridge, "mtu", &mtu, "up"])?;
+    let pod = Netns::create(&format!("{}-{name}", cluster.prefix))?;
+    let port = format!("{name}p");
+    netns.add_veth(&port, &pod, "eth0")?;
+    netns.ip(&["link", "set", &port, "master", bridge, "mtu", &mtu, "up"])?;
+    pod.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+    pod.ip(&[
+        "link",
+        "set",
+        "eth0",
+        "mtu",
+        &mtu,
+        "gso_max_size",
+        gso_max_size,
+        "up",
+    ])?;
+    pod.ip(&["route", "add", "default", "via", &gateway])?;
+    Ok(pod)
 }
 
 fn vxlan_pod_ip(node: usize) -> Ipv4Addr {
