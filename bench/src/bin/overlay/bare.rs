@@ -9,8 +9,10 @@
 //! segment per datagram so that TCP recovers from a loss normally). What it
 //! reaches is what no TUN data plane can beat on this machine.
 //!
-//! One thread per node, sleeping in `poll` between packets, as a forwarder
-//! without busy-polling does.
+//! One thread per node, sleeping in `poll` between packets; or, for the
+//! latency ceiling, busy-polling (`Bare::busy_poll`): never sleeping, so
+//! no packet waits for a thread to wake, at the cost of a whole core per
+//! node.
 
 use std::io::IoSlice;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -37,9 +39,15 @@ const BATCH: usize = 8;
 
 /// The forwarders of both nodes; stopped when dropped.
 pub struct Bare {
-    stop: Arc<AtomicBool>,
+    control: Arc<Control>,
     threads: Vec<JoinHandle<anyhow::Result<()>>>,
     pub pods: Vec<Netns>,
+}
+
+#[derive(Default)]
+struct Control {
+    stop: AtomicBool,
+    spin: AtomicBool,
 }
 
 /// Pod address on node `node` (1-based) behind the bare forwarder.
@@ -51,9 +59,9 @@ impl Bare {
     /// Starts a forwarder in each of the cluster's two nodes, with a pod
     /// bridge and one pod in 10.202.N.0/24 on each.
     pub fn start(cluster: &Cluster) -> anyhow::Result<Bare> {
-        let stop = Arc::new(AtomicBool::new(false));
+        let control = Arc::new(Control::default());
         let mut bare = Bare {
-            stop: stop.clone(),
+            control: control.clone(),
             threads: Vec::new(),
             pods: Vec::new(),
         };
@@ -63,9 +71,9 @@ impl Bare {
             let peer = SocketAddr::new(cluster.node(j).underlay_ip.into(), PORT);
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
             let name = node.netns.name().to_owned();
-            let stop = stop.clone();
+            let control = control.clone();
             bare.threads.push(std::thread::spawn(move || {
-                netns::enter(&name, || forward(local, peer, &stop, ready_tx))?
+                netns::enter(&name, || forward(local, peer, &control, ready_tx))?
             }));
             ready_rx
                 .recv()
@@ -86,11 +94,16 @@ impl Bare {
         }
         Ok(bare)
     }
+
+    /// Whether the forwarders poll without sleeping.
+    pub fn busy_poll(&self, on: bool) {
+        self.control.spin.store(on, Ordering::Relaxed);
+    }
 }
 
 impl Drop for Bare {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.control.stop.store(true, Ordering::Relaxed);
         for thread in self.threads.drain(..) {
             match thread.join() {
                 Ok(Err(e)) => eprintln!("bare forwarder: {e:#}"),
@@ -101,11 +114,11 @@ impl Drop for Bare {
     }
 }
 
-/// The packet loop of one node, until `stop`.
+/// The packet loop of one node, until stopped.
 fn forward(
     local: SocketAddr,
     peer: SocketAddr,
-    stop: &AtomicBool,
+    control: &Control,
     ready: std::sync::mpsc::Sender<anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
     let opened = tun::create(DEVICE, POD_MTU, 1)
@@ -146,9 +159,14 @@ fn forward(
             revents: 0,
         },
     ];
-    while !stop.load(Ordering::Relaxed) {
+    while !control.stop.load(Ordering::Relaxed) {
+        let timeout = if control.spin.load(Ordering::Relaxed) {
+            0
+        } else {
+            100
+        };
         // SAFETY: two valid pollfds.
-        if unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) } <= 0 {
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) } <= 0 {
             continue;
         }
         while let Some(len) = queue.read(&mut buf)? {
