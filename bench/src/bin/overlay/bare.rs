@@ -1,4 +1,4 @@
-//! The ceiling: a bare TUN forwarder between the same two nodes.
+//! A reference: a bare TUN forwarder between the same two nodes.
 //!
 //! It does only what every TUN overlay must do, with the same offloads as
 //! Skiff's (TUN TSO through the virtio-net header, UDP GSO and GRO), from
@@ -6,13 +6,14 @@
 //! out, one UDP receive and one TUN write in. It parses, checks and counts
 //! nothing, and carries a super-packet whole as one GSO train, so a lost
 //! datagram loses the whole super-packet (Skiff sends a self-contained TCP
-//! segment per datagram so that TCP recovers from a loss normally). What it
-//! reaches is what no TUN data plane can beat on this machine.
+//! segment per datagram so that TCP recovers from a loss normally). The gap
+//! between it and Skiff is what Skiff's own work costs. It is not a hard
+//! bound: one thread per node does not spread many streams over cores, and
+//! sleeping between packets costs latency.
 //!
 //! One thread per node, sleeping in `poll` between packets; or, for the
-//! latency ceiling, busy-polling (`Bare::busy_poll`): never sleeping, so
-//! no packet waits for a thread to wake, at the cost of a whole core per
-//! node.
+//! latency of a forwarder that never sleeps, busy-polling
+//! (`Bare::busy_poll`), at the cost of a whole core per node.
 
 use std::io::IoSlice;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -44,6 +45,7 @@ pub struct Bare {
     pub pods: Vec<Netns>,
 }
 
+/// What the bench tells the forwarder threads.
 #[derive(Default)]
 struct Control {
     stop: AtomicBool,
