@@ -69,6 +69,29 @@ async fn pods_on_different_nodes_reach_each_other() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// With busy polling on, the packet loops answer packets while they poll
+/// on after the last one (the ping and TCP/UDP exchanges follow each other
+/// within its budget) as they do after waking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_polling_data_planes_carry_the_same_traffic() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(SKIFF.as_ref(), 2).await?;
+    cluster.dataplane_args = vec!["--busy-poll-us".into(), "20000".into()];
+    cluster.restart_dataplanes().await?;
+    cluster.add_pod(0, "a")?;
+    cluster.add_pod(1, "b")?;
+    for (from, to) in [("a", "b"), ("b", "a")] {
+        let (from, to) = (cluster.pod(from), cluster.pod(to));
+        ping(from, to.ip).with_context(|| format!("ping {} -> {}", from.name, to.name))?;
+        tcp_round_trip(from, to).with_context(|| format!("TCP {} -> {}", from.name, to.name))?;
+        udp_round_trip(from, to).with_context(|| format!("UDP {} -> {}", from.name, to.name))?;
+    }
+    ensure!(
+        cluster.dataplane_running(0) && cluster.dataplane_running(1),
+        "a data plane exited"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_changes_are_followed() -> anyhow::Result<()> {
     let mut cluster = Cluster::start(SKIFF.as_ref(), 3).await?;

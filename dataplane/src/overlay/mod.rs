@@ -9,6 +9,7 @@
 //! workers, which closes the device and with it its routes; the next start
 //! creates both again.
 
+mod idle_spin;
 pub mod node_ports;
 pub mod nodes;
 pub mod peers;
@@ -85,6 +86,11 @@ pub struct OverlayConfig {
     pub node_port_range: std::ops::RangeInclusive<u16>,
     /// Send and receive buffer of each underlay socket.
     pub socket_buffer: usize,
+    /// After a packet, the packet loops keep polling this long instead of
+    /// sleeping, while the machine has a CPU to spare (`idle_spin`): sparse
+    /// packets then find the loops awake. Zero (the default) sleeps after
+    /// a short linger.
+    pub busy_poll: Duration,
     /// Serve `/metrics` here.
     pub metrics_addr: Option<SocketAddr>,
     /// Which backend balances connections from this node's pods.
@@ -144,6 +150,7 @@ impl OverlayConfig {
             max_super_packet: 64 * 1024,
             node_port_range: 30000..=32767,
             socket_buffer: 8 << 20,
+            busy_poll: Duration::ZERO,
             metrics_addr: None,
             service_backend: ServiceBackend::default(),
             pod_cgroup: None,
@@ -415,6 +422,7 @@ async fn start(
             stop: stop.clone(),
             chunk: usize::from(config.mtu),
             mtu: usize::from(config.mtu),
+            busy_poll: config.busy_poll,
             services: services.as_ref().map(|services| worker::ServiceSetup {
                 engine: Engine::new(
                     engine_config(config),

@@ -39,6 +39,7 @@ use crate::wire::overlay::{
 };
 use crate::wire::{self, checksum, ip, tcp, vnet};
 
+use super::idle_spin::IdleSpin;
 use super::peers::{PeerTable, Reader};
 use super::reassembly::Reassembly;
 
@@ -90,6 +91,9 @@ pub struct Setup {
     pub mtu: usize,
     /// The Service engine, when this node balances Services.
     pub services: Option<ServiceSetup>,
+    /// Keep polling this long after a packet while the CPU is otherwise
+    /// idle (see `idle_spin`); zero sleeps after the linger.
+    pub busy_poll: std::time::Duration,
 }
 
 pub struct ServiceSetup {
@@ -111,6 +115,7 @@ pub struct Worker {
     out: Outbound,
     inbound: Inbound,
     svc: Option<Svc>,
+    idle_spin: Option<IdleSpin>,
 }
 
 /// The Service engine inside the packet loop.
@@ -181,6 +186,7 @@ impl Worker {
             metrics: setup.metrics,
             stop: setup.stop,
             local: Local::default(),
+            idle_spin: IdleSpin::new(setup.busy_poll),
             out: Outbound {
                 bufs: (0..BATCH)
                     .map(|_| vec![0; MAX_PAYLOAD].into_boxed_slice())
@@ -229,7 +235,12 @@ impl Worker {
             for fd in &mut fds {
                 fd.revents = 0;
             }
-            let lingering = busy_until.is_some_and(|until| Instant::now() < until);
+            let now = Instant::now();
+            let lingering = busy_until.is_some_and(|until| now < until)
+                || self
+                    .idle_spin
+                    .as_mut()
+                    .is_some_and(|spin| spin.keep_polling(now));
             let timeout = if lingering { 0 } else { POLL_MS };
             // SAFETY: two valid pollfds.
             let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
@@ -245,7 +256,11 @@ impl Worker {
                 busy_until = None;
                 continue;
             }
-            busy_until = Some(Instant::now() + LINGER);
+            let now = Instant::now();
+            busy_until = Some(now + LINGER);
+            if let Some(spin) = &mut self.idle_spin {
+                spin.restart(now);
+            }
             if fds[0].revents != 0 {
                 self.pump_tun();
             }
