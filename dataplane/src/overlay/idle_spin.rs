@@ -3,8 +3,9 @@
 //! A packet loop that sleeps in `poll` between packets makes every sparse
 //! packet wait for a thread to wake on each node it crosses; on a virtual
 //! machine whose idle CPUs halt, that wake costs tens of microseconds (the
-//! overlay bench's ping, 10 ms apart, measured +96 to +126 µs over kernel
-//! VXLAN with sleeping loops, and +3 to +37 µs with 20 ms of this). Polling on for
+//! overlay bench's ping, 10 ms apart, measured +96 to +216 µs over kernel
+//! VXLAN with sleeping loops, and +3 to +78 µs, median +37, with 20 ms of
+//! this). Polling on for
 //! a while after the last packet removes the wake, and it costs nothing
 //! but power while no other task wants the CPU. So the loop keeps polling
 //! only while the machine's runnable tasks fit its CPUs; once another task
