@@ -5,9 +5,8 @@
 //! machine whose idle CPUs halt, that wake costs tens of microseconds (the
 //! overlay bench's ping, 10 ms apart, measured +96 to +216 µs over kernel
 //! VXLAN with sleeping loops, and +3 to +78 µs, median +37, with 20 ms of
-//! this). Polling on for
-//! a while after the last packet removes the wake, and it costs nothing
-//! but power while no other task wants the CPU. So the loop keeps polling
+//! this). Polling on for a while after the last packet removes the wake,
+//! and it costs nothing but power while no other task wants the CPU. So the loop keeps polling
 //! only while the machine's runnable tasks fit its CPUs; once another task
 //! has waited longer than [`CONTENTION_GRACE`], it sleeps until the next
 //! packet. Off by default: an idle node with a packet every few
