@@ -168,7 +168,11 @@ async fn main() -> anyhow::Result<()> {
     drop(bare);
 
     println!();
-    let [skiff, vxlan, bare] = [0, 1, 2];
+    let (skiff, vxlan, bare) = (
+        Path::Skiff as usize,
+        Path::Vxlan as usize,
+        Path::Bare as usize,
+    );
     for (s, &n) in streams.iter().enumerate() {
         let rates = gbits[s].each_mut().map(|samples| median(samples));
         println!(
