@@ -50,12 +50,32 @@ pub(super) fn compare_where(old: &Value, new: &Value, shape: Shape, keep: &Keep)
     let empty = Value::Object(Map::new());
     let old = if old.is_object() { old } else { &empty };
     let new = if new.is_object() { new } else { &empty };
-    let mut comparison = Comparison::walk(Some(old), Some(new), shape, &mut Vec::new(), 0, keep);
+    let mut comparison: Comparison = walk(Some(old), Some(new), shape, &mut Vec::new(), 0, keep);
     // The root is never a member of a set.
     comparison.added.clear_member();
     comparison.modified.clear_member();
     comparison.removed.clear_member();
     comparison
+}
+
+/// The fields a write added or modified, as FieldsV1 JSON: the union of
+/// [`compare_where`]'s `added` and `modified`, written into JSON as the walk
+/// goes. For a create, which has no other owner to take fields from, that
+/// is all a managedFields entry needs; building the [`FieldSet`]s first and
+/// encoding them after made recording a pod create's managedFields take
+/// 8.7-9.3 µs instead of 6.2 µs (in process, one thread).
+pub(super) fn changed_fields_v1(
+    old: &Value,
+    new: &Value,
+    shape: Shape,
+    keep: &Keep,
+) -> Map<String, Value> {
+    let empty = Value::Object(Map::new());
+    let old = if old.is_object() { old } else { &empty };
+    let new = if new.is_object() { new } else { &empty };
+    // The root is never a member, so only what is below it counts.
+    let changed: ChangedV1 = walk(Some(old), Some(new), shape, &mut Vec::new(), 0, keep);
+    changed.below
 }
 
 /// Whether the field `name` under the path `parent` is compared.
@@ -71,91 +91,116 @@ enum Walk<'v> {
     Items(Vec<(PathElement, &'v Value)>, Vec<(PathElement, &'v Value)>),
 }
 
-impl Comparison {
-    /// The comparison below `path` (whose last element is where `old` and
-    /// `new` sit), built from the bottom up: each child's sets move into
-    /// their parent's under the child's path element, so no set is searched
-    /// from the root and no element is copied per path.
-    fn walk(
-        old: Option<&Value>,
-        new: Option<&Value>,
-        shape: Shape,
-        path: &mut Path,
-        depth: usize,
-        keep: &Keep,
-    ) -> Comparison {
-        let walk = if depth > MAX_DEPTH {
-            Walk::Leaf
-        } else {
-            classify(old, new, shape)
-        };
-        let mut here = Comparison::default();
-        match walk {
-            Walk::Leaf => here.leaf(old, new),
-            Walk::Fields(old_fields, new_fields) => {
-                let names = old_fields.into_iter().flat_map(Map::keys).chain(
-                    new_fields.into_iter().flat_map(Map::keys).filter(|name| {
-                        !old_fields.is_some_and(|fields| fields.contains_key(name.as_str()))
-                    }),
-                );
-                for name in names {
-                    if !keep(path, name) {
-                        continue;
-                    }
-                    path.push(PathElement::Field(name.clone()));
-                    let below = Comparison::walk(
-                        old_fields.and_then(|f| f.get(name)),
-                        new_fields.and_then(|f| f.get(name)),
-                        shape.child(name),
-                        path,
-                        depth + 1,
-                        keep,
-                    );
-                    here.adopt(path.pop(), below);
-                }
-                here.container(old, new);
-            }
-            Walk::Items(old_items, new_items) => {
-                let item_shape = match shape {
-                    Shape::ListMap(list) => list.item(),
-                    _ => Shape::Atomic,
-                };
-                let old_by_name = first_occurrences(&old_items);
-                let new_by_name = first_occurrences(&new_items);
-                let names = old_items.iter().chain(
-                    new_items
-                        .iter()
-                        .filter(|(name, _)| !old_by_name.contains_key(name)),
-                );
-                let mut done = HashSet::new();
-                for (name, _) in names {
-                    if !done.insert(name) {
-                        continue;
-                    }
-                    path.push(name.clone());
-                    let below = Comparison::walk(
-                        old_by_name.get(name).copied(),
-                        new_by_name.get(name).copied(),
-                        item_shape,
-                        path,
-                        depth + 1,
-                        keep,
-                    );
-                    here.adopt(path.pop(), below);
-                }
-                here.container(old, new);
-            }
-        }
-        here
-    }
+/// What a walk builds at each path, from the bottom up: the children's
+/// results are adopted under their path elements, then the node itself is
+/// marked as a leaf or a container.
+trait Node: Default {
+    /// Puts a child's result under `element`, the child's own path element.
+    fn adopt(&mut self, element: PathElement, below: Self);
+    fn leaf(&mut self, old: Option<&Value>, new: Option<&Value>);
+    /// A struct, map or list that appeared or disappeared.
+    fn container(&mut self, old: Option<&Value>, new: Option<&Value>);
+}
 
-    /// Puts a child's sets under `element` (the child's own path element,
-    /// just popped) in this node's. The element is copied only for a
-    /// second or third set that is not empty.
-    fn adopt(&mut self, element: Option<PathElement>, below: Comparison) {
-        let Some(element) = element else {
-            return;
-        };
+/// The result below `path` (whose last element is where `old` and `new`
+/// sit), built from the bottom up: each child's result moves into its
+/// parent's under the child's path element, so nothing is searched from the
+/// root and no element is copied per path.
+fn walk<N: Node>(
+    old: Option<&Value>,
+    new: Option<&Value>,
+    shape: Shape,
+    path: &mut Path,
+    depth: usize,
+    keep: &Keep,
+) -> N {
+    let how = if depth > MAX_DEPTH {
+        Walk::Leaf
+    } else {
+        classify(old, new, shape)
+    };
+    let mut here = N::default();
+    match how {
+        Walk::Leaf => here.leaf(old, new),
+        Walk::Fields(old_fields, new_fields) => {
+            let names = old_fields.into_iter().flat_map(Map::keys).chain(
+                new_fields.into_iter().flat_map(Map::keys).filter(|name| {
+                    !old_fields.is_some_and(|fields| fields.contains_key(name.as_str()))
+                }),
+            );
+            for name in names {
+                if !keep(path, name) {
+                    continue;
+                }
+                let pair = (
+                    old_fields.and_then(|f| f.get(name)),
+                    new_fields.and_then(|f| f.get(name)),
+                );
+                let child = Child(PathElement::Field(name.clone()), shape.child(name));
+                descend(&mut here, child, pair, path, depth, keep);
+            }
+            here.container(old, new);
+        }
+        Walk::Items(old_items, new_items) => {
+            let item_shape = match shape {
+                Shape::ListMap(list) => list.item(),
+                _ => Shape::Atomic,
+            };
+            let old_by_name = first_occurrences(&old_items);
+            let new_by_name = first_occurrences(&new_items);
+            let names = old_items.iter().chain(
+                new_items
+                    .iter()
+                    .filter(|(name, _)| !old_by_name.contains_key(name)),
+            );
+            let mut done = HashSet::new();
+            for (name, _) in names {
+                if !done.insert(name) {
+                    continue;
+                }
+                let pair = (
+                    old_by_name.get(name).copied(),
+                    new_by_name.get(name).copied(),
+                );
+                descend(
+                    &mut here,
+                    Child(name.clone(), item_shape),
+                    pair,
+                    path,
+                    depth,
+                    keep,
+                );
+            }
+            here.container(old, new);
+        }
+    }
+    here
+}
+
+/// A child's path element and its shape.
+struct Child(PathElement, Shape);
+
+/// Walks the child `pair` (its old and new value) one level below `depth`
+/// and adopts what it found into `here`.
+fn descend<N: Node>(
+    here: &mut N,
+    Child(element, shape): Child,
+    (old, new): (Option<&Value>, Option<&Value>),
+    path: &mut Path,
+    depth: usize,
+    keep: &Keep,
+) {
+    path.push(element);
+    let below = walk(old, new, shape, path, depth + 1, keep);
+    if let Some(element) = path.pop() {
+        here.adopt(element, below);
+    }
+}
+
+impl Node for Comparison {
+    /// The element is copied only for a second or third set that is not
+    /// empty.
+    fn adopt(&mut self, element: PathElement, below: Comparison) {
         let Comparison {
             added,
             modified,
@@ -186,6 +231,42 @@ impl Comparison {
             (Some(_), None) => self.removed.set_member(),
             _ => {}
         }
+    }
+}
+
+/// The added and modified fields at one path, in FieldsV1 form: whether the
+/// path itself is a member, and the members below it.
+#[derive(Default)]
+struct ChangedV1 {
+    member: bool,
+    below: Map<String, Value>,
+}
+
+impl Node for ChangedV1 {
+    /// As [`FieldSet`] encodes: a member with nothing below is `{}`, one
+    /// with members below also has `"."`; an empty child is left out.
+    fn adopt(&mut self, element: PathElement, below: ChangedV1) {
+        let ChangedV1 { member, below } = below;
+        if !member && below.is_empty() {
+            return;
+        }
+        let mut inner = below;
+        if member && !inner.is_empty() {
+            inner.insert(".".to_owned(), Value::Object(Map::new()));
+        }
+        self.below.insert(element.encode(), Value::Object(inner));
+    }
+
+    fn leaf(&mut self, old: Option<&Value>, new: Option<&Value>) {
+        self.member = match (old, new) {
+            (None, Some(_)) => true,
+            (Some(a), Some(b)) => !items::json_equal(a, b),
+            _ => false,
+        };
+    }
+
+    fn container(&mut self, old: Option<&Value>, new: Option<&Value>) {
+        self.member |= old.is_none() && new.is_some();
     }
 }
 

@@ -37,7 +37,7 @@ pub(crate) enum PathElement {
 }
 
 impl PathElement {
-    fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let tagged = |tag: &str, text: &str| {
             let mut key = String::with_capacity(tag.len() + text.len());
             key.push_str(tag);

@@ -250,8 +250,16 @@ fn decode_entry(item: &Value) -> Result<Entry, String> {
 }
 
 fn encode_entry(entry: &Entry) -> Value {
+    entry_json(
+        &entry.owner,
+        entry.time.as_deref(),
+        entry.fields.to_fields_v1(),
+    )
+}
+
+/// One managedFields entry: `owner`'s, written at `time`, owning `fields_v1`.
+pub(super) fn entry_json(owner: &Owner, time: Option<&str>, fields_v1: Value) -> Value {
     let mut out = Map::new();
-    let owner = &entry.owner;
     out.insert("manager".into(), Value::String(owner.manager.clone()));
     out.insert(
         "operation".into(),
@@ -261,11 +269,11 @@ fn encode_entry(entry: &Entry) -> Value {
         "apiVersion".into(),
         Value::String(owner.api_version.clone()),
     );
-    if let Some(time) = &entry.time {
-        out.insert("time".into(), Value::String(time.clone()));
+    if let Some(time) = time {
+        out.insert("time".into(), Value::String(time.to_owned()));
     }
     out.insert("fieldsType".into(), Value::String("FieldsV1".to_owned()));
-    out.insert("fieldsV1".into(), entry.fields.to_fields_v1());
+    out.insert("fieldsV1".into(), fields_v1);
     if !owner.subresource.is_empty() {
         out.insert(
             "subresource".into(),

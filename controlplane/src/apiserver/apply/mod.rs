@@ -323,25 +323,6 @@ fn record(
     let shape = schema::root(kind);
     let mut managed = chosen_managed_fields(subresource, old, new);
     set_managed_fields(new, None);
-    let skeleton;
-    let before = match old {
-        Some(old) => old,
-        None => {
-            skeleton = schema::skeleton(kind);
-            &skeleton
-        }
-    };
-    // The tracked part leaves managedFields out, so `old` needs no copy
-    // without them, nor does either object need one for its tracked part.
-    let compare::Comparison {
-        added: mut changed,
-        modified,
-        removed,
-    } = compare::compare_where(before, new, shape, &move |parent, name| {
-        is_tracked(scope, parent, name)
-    });
-    changed.union_with(&modified);
-
     let api_version = match string_at(new, "apiVersion") {
         "" => old.map_or("", |old| string_at(old, "apiVersion")),
         version => version,
@@ -352,6 +333,32 @@ fn record(
         api_version: api_version.to_owned(),
         subresource: subresource.to_owned(),
     };
+    // The tracked part leaves managedFields out, so `old` needs no copy
+    // without them, nor does either object need one for its tracked part.
+    let keep = move |parent: &[PathElement], name: &str| is_tracked(scope, parent, name);
+    let skeleton;
+    let before = match old {
+        Some(old) => old,
+        // A create whose client sent no managedFields: the writer is the
+        // only owner, of everything it set.
+        None if managed.entries.is_empty() => {
+            let fields = compare::changed_fields_v1(&schema::skeleton(kind), new, shape, &keep);
+            let entry = (!fields.is_empty())
+                .then(|| managed::entry_json(&me, Some(now), Value::Object(fields)));
+            set_managed_fields(new, entry.map(|entry| Value::Array(vec![entry])));
+            return;
+        }
+        None => {
+            skeleton = schema::skeleton(kind);
+            &skeleton
+        }
+    };
+    let compare::Comparison {
+        added: mut changed,
+        modified,
+        removed,
+    } = compare::compare_where(before, new, shape, &keep);
+    changed.union_with(&modified);
     let previous = managed.take(&me);
     for entry in &mut managed.entries {
         entry.fields.remove_all(&changed);

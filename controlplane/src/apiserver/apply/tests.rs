@@ -1081,3 +1081,103 @@ fn apply_shapes_follow_the_list_and_map_types() {
         assert_eq!(shape_at(kind, path), expected, "{} {path}", kind.kind);
     }
 }
+
+/// What the general comparison finds added or modified, as FieldsV1.
+fn changed_by_comparison(kind: KindRef<'_>, old: &Value, new: &Value) -> Value {
+    let keep = |parent: &[PathElement], name: &str| is_tracked(Scope::Main, parent, name);
+    let comparison = compare::compare_where(old, new, schema::root(kind), &keep);
+    let mut changed = comparison.added;
+    changed.union_with(&comparison.modified);
+    changed.to_fields_v1()
+}
+
+#[test]
+fn fields_v1_written_during_the_walk_match_the_comparison() {
+    let pod = KindRef::new("", "Pod");
+    let service = KindRef::new("", "Service");
+    let full_pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "p", "namespace": "default", "uid": "u",
+            "labels": {"app": "web"}, "annotations": {}, "finalizers": ["a", "b", "a"]},
+        "spec": {
+            "containers": [
+                {"name": "app", "image": "nginx", "ports": [
+                    {"containerPort": 80, "protocol": "TCP"},
+                    {"containerPort": 80, "protocol": "UDP"}],
+                 "env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}],
+                 "args": ["x", "y"], "resources": {"requests": {"cpu": "100m"}}},
+                {"name": "side", "image": "busybox", "volumeMounts": null}
+            ],
+            "volumes": [],
+            "tolerations": [{"key": "k", "operator": "Exists"}],
+            "nodeSelector": {"disk": "ssd"},
+            "securityContext": {}
+        },
+        "status": {"phase": "Pending"}
+    });
+    let cases = [
+        // Creates: against the kind's skeleton.
+        (pod, schema::skeleton(pod), full_pod.clone()),
+        (
+            deployment(),
+            schema::skeleton(deployment()),
+            config("nginx:1"),
+        ),
+        (
+            service,
+            schema::skeleton(service),
+            json!({"metadata": {"name": "s"}, "spec": {"ports": [{"port": 80}, {"port": 80, "protocol": "UDP"}], "selector": {"app": "web"}, "type": "ClusterIP"}}),
+        ),
+        // A field of the wrong type where the skeleton has a struct, and
+        // containers that cannot be keyed.
+        (
+            deployment(),
+            schema::skeleton(deployment()),
+            json!({"spec": {"strategy": "fast", "template": {"spec": {"containers": [{"image": "x"}]}}}}),
+        ),
+        (
+            pod,
+            schema::skeleton(pod),
+            json!({"metadata": {"name": "p"}}),
+        ),
+        (pod, schema::skeleton(pod), json!({})),
+        // Updates: added, modified and removed at once.
+        (pod, full_pod.clone(), {
+            let mut new = full_pod.clone();
+            new["spec"]["containers"][0]["image"] = json!("nginx:2");
+            new["spec"]["containers"][1] = json!({"name": "other", "image": "busybox"});
+            new["metadata"]["labels"] = json!({"tier": "web"});
+            new["spec"]["nodeSelector"] = Value::Null;
+            new
+        }),
+        (deployment(), config("nginx:1"), config("nginx:2")),
+    ];
+    for (kind, old, new) in &cases {
+        let keep = |parent: &[PathElement], name: &str| is_tracked(Scope::Main, parent, name);
+        let written = compare::changed_fields_v1(old, new, schema::root(*kind), &keep);
+        assert_eq!(
+            Value::Object(written),
+            changed_by_comparison(*kind, old, new),
+            "{new}"
+        );
+    }
+}
+
+#[test]
+fn a_create_owns_what_it_set_as_the_comparison_finds() {
+    let mut created = config("nginx:1");
+    record_update(deployment(), None, &mut created, "kubectl", T0);
+    let expected = changed_by_comparison(
+        deployment(),
+        &schema::skeleton(deployment()),
+        &without_managed_fields(&created),
+    );
+    assert_eq!(fields(&created, "kubectl", "Update"), expected);
+    assert_eq!(entries(&created).len(), 1);
+    assert_eq!(entry(&created, "kubectl", "Update").unwrap()["time"], T0);
+
+    // Nothing tracked set: no entry at all.
+    let mut bare = json!({"apiVersion": "apps/v1", "kind": "Deployment"});
+    record_update(deployment(), None, &mut bare, "kubectl", T0);
+    assert!(bare.pointer("/metadata/managedFields").is_none(), "{bare}");
+}
