@@ -47,10 +47,7 @@ pub(super) fn compare(old: &Value, new: &Value, shape: Shape) -> Comparison {
 /// them, which every write would otherwise do twice. A root that is not an
 /// object counts as an empty one.
 pub(super) fn compare_where(old: &Value, new: &Value, shape: Shape, keep: &Keep) -> Comparison {
-    let empty = Value::Object(Map::new());
-    let old = if old.is_object() { old } else { &empty };
-    let new = if new.is_object() { new } else { &empty };
-    let mut comparison: Comparison = walk(Some(old), Some(new), shape, &mut Vec::new(), 0, keep);
+    let mut comparison: Comparison = walk_root(old, new, shape, keep);
     // The root is never a member of a set.
     comparison.added.clear_member();
     comparison.modified.clear_member();
@@ -70,12 +67,18 @@ pub(super) fn changed_fields_v1(
     shape: Shape,
     keep: &Keep,
 ) -> Map<String, Value> {
+    // The root is never a member, so only what is below it counts.
+    let changed: ChangedV1 = walk_root(old, new, shape, keep);
+    changed.below
+}
+
+/// Walks two whole objects; a root that is not an object counts as an
+/// empty one.
+fn walk_root<N: Node>(old: &Value, new: &Value, shape: Shape, keep: &Keep) -> N {
     let empty = Value::Object(Map::new());
     let old = if old.is_object() { old } else { &empty };
     let new = if new.is_object() { new } else { &empty };
-    // The root is never a member, so only what is below it counts.
-    let changed: ChangedV1 = walk(Some(old), Some(new), shape, &mut Vec::new(), 0, keep);
-    changed.below
+    walk(Some(old), Some(new), shape, &mut Vec::new(), 0, keep)
 }
 
 /// Whether the field `name` under the path `parent` is compared.
@@ -246,15 +249,14 @@ impl Node for ChangedV1 {
     /// As [`FieldSet`] encodes: a member with nothing below is `{}`, one
     /// with members below also has `"."`; an empty child is left out.
     fn adopt(&mut self, element: PathElement, below: ChangedV1) {
-        let ChangedV1 { member, below } = below;
+        let ChangedV1 { member, mut below } = below;
         if !member && below.is_empty() {
             return;
         }
-        let mut inner = below;
-        if member && !inner.is_empty() {
-            inner.insert(".".to_owned(), Value::Object(Map::new()));
+        if member && !below.is_empty() {
+            below.insert(".".to_owned(), Value::Object(Map::new()));
         }
-        self.below.insert(element.encode(), Value::Object(inner));
+        self.below.insert(element.encode(), Value::Object(below));
     }
 
     fn leaf(&mut self, old: Option<&Value>, new: Option<&Value>) {
