@@ -4,7 +4,9 @@
 //! Workloads, after a warm-up of 320 creates that opens the clients'
 //! connections: pod creates, gets and updates from 32 concurrent clients, LIST
 //! of 1,000 pods, and one write fanned out to 1,000 concurrent watchers;
-//! then the server's RSS holding 10,000 pods. Peers: upstream's API call
+//! then the server's RSS holding 10,000 pods. The creates, gets and LIST
+//! run once more from lean hyper clients (see `lean`), which show the
+//! server's own latency with less client CPU on top. Peers: upstream's API call
 //! latency SLO (p99 ≤ 1 s per single-object call) and k3s's documented
 //! server memory (1.6 GB with a workload); there is no kube-apiserver on
 //! this machine to run in the same process tree.
@@ -21,13 +23,22 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, WatchEvent, Wat
 use skiff_bench::{Samples, cpu_seconds};
 use skiff_e2e::server::Server;
 
+mod lean;
+
 const CLIENTS: usize = 32;
 /// Creates before the timed ones, ten per client.
 const WARM_UP: usize = 320;
 const UPSTREAM_SLO: Duration = Duration::from_secs(1);
 const K3S_SERVER_RSS_MB: f64 = 1600.0;
 
-#[tokio::main]
+/// One thread for all clients, as `wrk -t1` would be: the server under
+/// test gets the rest of the two cores. With two client threads the kernel
+/// often stacked both on one core and the server's two workers on the
+/// other while the second core idled a fifth of the time, each pair
+/// waiting out 4 ms scheduler ticks (HZ=250) for each other. The lean
+/// gets' p99 was 3.0-5.6 ms (median 4.0) in 13 runs so, and 1.6-4.1 ms
+/// (median 2.8) in 8 runs with one thread; their p50 0.6-0.9 ms either way.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let bin = skiff_bench::skiff_binary()?;
     // The API server alone: the scheduler would write an event and a
@@ -146,61 +157,63 @@ async fn main() -> anyhow::Result<()> {
         UPSTREAM_SLO.as_secs()
     );
 
-    raw_pass(&server, &clients).await
+    raw_pass(&server).await
 }
 
-/// The same calls with responses read as bytes and not decoded into typed
-/// objects: the benchmark's clients share the two cores with the server,
-/// and typed decoding is most of their CPU, so this pass shows the server's
-/// latency with less of the clients' cost on top. Its pods go to their own
-/// namespace, after the memory reading.
-async fn raw_pass(server: &Server, clients: &Arc<Vec<kube::Client>>) -> anyhow::Result<()> {
+/// The same calls from [`lean`] clients, with responses read as bytes and
+/// not decoded into typed objects: the benchmark's clients share the two
+/// cores with the server, and kube-rs's task hops and typed decoding are
+/// most of their CPU, so this pass shows the server's latency with as
+/// little of the clients' cost on top as HTTPS allows. Its pods go to
+/// their own namespace, after the memory reading.
+async fn raw_pass(server: &Server) -> anyhow::Result<()> {
     println!();
-    println!("the same calls, responses read as bytes (not decoded into typed objects):");
-    create_namespace(&clients[0], "raw").await?;
+    println!(
+        "the same calls from {CLIENTS} lean HTTPS clients (hyper, one connection each, responses read as bytes, not decoded):"
+    );
+    let dialer = lean::Dialer::new(&server.url(), &server.data_dir().join("server/tls"))?;
+    let mut conns = Vec::with_capacity(CLIENTS);
+    for _ in 0..CLIENTS {
+        conns.push(dialer.connect().await?);
+    }
+    let namespace = serde_json::json!({"metadata": {"name": "raw"}});
+    conns[0]
+        .call(request(
+            "POST",
+            "/api/v1/namespaces",
+            namespace.to_string().into(),
+        )?)
+        .await?;
     let cpu = ServerCpu::new(server)?;
-    let creates = run(
-        CLIENTS,
-        6_400,
-        raw_calls(clients, |i| {
-            let body = serde_json::to_vec(&pod(&format!("raw-{i}")))?;
-            raw_request("POST", "/api/v1/namespaces/raw/pods", body)
-        }),
-    )
+    let (conns, creates) = run_each(conns, 6_400, |mut conn: lean::Conn, i| async move {
+        let body = serde_json::to_vec(&pod(&format!("raw-{i}")))?;
+        conn.call(request("POST", "/api/v1/namespaces/raw/pods", body)?)
+            .await?;
+        Ok(conn)
+    })
     .await?;
     report("create pod (raw)", &creates, Some(Duration::from_millis(5)));
     cpu.report_since(&creates)?;
     let cpu = ServerCpu::new(server)?;
-    let gets = run(
-        CLIENTS,
-        12_800,
-        raw_calls(clients, |i| {
-            let name = format!("raw-{}", (i * 7919) % 6_400);
-            raw_request(
-                "GET",
-                &format!("/api/v1/namespaces/raw/pods/{name}"),
-                Vec::new(),
-            )
-        }),
-    )
+    let (mut conns, gets) = run_each(conns, 12_800, |mut conn: lean::Conn, i| async move {
+        let name = format!("raw-{}", (i * 7919) % 6_400);
+        let path = format!("/api/v1/namespaces/raw/pods/{name}");
+        conn.call(request("GET", &path, Vec::new())?).await?;
+        Ok(conn)
+    })
     .await?;
     report("get pod (raw)", &gets, Some(Duration::from_millis(2)));
     cpu.report_since(&gets)?;
-    let client = clients[0].clone();
     let mut list_latencies = Vec::new();
     let started = Instant::now();
     for _ in 0..50 {
         let t = Instant::now();
-        let listed = client
-            .request_text(raw_request(
-                "GET",
-                "/api/v1/namespaces/lists/pods",
-                Vec::new(),
-            )?)
+        let listed = conns[0]
+            .call(request("GET", "/api/v1/namespaces/lists/pods", Vec::new())?)
             .await?;
         list_latencies.push(t.elapsed());
         // Each listed pod has one uid, and nothing else in a pod here does.
-        let pods = listed.matches("\"uid\":").count();
+        let pods = listed.windows(6).filter(|w| w == b"\"uid\":").count();
         anyhow::ensure!(pods == 1_000, "listed {pods} pods");
     }
     let lists = Samples::new(list_latencies, started.elapsed());
@@ -212,36 +225,19 @@ async fn raw_pass(server: &Server, clients: &Arc<Vec<kube::Client>>) -> anyhow::
     Ok(())
 }
 
-/// Calls that send `request(i)` through the clients in turn and read the
-/// response body whole; a non-2xx answer is an error.
-fn raw_calls<R>(
-    clients: &Arc<Vec<kube::Client>>,
-    request: R,
-) -> impl Fn(usize) -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>
-+ Send
-+ Sync
-+ 'static
-where
-    R: Fn(usize) -> anyhow::Result<http::Request<Vec<u8>>> + Send + Sync + 'static,
-{
-    let clients = clients.clone();
-    move |i| {
-        let client = clients[i % clients.len()].clone();
-        let request = request(i);
-        Box::pin(async move {
-            client.request_text(request?).await?;
-            Ok(())
-        })
-    }
-}
-
-fn raw_request(method: &str, path: &str, body: Vec<u8>) -> anyhow::Result<http::Request<Vec<u8>>> {
+/// A request to `path` with a JSON `body` (empty for none).
+fn request(
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> anyhow::Result<http::Request<http_body_util::Full<bytes::Bytes>>> {
     Ok(http::Request::builder()
         .method(method)
         .uri(path)
+        .header(http::header::HOST, "skiff")
         .header(http::header::CONTENT_TYPE, "application/json")
         .header(http::header::ACCEPT, "application/json")
-        .body(body)?)
+        .body(http_body_util::Full::new(body.into()))?)
 }
 
 /// Pods in `namespace`, spreading calls over the clients by index.
@@ -276,11 +272,28 @@ where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
 {
+    let (_, samples) = run_each(vec![(); clients], total, move |(), i| call(i)).await?;
+    Ok(samples)
+}
+
+/// `total` calls of `call(state, i)`, from one concurrent task per state;
+/// each call hands its task's state (a connection) on to the next, and the
+/// states come back at the end.
+async fn run_each<S, F, Fut>(
+    states: Vec<S>,
+    total: usize,
+    call: F,
+) -> anyhow::Result<(Vec<S>, Samples)>
+where
+    S: Send + 'static,
+    F: Fn(S, usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<S>> + Send + 'static,
+{
     let call = Arc::new(call);
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..clients {
+    for mut state in states {
         let call = call.clone();
         let next = next.clone();
         tasks.push(tokio::spawn(async move {
@@ -288,19 +301,22 @@ where
             loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if i >= total {
-                    return anyhow::Ok(latencies);
+                    return anyhow::Ok((state, latencies));
                 }
                 let t = Instant::now();
-                call(i).await?;
+                state = call(state, i).await?;
                 latencies.push(t.elapsed());
             }
         }));
     }
+    let mut states = Vec::with_capacity(tasks.len());
     let mut all = Vec::with_capacity(total);
     for task in tasks {
-        all.extend(task.await??);
+        let (state, latencies) = task.await??;
+        states.push(state);
+        all.extend(latencies);
     }
-    Ok(Samples::new(all, started.elapsed()))
+    Ok((states, Samples::new(all, started.elapsed())))
 }
 
 /// Opens `watchers` watches on one namespace, writes one pod, and times its
