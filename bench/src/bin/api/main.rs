@@ -36,7 +36,7 @@ const K3S_SERVER_RSS_MB: f64 = 1600.0;
 /// often stacked both on one core and the server's two workers on the
 /// other while the second core idled a fifth of the time, each pair
 /// waiting out 4 ms scheduler ticks (HZ=250) for each other. The lean
-/// gets' p99 was 3.0-5.6 ms (median 4.0) in 13 runs so, and 1.6-4.1 ms
+/// gets' p99 was 3.0-5.6 ms (median 4.0) in 13 runs with two threads, 1.6-4.1 ms
 /// (median 2.8) in 8 runs with one thread; their p50 0.6-0.9 ms either way.
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
