@@ -75,6 +75,20 @@ pub struct NodeArgs {
     /// metrics); tests give nodes sharing an address different ports.
     #[arg(long, hide = true, default_value_t = 10250, env = "SKIFF_KUBELET_PORT")]
     pub kubelet_port: u16,
+    /// Pod network data plane: worker threads and TUN queues (0: one per
+    /// CPU).
+    #[arg(long, default_value_t = 0)]
+    pub dataplane_workers: usize,
+    /// Pod network data plane: largest TCP super-packet the kernel hands
+    /// the TUN device, in bytes.
+    #[arg(long)]
+    pub dataplane_max_super_packet: Option<u32>,
+    /// Pod network data plane: after a packet, keep polling this many
+    /// microseconds instead of sleeping, while the machine has a CPU to
+    /// spare. Lower latency for sparse traffic, at the cost of a busy CPU
+    /// while packets keep coming (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub dataplane_busy_poll_us: u64,
 }
 
 #[derive(Args, Debug)]

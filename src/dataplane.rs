@@ -10,7 +10,7 @@ use clap::Args;
 use dataplane::overlay::{self, OverlayConfig};
 use ipnet::IpNet;
 
-use crate::cli::ServerArgs;
+use crate::cli::{NodeArgs, ServerArgs};
 
 #[derive(Args, Debug)]
 pub struct DataplaneArgs {
@@ -103,11 +103,12 @@ pub async fn run(args: DataplaneArgs) -> anyhow::Result<()> {
     config.mtu = args.mtu;
     config.service_cidr = args.service_cidr;
     config.cluster_cidr = args.cluster_cidr;
-    config.workers = args.workers;
-    config.busy_poll = std::time::Duration::from_micros(args.busy_poll_us);
-    if let Some(size) = args.max_super_packet {
-        config.max_super_packet = size;
-    }
+    tune(
+        &mut config,
+        args.workers,
+        args.max_super_packet,
+        args.busy_poll_us,
+    );
     config.metrics_addr = args.metrics_addr;
     config.service_backend = args.service_backend;
     config.pod_cgroup = args.pod_cgroup;
@@ -137,7 +138,32 @@ pub fn run_for_server(
     let mut config = OverlayConfig::new(node_name, underlay);
     config.service_cidr = Some(args.service_cidr);
     config.cluster_cidr = Some(args.cluster_cidr);
+    tune_for_node(&mut config, &args.node);
     overlay::run_supervised(client, config)
+}
+
+/// The packet loops' settings that `skiff server` and `skiff agent` take
+/// for their own node's data plane (`--dataplane-*`).
+pub fn tune_for_node(config: &mut OverlayConfig, node: &NodeArgs) {
+    tune(
+        config,
+        node.dataplane_workers,
+        node.dataplane_max_super_packet,
+        node.dataplane_busy_poll_us,
+    );
+}
+
+fn tune(
+    config: &mut OverlayConfig,
+    workers: usize,
+    max_super_packet: Option<u32>,
+    busy_poll_us: u64,
+) {
+    config.workers = workers;
+    config.busy_poll = std::time::Duration::from_micros(busy_poll_us);
+    if let Some(size) = max_super_packet {
+        config.max_super_packet = size;
+    }
 }
 
 /// `GET /conntrack` from a running data plane.
@@ -162,4 +188,67 @@ async fn conntrack(addr: SocketAddr) -> anyhow::Result<String> {
         );
     }
     Ok(body.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn agent_node(extra: &[&str]) -> NodeArgs {
+        let args = [
+            "skiff",
+            "agent",
+            "--server",
+            "https://s:6443",
+            "--token",
+            "t",
+        ];
+        let cli = Cli::try_parse_from(args.iter().chain(extra)).expect("agent flags parse");
+        match cli.command {
+            Command::Agent(args) => args.node,
+            other => panic!("not an agent command: {other:?}"),
+        }
+    }
+
+    fn tuned(node: &NodeArgs) -> OverlayConfig {
+        let mut config = OverlayConfig::new("n1", IpAddr::V4(Ipv4Addr::LOCALHOST));
+        tune_for_node(&mut config, node);
+        config
+    }
+
+    #[test]
+    fn a_node_tunes_its_own_data_plane() {
+        let defaults = OverlayConfig::new("n1", IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let untouched = tuned(&agent_node(&[]));
+        assert_eq!(untouched.workers, defaults.workers);
+        assert_eq!(untouched.busy_poll, defaults.busy_poll);
+        assert_eq!(untouched.max_super_packet, defaults.max_super_packet);
+
+        let config = tuned(&agent_node(&[
+            "--dataplane-workers",
+            "1",
+            "--dataplane-busy-poll-us",
+            "20000",
+            "--dataplane-max-super-packet",
+            "32768",
+        ]));
+        assert_eq!(config.workers, 1);
+        assert_eq!(config.busy_poll, Duration::from_millis(20));
+        assert_eq!(config.max_super_packet, 32_768);
+
+        let server = Cli::try_parse_from(["skiff", "server", "--dataplane-busy-poll-us", "500"])
+            .expect("server flags parse");
+        let Command::Server(args) = server.command else {
+            panic!("not a server command");
+        };
+        assert_eq!(tuned(&args.node).busy_poll, Duration::from_micros(500));
+        assert!(
+            Cli::try_parse_from(["skiff", "server", "--dataplane-busy-poll-us", "-1"]).is_err()
+        );
+    }
 }

@@ -117,6 +117,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         dataplane::overlay::OverlayConfig::new(agent_config.node_name.clone(), node_ip);
     overlay.service_cidr = cluster.service_cidr;
     overlay.cluster_cidr = cluster.cluster_cidr;
+    crate::dataplane::tune_for_node(&mut overlay, &args.node);
     tokio::spawn(dataplane::overlay::run_supervised(client.clone(), overlay));
     // Stopped when this function returns, and by the kernel if the
     // process dies outright.
