@@ -30,6 +30,12 @@ const CLIENTS: usize = 32;
 const WARM_UP: usize = 320;
 const UPSTREAM_SLO: Duration = Duration::from_secs(1);
 const K3S_SERVER_RSS_MB: f64 = 1600.0;
+/// Rounds of the lean creates and gets. Their p99 moves with the shared
+/// machine's noise from round to round (4.1-6.7 ms for creates, 1.6-4.1 ms
+/// for gets over this benchmark's runs), so each round is printed and the
+/// goals are judged on the median round, as the overlay benchmark takes
+/// the median of three runs.
+const LEAN_ROUNDS: usize = 3;
 
 /// One thread for all clients, as `wrk -t1` would be: the server under
 /// test gets the rest of the two cores. With two client threads the kernel
@@ -169,7 +175,7 @@ async fn main() -> anyhow::Result<()> {
 async fn raw_pass(server: &Server) -> anyhow::Result<()> {
     println!();
     println!(
-        "the same calls from {CLIENTS} lean HTTPS clients (hyper, one connection each, responses read as bytes, not decoded):"
+        "the same calls from {CLIENTS} lean HTTPS clients (hyper, one connection each, responses read as bytes, not decoded), creates and gets in {LEAN_ROUNDS} rounds:"
     );
     let dialer = lean::Dialer::new(&server.url(), &server.data_dir().join("server/tls"))?;
     let mut conns = Vec::with_capacity(CLIENTS);
@@ -184,26 +190,34 @@ async fn raw_pass(server: &Server) -> anyhow::Result<()> {
             namespace.to_string().into(),
         )?)
         .await?;
-    let cpu = ServerCpu::new(server)?;
-    let (conns, creates) = run_each(conns, 6_400, |mut conn: lean::Conn, i| async move {
-        let body = serde_json::to_vec(&pod(&format!("raw-{i}")))?;
-        conn.call(request("POST", "/api/v1/namespaces/raw/pods", body)?)
-            .await?;
-        Ok(conn)
-    })
-    .await?;
-    report("create pod (raw)", &creates, Some(Duration::from_millis(5)));
-    cpu.report_since(&creates)?;
-    let cpu = ServerCpu::new(server)?;
-    let (mut conns, gets) = run_each(conns, 12_800, |mut conn: lean::Conn, i| async move {
-        let name = format!("raw-{}", (i * 7919) % 6_400);
-        let path = format!("/api/v1/namespaces/raw/pods/{name}");
-        conn.call(request("GET", &path, Vec::new())?).await?;
-        Ok(conn)
-    })
-    .await?;
-    report("get pod (raw)", &gets, Some(Duration::from_millis(2)));
-    cpu.report_since(&gets)?;
+    let (mut create_p99s, mut get_p99s) = (Vec::new(), Vec::new());
+    for round in 1..=LEAN_ROUNDS {
+        let cpu = ServerCpu::new(server)?;
+        let (next, creates) = run_each(conns, 6_400, move |mut conn: lean::Conn, i| async move {
+            let body = serde_json::to_vec(&pod(&format!("raw{round}-{i}")))?;
+            conn.call(request("POST", "/api/v1/namespaces/raw/pods", body)?)
+                .await?;
+            Ok(conn)
+        })
+        .await?;
+        report(&format!("create pod (raw, round {round})"), &creates, None);
+        cpu.report_since(&creates)?;
+        create_p99s.push(creates.percentile(99.0));
+        let cpu = ServerCpu::new(server)?;
+        let (next, gets) = run_each(next, 12_800, move |mut conn: lean::Conn, i| async move {
+            let name = format!("raw{round}-{}", (i * 7919) % 6_400);
+            let path = format!("/api/v1/namespaces/raw/pods/{name}");
+            conn.call(request("GET", &path, Vec::new())?).await?;
+            Ok(conn)
+        })
+        .await?;
+        report(&format!("get pod (raw, round {round})"), &gets, None);
+        cpu.report_since(&gets)?;
+        get_p99s.push(gets.percentile(99.0));
+        conns = next;
+    }
+    report_median("create pod (raw)", create_p99s, Duration::from_millis(5));
+    report_median("get pod (raw)", get_p99s, Duration::from_millis(2));
     let mut list_latencies = Vec::new();
     let started = Instant::now();
     for _ in 0..50 {
@@ -223,6 +237,24 @@ async fn raw_pass(server: &Server) -> anyhow::Result<()> {
         Some(Duration::from_millis(50)),
     );
     Ok(())
+}
+
+/// The p99s of the lean rounds, and their median against `goal`.
+fn report_median(name: &str, mut p99s: Vec<Duration>, goal: Duration) {
+    let each: Vec<String> = p99s
+        .iter()
+        .map(|p| format!("{:.2}", p.as_secs_f64() * 1e3))
+        .collect();
+    p99s.sort_unstable();
+    let median = p99s.get(p99s.len() / 2).copied().unwrap_or_default();
+    println!(
+        "{name:<32} p99 of the {} rounds {} ms, median {:.2}ms (goal p99 <= {:.0}ms: {})",
+        p99s.len(),
+        each.join(" / "),
+        median.as_secs_f64() * 1e3,
+        goal.as_secs_f64() * 1e3,
+        if median <= goal { "met" } else { "missed" }
+    );
 }
 
 /// A request to `path` with a JSON `body` (empty for none).
