@@ -154,21 +154,28 @@ fn not_an_object(patch_type: PatchType) -> PatchError {
     PatchError::BadRequest(format!("a {patch_type} body must be a JSON object"))
 }
 
-/// Rejects values nested deeper than [`MAX_DEPTH`]. Iterative, so a hostile body
-/// cannot exhaust the stack here.
+/// Rejects values nested deeper than [`MAX_DEPTH`].
 fn check_depth(value: &Value) -> Result<(), PatchError> {
+    if nesting(value) > MAX_DEPTH {
+        return Err(PatchError::BadRequest(format!(
+            "the patch is nested more than {MAX_DEPTH} levels deep"
+        )));
+    }
+    Ok(())
+}
+
+/// How deep `value` nests: 0 for a scalar, 1 for a flat list or object.
+/// Iterative, so a hostile body cannot exhaust the stack here.
+fn nesting(value: &Value) -> usize {
+    let mut deepest = 0;
     let mut pending = vec![(value, 0usize)];
     while let Some((value, depth)) = pending.pop() {
-        if depth > MAX_DEPTH {
-            return Err(PatchError::BadRequest(format!(
-                "the patch is nested more than {MAX_DEPTH} levels deep"
-            )));
-        }
+        deepest = deepest.max(depth);
         match value {
             Value::Array(items) => pending.extend(items.iter().map(|item| (item, depth + 1))),
             Value::Object(map) => pending.extend(map.values().map(|item| (item, depth + 1))),
             _ => {}
         }
     }
-    Ok(())
+    deepest
 }

@@ -13,6 +13,9 @@ use super::special::{self, Raw};
 use super::wire::{Reader, WireError, WireType};
 use super::{CONTENT_TYPE, MAX_DEPTH, ProtobufError, UnknownField};
 
+/// Unknown fields reported per body; the rest are skipped silently.
+pub(super) const MAX_UNKNOWN_REPORTED: usize = 16;
+
 pub(super) struct Decoder {
     /// Where we are, for error messages and unknown-field reports.
     path: Vec<Segment>,
@@ -339,6 +342,12 @@ impl Decoder {
     }
 
     fn record_unknown(&mut self, message: &'static str, number: u32) {
+        // Each report carries its whole path, map keys included: a body of
+        // many unknown fields under one long map key would otherwise cost
+        // their product in memory. The first few say enough.
+        if self.unknown.len() >= MAX_UNKNOWN_REPORTED {
+            return;
+        }
         self.unknown.push(UnknownField {
             path: self.path_string(),
             message,

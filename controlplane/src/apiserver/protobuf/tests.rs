@@ -337,6 +337,27 @@ fn unknown_fields_are_skipped_and_reported() {
 }
 
 #[test]
+fn unknown_fields_under_a_long_map_key_are_reported_a_few_times() {
+    // Many unknown fields inside one Quantity under a 64 KB map key: each
+    // report carries the key in its path, so only the first few are kept.
+    let key = "k".repeat(64 * 1024);
+    let mut quantity = Msg::new().str(1, "1");
+    for _ in 0..10_000 {
+        quantity = quantity.varint(2, 0);
+    }
+    let entry = Msg::new().str(1, &key).msg(2, quantity);
+    let pod = Msg::new()
+        .msg(1, meta("p"))
+        .msg(2, Msg::new().msg(32, entry));
+    let decoded = decode(&body("v1", "Pod", pod)).unwrap();
+    assert_eq!(
+        decoded.unknown_fields.len(),
+        super::message::MAX_UNKNOWN_REPORTED
+    );
+    assert!(decoded.unknown_fields[0].path.contains(&key));
+}
+
+#[test]
 fn delete_options_in_any_served_group_version() {
     let opts = Msg::new().varint(1, 0).str(4, "Foreground").str(5, "All");
     for api_version in ["v1", "apps/v1", "meta.k8s.io/v1"] {

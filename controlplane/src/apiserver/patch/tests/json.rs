@@ -135,3 +135,66 @@ fn merge_patch_bodies_must_be_objects() {
         assert_eq!(error.status_code(), 400, "{body:?}");
     }
 }
+
+#[test]
+fn the_failing_operation_is_named_by_its_index() {
+    let current = deployment(json!([{"name": "app"}]));
+    let patch = json!([
+        {"op": "replace", "path": "/spec/replicas", "value": 5},
+        {"op": "add", "path": "/metadata/labels/tier", "value": "web"},
+        {"op": "remove", "path": "/metadata/annotations/absent"}
+    ]);
+    let error = json_patch(&current, &patch).unwrap_err();
+    assert!(error.to_string().contains("operation '/2'"), "{error}");
+}
+
+#[test]
+fn copies_cannot_double_the_object_without_bound() {
+    // Each copy of /x into itself doubles it: thirty would need terabytes.
+    let mut operations =
+        vec![json!({"op": "add", "path": "/x", "value": {"s": "a".repeat(100_000)}})];
+    operations
+        .extend((1..=30).map(|k| json!({"op": "copy", "from": "/x", "path": format!("/x/k{k}")})));
+    let error = json_patch(&deployment(json!([])), &Value::Array(operations)).unwrap_err();
+    assert!(
+        matches!(&error, PatchError::Invalid(message) if message.contains("copy operations duplicate more than")),
+        "{error:?}"
+    );
+    assert_eq!(error.status_code(), 422);
+    // Copies within the budget apply.
+    let patched = json_patch(
+        &deployment(json!([{"name": "app"}])),
+        &json!([{"op": "copy", "from": "/spec/template/spec/containers/0", "path": "/spec/template/spec/containers/-"}]),
+    )
+    .unwrap();
+    assert_eq!(
+        patched["spec"]["template"]["spec"]["containers"][1]["name"],
+        "app"
+    );
+}
+
+#[test]
+fn patches_cannot_nest_the_object_without_bound() {
+    // Each copy of /x into its deepest object doubles its depth: fifteen would
+    // nest it 30,000 levels, deep enough to overflow the stack on clone or drop.
+    // After k copies /x holds a chain of 2^k - 1 objects under "a".
+    let mut operations = vec![json!({"op": "add", "path": "/x", "value": {}})];
+    for k in 0..15 {
+        let target = format!("/x{}", "/a".repeat(1 << k));
+        operations.push(json!({"op": "copy", "from": "/x", "path": target}));
+    }
+    let error = json_patch(&deployment(json!([])), &Value::Array(operations)).unwrap_err();
+    assert!(
+        matches!(&error, PatchError::Invalid(message) if message.contains("levels deep")),
+        "{error:?}"
+    );
+    // So is a chain of adds, each one level below the last.
+    let mut operations = vec![json!({"op": "add", "path": "/y", "value": {}})];
+    let mut path = String::from("/y");
+    for _ in 0..120 {
+        path.push_str("/b");
+        operations.push(json!({"op": "add", "path": path, "value": {}}));
+    }
+    let error = json_patch(&deployment(json!([])), &Value::Array(operations)).unwrap_err();
+    assert_eq!(error.status_code(), 422, "{error:?}");
+}
