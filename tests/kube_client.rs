@@ -184,6 +184,31 @@ async fn watch_from_a_compacted_revision_gets_410() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[tokio::test]
+async fn a_watch_with_a_huge_timeout_still_streams() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    // More seconds than a deadline can hold: the server clamps them.
+    let request = http::Request::get(
+        "/api/v1/namespaces/default/configmaps?watch=true&timeoutSeconds=9223372036854775807",
+    )
+    .body(Vec::new())?;
+    let mut events = cluster
+        .client
+        .request_events::<ConfigMap>(request)
+        .await?
+        .boxed();
+    let api: Api<ConfigMap> = Api::namespaced(cluster.client.clone(), "default");
+    let cm: ConfigMap = serde_json::from_value(serde_json::json!({"metadata": {"name": "late"}}))?;
+    api.create(&PostParams::default(), &cm).await?;
+    match tokio::time::timeout(Duration::from_secs(10), events.next()).await? {
+        Some(Ok(kube::api::WatchEvent::Added(cm))) => {
+            ensure!(cm.metadata.name.as_deref() == Some("late"), "{cm:?}");
+        }
+        other => anyhow::bail!("expected the ADDED event, got {other:?}"),
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_service_creates_get_distinct_addresses_and_ports() -> anyhow::Result<()> {
     use k8s_openapi::api::core::v1::Service;

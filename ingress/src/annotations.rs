@@ -35,6 +35,9 @@ pub struct Settings {
 }
 
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// The longest read timeout an annotation may ask for: the proxy adds it to
+/// the current instant, which a value near `u64::MAX` seconds would overflow.
+const MAX_READ_TIMEOUT_SECS: u64 = 365 * 24 * 3600;
 
 impl Default for Settings {
     fn default() -> Self {
@@ -86,8 +89,14 @@ impl Settings {
         }
         if let Some(v) = annotations.get(PROXY_READ_TIMEOUT) {
             match v.trim_end_matches('s').parse::<u64>() {
-                Ok(secs) if secs > 0 => s.read_timeout = Duration::from_secs(secs),
-                _ => bad(PROXY_READ_TIMEOUT, v, "a positive number of seconds"),
+                Ok(secs) if secs > 0 && secs <= MAX_READ_TIMEOUT_SECS => {
+                    s.read_timeout = Duration::from_secs(secs)
+                }
+                _ => bad(
+                    PROXY_READ_TIMEOUT,
+                    v,
+                    "a positive number of seconds, at most a year",
+                ),
             }
         }
         if let Some(v) = annotations.get(LIMIT_RPS) {
@@ -160,5 +169,15 @@ mod tests {
         assert_eq!(s.rewrite_target, None);
         assert_eq!(s.read_timeout, DEFAULT_READ_TIMEOUT);
         assert_eq!(s.canary_weight, Some(0));
+    }
+
+    #[test]
+    fn read_timeouts_beyond_a_year_are_refused() {
+        let (s, problems) = parse(&[(PROXY_READ_TIMEOUT, "31536000")]);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(s.read_timeout, Duration::from_secs(31_536_000));
+        let (s, problems) = parse(&[(PROXY_READ_TIMEOUT, "9999999999999999999")]);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(s.read_timeout, DEFAULT_READ_TIMEOUT);
     }
 }

@@ -242,9 +242,8 @@ impl Worker {
                         .as_ref()
                         .and_then(|s| s.termination_grace_period_seconds)
                 })
-                .unwrap_or(30)
-                .max(0) as u64;
-            self.terminate_all(Duration::from_secs(grace)).await;
+                .unwrap_or(30);
+            self.terminate_all(grace_period(grace)).await;
             self.write_status(&pod).await;
             self.teardown().await;
             let api: Api<Pod> = Api::namespaced(
@@ -980,9 +979,8 @@ impl Worker {
             .as_ref()
             .and_then(|p| p.spec.as_ref())
             .and_then(|s| s.termination_grace_period_seconds)
-            .unwrap_or(30)
-            .max(0);
-        Duration::from_secs(secs as u64)
+            .unwrap_or(30);
+        grace_period(secs)
     }
 
     /// preStop, SIGTERM, the grace period, SIGKILL; returns when it exited.
@@ -1204,6 +1202,14 @@ impl Worker {
     }
 }
 
+/// A pod's grace period from its seconds (negative: none). At most a year:
+/// the deadline is the current instant plus the period, which a value near
+/// `i64::MAX` seconds, accepted by the API as upstream's is, would overflow.
+fn grace_period(seconds: i64) -> Duration {
+    const MAX_GRACE_SECS: i64 = 365 * 24 * 3600;
+    Duration::from_secs(seconds.clamp(0, MAX_GRACE_SECS) as u64)
+}
+
 /// The user and group the container runs as: securityContext first, the
 /// image's `User` next (numeric, or a name looked up in the image's
 /// /etc/passwd), root otherwise.
@@ -1252,4 +1258,19 @@ fn passwd_lookup(rootfs: &Path, name: &str) -> Option<(u32, u32)> {
             .then(|| Some((fields[2].parse().ok()?, fields[3].parse().ok()?)))
             .flatten()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grace_periods_are_clamped_to_what_a_deadline_can_hold() {
+        assert_eq!(grace_period(30), Duration::from_secs(30));
+        assert_eq!(grace_period(-5), Duration::ZERO);
+        let longest = grace_period(i64::MAX);
+        assert_eq!(longest, Duration::from_secs(365 * 24 * 3600));
+        // What the worker does with it must not overflow.
+        let _ = Instant::now() + longest;
+    }
 }

@@ -32,6 +32,8 @@ const BOOKMARK_EVERY: Duration = Duration::from_secs(60);
 /// Upstream's `--min-request-timeout` default: watches end after this
 /// (clients reconnect from their last resourceVersion).
 const DEFAULT_TIMEOUT_SECS: i64 = 1800;
+/// The longest watch a client may ask for (a year).
+const MAX_TIMEOUT_SECS: i64 = 365 * 24 * 3600;
 
 struct Plan {
     rt: &'static ResourceType,
@@ -75,10 +77,13 @@ pub async fn serve(
         ));
     }
     let initial = send_initial.unwrap_or(matches!(rv, None | Some(0)));
+    // Clamped: the deadline is the current instant plus the timeout, which
+    // a value near `i64::MAX` seconds would overflow.
     let timeout = query
         .number("timeoutSeconds")?
         .filter(|t| *t > 0)
-        .unwrap_or(DEFAULT_TIMEOUT_SECS);
+        .unwrap_or(DEFAULT_TIMEOUT_SECS)
+        .min(MAX_TIMEOUT_SECS);
     let mut include_object = Query::default();
     if let Some(include) = query.get("includeObject") {
         include_object = Query::parse(Some(&format!("includeObject={include}")));
