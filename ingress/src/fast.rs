@@ -394,7 +394,15 @@ where
         return After::Close;
     }
     if !resp_body.is_done()
-        && let Err(e) = pass_body(&mut resp_body, &mut up.stream, &mut up.buf, io).await
+        && let Err(e) = pass_body(
+            &mut resp_body,
+            &mut up.stream,
+            &mut up.buf,
+            io,
+            deadline,
+            ex.route.settings.read_timeout,
+        )
+        .await
     {
         tracing::debug!(error = ?e, upstream = %addr, "response body not passed on whole");
         return After::Close;
@@ -472,7 +480,8 @@ where
         }
         let mut heard = false;
         if !whole {
-            match pass_body(body, client, rx, &mut up.stream).await {
+            let idle = ex.route.settings.read_timeout;
+            match pass_body(body, client, rx, &mut up.stream, deadline, idle).await {
                 Ok(()) => {}
                 Err(Pass::Read(e)) => {
                     tracing::debug!(error = %e, "request body ended early");
@@ -715,12 +724,16 @@ enum Pass {
 }
 
 /// Streams the rest of a body from `src` (read through `buf`) to `dst`.
-/// Bytes after the body stay in `buf`.
+/// Bytes after the body stay in `buf`. A sender that goes quiet for `idle`
+/// fails it with `TimedOut`, as nginx's `client_body_timeout` and
+/// `proxy_read_timeout` bound the wait between two reads.
 async fn pass_body<R, W>(
     state: &mut BodyState,
     src: &mut R,
     buf: &mut Buf,
     dst: &mut W,
+    deadline: &mut Deadline,
+    idle: Duration,
 ) -> Result<(), Pass>
 where
     R: AsyncRead + Unpin,
@@ -728,7 +741,8 @@ where
 {
     while !state.is_done() {
         if buf.unread().is_empty() {
-            match buf.fill(src).await {
+            deadline.set(Instant::now() + idle);
+            match deadline.fill(src, buf).await {
                 Ok(0) if matches!(state, BodyState::UntilClose) => break,
                 Ok(0) => return Err(Pass::Read(std::io::ErrorKind::UnexpectedEof.into())),
                 Ok(_) => {}
@@ -965,6 +979,42 @@ mod tests {
         )
         .await;
         assert!(reply.starts_with("HTTP/1.1 504"), "{reply}");
+    }
+
+    #[tokio::test]
+    async fn a_body_that_stops_coming_is_given_up() {
+        let settings = || Settings {
+            read_timeout: Duration::from_millis(300),
+            ..Settings::default()
+        };
+        // The client's request body stalls after 5 of 1,000 bytes.
+        let (backend, _) = backend().await;
+        let addr = proxy_to(backend, settings()).await;
+        let reply = raw(
+            addr,
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nhello",
+        )
+        .await;
+        assert!(!reply.contains("200 OK"), "{reply}");
+
+        // The backend's response body stalls after 3 of 100 bytes.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let stalling = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut head = [0u8; 1024];
+                let _ = s.read(&mut head).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+                    .await;
+                held.push(s);
+            }
+        });
+        let addr = proxy_to(stalling, settings()).await;
+        let reply = raw(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
+        assert!(reply.ends_with("abc"), "{reply}");
     }
 
     /// Garbage of every kind gets an answer or a close, never a panic,
