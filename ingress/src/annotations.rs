@@ -26,7 +26,8 @@ pub struct Settings {
     pub rewrite_target: Option<String>,
     pub ssl_redirect: bool,
     pub protocol: Protocol,
-    /// Time allowed for the backend to answer with its response head.
+    /// Time allowed for the backend to answer with its response head, and
+    /// the longest pause within a request or response body.
     pub read_timeout: Duration,
     /// Requests per second allowed per client address (burst of the same).
     pub limit_rps: Option<u32>,

@@ -41,7 +41,7 @@
 //! | `skiff.io/rewrite-target` | a path, e.g. `/` | the matched part of the path is replaced by it: rule `/api` with target `/` sends `/api/users` as `/users` |
 //! | `skiff.io/ssl-redirect` | `true` (default) / `false` | redirect plain HTTP to HTTPS for hosts in `spec.tls` |
 //! | `skiff.io/backend-protocol` | `HTTP` (default) / `H2C` (or `GRPC`) | HTTP/1.1 or HTTP/2 cleartext to the endpoints |
-//! | `skiff.io/proxy-read-timeout` | seconds (default 60) | time for the backend to send its response head, then 504 |
+//! | `skiff.io/proxy-read-timeout` | seconds (default 60, at most a year) | time for the backend to send its response head, then 504; also the longest pause within a request or response body |
 //! | `skiff.io/limit-rps` | requests per second | per client address, with a burst of the same; then 429 |
 //! | `skiff.io/canary` | `true` | this Ingress is a canary of the Ingress with the same host and path |
 //! | `skiff.io/canary-weight` | 0–100 | percent of that route's requests sent to the canary's backend |
