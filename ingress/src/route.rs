@@ -113,29 +113,50 @@ impl Route {
 #[derive(Debug)]
 pub struct RateLimiter {
     rate: f64,
-    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+    buckets: Mutex<Buckets>,
+}
+
+#[derive(Debug, Default)]
+struct Buckets {
+    by_client: HashMap<IpAddr, (f64, Instant)>,
+    /// When idle buckets were last dropped.
+    pruned: Option<Instant>,
 }
 
 /// Buckets kept before idle (full) ones are dropped.
 const MAX_CLIENTS: usize = 65_536;
+/// How often a full table may be scanned for idle buckets: each scan
+/// visits every bucket under the lock.
+const PRUNE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl RateLimiter {
     pub fn new(rate: u32) -> Self {
         RateLimiter {
             rate: f64::from(rate),
-            buckets: Mutex::new(HashMap::new()),
+            buckets: Mutex::default(),
         }
     }
 
+    /// Whether `client` may send a request now. A new client finding the
+    /// table full of clients still being limited is refused, as nginx's
+    /// `limit_req` refuses when its zone is full: tracking it would grow
+    /// the table without bound.
     pub fn allow(&self, client: IpAddr, now: Instant) -> bool {
-        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
-        if buckets.len() >= MAX_CLIENTS && !buckets.contains_key(&client) {
-            let rate = self.rate;
-            buckets.retain(|_, (tokens, at)| {
-                *tokens + now.saturating_duration_since(*at).as_secs_f64() * rate < rate
-            });
+        let mut guard = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+        let Buckets { by_client, pruned } = &mut *guard;
+        if by_client.len() >= MAX_CLIENTS && !by_client.contains_key(&client) {
+            if pruned.is_none_or(|at| now.saturating_duration_since(at) >= PRUNE_INTERVAL) {
+                let rate = self.rate;
+                by_client.retain(|_, (tokens, at)| {
+                    *tokens + now.saturating_duration_since(*at).as_secs_f64() * rate < rate
+                });
+                *pruned = Some(now);
+            }
+            if by_client.len() >= MAX_CLIENTS {
+                return false;
+            }
         }
-        let (tokens, at) = buckets.entry(client).or_insert((self.rate, now));
+        let (tokens, at) = by_client.entry(client).or_insert((self.rate, now));
         let refill = now.saturating_duration_since(*at).as_secs_f64() * self.rate;
         *tokens = (*tokens + refill).min(self.rate);
         *at = now;
@@ -215,5 +236,33 @@ mod tests {
         assert!(!limiter.allow(a, t0));
         assert!(limiter.allow(b, t0), "another client has its own bucket");
         assert!(limiter.allow(a, t0 + Duration::from_millis(600)));
+    }
+
+    #[test]
+    fn a_table_full_of_limited_clients_stops_growing() {
+        let limiter = RateLimiter::new(1);
+        let t0 = Instant::now();
+        let client = |i: usize| IpAddr::from(std::net::Ipv6Addr::from(i as u128));
+        // Every client spends its one token: none of their buckets is idle.
+        for i in 0..MAX_CLIENTS {
+            assert!(limiter.allow(client(i), t0));
+        }
+        let newcomer = client(MAX_CLIENTS);
+        assert!(
+            !limiter.allow(newcomer, t0),
+            "refused while the table is full"
+        );
+        assert!(!limiter.allow(newcomer, t0 + Duration::from_millis(500)));
+        let tracked = || {
+            let buckets = limiter.buckets.lock().unwrap();
+            buckets.by_client.len()
+        };
+        assert_eq!(tracked(), MAX_CLIENTS);
+        // Once the others' buckets have refilled they are dropped, and the
+        // newcomer is tracked like anyone else.
+        let later = t0 + Duration::from_secs(2);
+        assert!(limiter.allow(newcomer, later));
+        assert_eq!(tracked(), 1);
+        assert!(!limiter.allow(newcomer, later));
     }
 }
