@@ -87,7 +87,7 @@ pub struct NodeArgs {
     /// microseconds instead of sleeping, while the machine has a CPU to
     /// spare. Lower latency for sparse traffic, at the cost of a busy CPU
     /// while packets keep coming (0: off).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(..=1_000_000))]
     pub dataplane_busy_poll_us: u64,
 }
 

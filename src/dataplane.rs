@@ -49,7 +49,7 @@ pub struct DataplaneArgs {
     /// sleeping, while the machine has a CPU to spare: lower latency for
     /// sparse traffic, at the cost of a busy CPU while packets keep coming
     /// (0: off).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(..=1_000_000))]
     pub busy_poll_us: u64,
     /// Serve Prometheus metrics at this address.
     #[arg(long)]
@@ -247,8 +247,11 @@ mod tests {
             panic!("not a server command");
         };
         assert_eq!(tuned(&args.node).busy_poll, Duration::from_micros(500));
-        assert!(
-            Cli::try_parse_from(["skiff", "server", "--dataplane-busy-poll-us", "-1"]).is_err()
-        );
+        for bad in ["-1", "1000001", "18446744073709551615"] {
+            assert!(
+                Cli::try_parse_from(["skiff", "server", "--dataplane-busy-poll-us", bad]).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

@@ -1204,7 +1204,7 @@ impl Worker {
 
 /// A pod's grace period from its seconds (negative: none). At most a year:
 /// the deadline is the current instant plus the period, which a value near
-/// `i64::MAX` seconds, accepted by the API as upstream's is, would overflow.
+/// `i64::MAX` seconds would overflow (the API accepts any, as upstream's does).
 fn grace_period(seconds: i64) -> Duration {
     const MAX_GRACE_SECS: i64 = 365 * 24 * 3600;
     Duration::from_secs(seconds.clamp(0, MAX_GRACE_SECS) as u64)

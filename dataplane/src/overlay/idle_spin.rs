@@ -32,13 +32,19 @@ pub struct IdleSpin {
     buf: [u8; 128],
 }
 
+/// The longest budget: more only keeps a CPU busy longer, and each packet
+/// adds the budget to the current instant, which a huge one would overflow.
+const MAX_BUDGET: Duration = Duration::from_secs(1);
+
 impl IdleSpin {
-    /// Polls for up to `budget` after each packet; `None` when the budget
-    /// is zero or the machine's run queue cannot be read.
+    /// Polls for up to `budget` (at most [`MAX_BUDGET`]) after each packet;
+    /// `None` when the budget is zero or the machine's run queue cannot be
+    /// read.
     pub fn new(budget: Duration) -> Option<Self> {
         if budget.is_zero() {
             return None;
         }
+        let budget = budget.min(MAX_BUDGET);
         let loadavg = match File::open("/proc/loadavg") {
             Ok(file) => file,
             Err(e) => {
@@ -121,5 +127,10 @@ mod tests {
         spin.restart(now);
         assert!(!spin.keep_polling(now + Duration::from_millis(6)));
         assert!(IdleSpin::new(Duration::ZERO).is_none());
+        // A budget too large to add to an instant is cut to the longest.
+        if let Some(mut spin) = IdleSpin::new(Duration::MAX) {
+            spin.restart(now);
+            assert!(!spin.keep_polling(now + MAX_BUDGET + Duration::from_millis(1)));
+        }
     }
 }

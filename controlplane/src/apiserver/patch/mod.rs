@@ -164,7 +164,8 @@ fn check_depth(value: &Value) -> Result<(), PatchError> {
     Ok(())
 }
 
-/// How deep `value` nests: 0 for a scalar, 1 for a flat list or object.
+/// How deep `value` nests: 0 for a scalar or an empty list or object, 1 for
+/// one that holds only scalars.
 /// Iterative, so a hostile body cannot exhaust the stack here.
 fn nesting(value: &Value) -> usize {
     let mut deepest = 0;
