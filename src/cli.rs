@@ -162,17 +162,23 @@ pub struct ServerArgs {
     pub dns_metrics_listen: Option<SocketAddr>,
 }
 
-/// `40`, `40s`, `1.5s` or `500ms`.
+/// `40`, `40s`, `1.5s` or `500ms`; at most a year, since these periods are
+/// added to instants and doubled, which a larger one could overflow.
 fn seconds(value: &str) -> Result<Duration, String> {
+    const LONGEST: Duration = Duration::from_secs(365 * 24 * 3600);
     let (number, scale) = match value.strip_suffix("ms") {
         Some(ms) => (ms, 1e-3),
         None => (value.strip_suffix('s').unwrap_or(value), 1.0),
     };
-    number
+    let duration = number
         .parse::<f64>()
         .ok()
         .and_then(|n| Duration::try_from_secs_f64(n * scale).ok())
-        .ok_or_else(|| format!("{value:?} is not a duration such as 40s"))
+        .ok_or_else(|| format!("{value:?} is not a duration such as 40s"))?;
+    if duration > LONGEST {
+        return Err(format!("{value:?} is longer than a year"));
+    }
+    Ok(duration)
 }
 
 #[derive(Args, Debug)]
@@ -334,9 +340,13 @@ mod tests {
             };
             assert_eq!(args.node_monitor_grace_period, Duration::from_millis(want));
         }
-        assert!(
-            Cli::try_parse_from(["skiff", "server", "--node-monitor-grace-period", "-1s"]).is_err()
-        );
+        for bad in ["-1s", "1e12s", "soon"] {
+            assert!(
+                Cli::try_parse_from(["skiff", "server", "--node-monitor-grace-period", bad])
+                    .is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
