@@ -854,6 +854,7 @@ mod tests {
         let limits = Limits {
             header_timeout: Duration::from_secs(5),
             fast_path: true,
+            max_connections: 1024,
         };
         tokio::spawn(serve(listener, None, proxy, metrics, limits));
         addr

@@ -32,7 +32,8 @@
 //! 404 no route, 429 rate limited, 502 upstream failed, 503 no ready
 //! endpoints, 504 upstream did not answer in time. A request head must
 //! arrive within the header timeout (30 s by default), which also closes
-//! idle keep-alive connections.
+//! idle keep-alive connections. Each port holds at most 16,384 open
+//! connections; more wait in the accept queue until one closes.
 //!
 //! # Annotations
 //!
@@ -103,6 +104,9 @@ pub struct IngressConfig {
     /// HTTP/1.1 on the fast path (`fast`); off, every connection is
     /// hyper's. Off only to compare the two: `SKIFF_INGRESS_GENERIC_ONLY=1`.
     pub fast_path: bool,
+    /// Open connections per port, as ingress-nginx's default
+    /// `max-worker-connections`; more wait to be accepted.
+    pub max_connections: usize,
 }
 
 impl IngressConfig {
@@ -116,6 +120,7 @@ impl IngressConfig {
             header_timeout: Duration::from_secs(30),
             tls_resumption: true,
             fast_path: std::env::var_os("SKIFF_INGRESS_GENERIC_ONLY").is_none(),
+            max_connections: 16_384,
         }
     }
 }
@@ -168,6 +173,7 @@ pub async fn run(client: kube::Client, config: IngressConfig) -> Result<(), Erro
     let limits = server::Limits {
         header_timeout: config.header_timeout,
         fast_path: config.fast_path,
+        max_connections: config.max_connections,
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config));
     tracing::info!(http = %config.http, https = %config.https, "ingress listening");

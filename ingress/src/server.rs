@@ -17,6 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::AsyncRead;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::body::ResponseBody;
@@ -37,6 +38,9 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// HTTP/1.1 connections start on the fast path.
     pub fast_path: bool,
+    /// Open connections per listener; past it, new ones wait in the
+    /// kernel's accept queue until one closes.
+    pub max_connections: usize,
 }
 
 pub async fn serve(
@@ -50,7 +54,13 @@ pub async fn serve(
         any: builder(limits),
         h2: builder(limits).http2_only(),
     });
+    // Each connection holds buffers and a task: without a bound, clients
+    // that open connections faster than they close them take the memory.
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
@@ -67,6 +77,7 @@ pub async fn serve(
             metrics: metrics.clone(),
             builders: builders.clone(),
             limits,
+            _permit: permit,
         };
         match &tls {
             None => tokio::spawn(task.plain(stream, conn)),
@@ -96,6 +107,8 @@ struct Connection {
     metrics: Arc<Metrics>,
     builders: Arc<Builders>,
     limits: Limits,
+    /// Given back when the connection's task ends.
+    _permit: OwnedSemaphorePermit,
 }
 
 struct Builders {
@@ -222,6 +235,15 @@ mod tests {
 
     /// A proxy with an empty table on a loopback port.
     async fn start(header_timeout: Duration) -> std::net::SocketAddr {
+        start_with(Limits {
+            header_timeout,
+            fast_path: true,
+            max_connections: 1024,
+        })
+        .await
+    }
+
+    async fn start_with(limits: Limits) -> std::net::SocketAddr {
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = Arc::new(Metrics::new(&mut registry));
         let cert = crate::tls::default_certificate().expect("default certificate");
@@ -232,16 +254,7 @@ mod tests {
         let proxy = Arc::new(Proxy::new(state, metrics.clone(), 443, false));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        tokio::spawn(serve(
-            listener,
-            None,
-            proxy,
-            metrics,
-            Limits {
-                header_timeout,
-                fast_path: true,
-            },
-        ));
+        tokio::spawn(serve(listener, None, proxy, metrics, limits));
         addr
     }
 
@@ -278,6 +291,37 @@ mod tests {
         assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
         let reply = exchange(addr, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").await;
         assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    }
+
+    /// Past the connection limit a new client waits to be accepted until
+    /// an open connection ends.
+    #[tokio::test]
+    async fn connections_past_the_limit_wait_their_turn() {
+        let addr = start_with(Limits {
+            header_timeout: Duration::from_secs(5),
+            fast_path: true,
+            max_connections: 1,
+        })
+        .await;
+        let idle = TcpStream::connect(addr).await.expect("connect");
+        // Let the proxy accept the first connection and take the one permit.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut waiting = TcpStream::connect(addr).await.expect("connect");
+        waiting
+            .write_all(b"GET / HTTP/1.1\r\nHost: nowhere\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = [0u8; 64];
+        let early = tokio::time::timeout(Duration::from_millis(300), waiting.read(&mut buf)).await;
+        assert!(early.is_err(), "answered while over the limit");
+        drop(idle);
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), waiting.read_to_end(&mut out))
+            .await
+            .expect("answered once the first connection closed")
+            .expect("read");
+        let reply = String::from_utf8_lossy(&out);
+        assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
     }
 
     /// A client that sends its head a byte at a time is cut off at the
