@@ -43,6 +43,15 @@ pub fn prepare(
     let mut out = BTreeMap::new();
     let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
     for volume in pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
+        // The API server admits only DNS-1123 labels; a pod stored before
+        // it checked, or written to the store directly, must still not
+        // name a folder outside `dir`.
+        if !is_folder_name(&volume.name) {
+            return Err(format!(
+                "volume {:?}: the name must be a DNS-1123 label",
+                volume.name
+            ));
+        }
         let path = dir.join(&volume.name);
         let prepared = prepare_one(
             pod, namespace, volume, &path, pod_ip, host_ip, sources, claims, tokens,
@@ -51,6 +60,18 @@ pub fn prepare(
         out.insert(volume.name.clone(), prepared);
     }
     Ok(out)
+}
+
+/// A name that is one plain folder below its parent: lowercase letters,
+/// digits and inner dashes, as a DNS-1123 label.
+fn is_folder_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
 }
 
 /// Unmounts tmpfs volumes and removes the pod's volume folders (never
@@ -397,6 +418,16 @@ fn is_mountpoint(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_plain_names_become_volume_folders() {
+        for good in ["data", "kube-api-access-x1", "a", "0"] {
+            assert!(is_folder_name(good), "{good}");
+        }
+        for bad in ["", "..", ".", "../../etc", "a/b", "-a", "a-", "Data", "x.y"] {
+            assert!(!is_folder_name(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn atomic_writer_swaps_content() {

@@ -72,6 +72,14 @@ impl Cause {
         }
     }
 
+    pub fn not_found(field: impl Into<String>, value: &str) -> Self {
+        Cause {
+            reason: "FieldValueNotFound",
+            message: format!("Not found: {value:?}"),
+            field: field.into(),
+        }
+    }
+
     pub fn duplicate(field: impl Into<String>, value: &str) -> Self {
         Cause {
             reason: "FieldValueDuplicate",

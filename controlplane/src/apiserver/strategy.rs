@@ -191,6 +191,75 @@ pub fn validate(rt: &ResourceType, object: &Value) -> Vec<Cause> {
     causes
 }
 
+/// The names of a pod's volumes, each checked: the node agent makes a
+/// folder of each name, so it must be a DNS-1123 label, as upstream
+/// requires, and unique.
+fn pod_volumes<'a>(spec: &'a Value, path: &str, causes: &mut Vec<Cause>) -> Vec<&'a str> {
+    let mut names = Vec::new();
+    let Some(list) = spec.get("volumes").and_then(Value::as_array) else {
+        return names;
+    };
+    for (i, volume) in list.iter().enumerate() {
+        let at = format!("{path}.volumes[{i}].name");
+        match volume.get("name").and_then(Value::as_str) {
+            None | Some("") => causes.push(Cause::required(at)),
+            Some(name) => {
+                if let Some(problem) = validation::dns1123_label(name) {
+                    causes.push(Cause::invalid(at, name, problem));
+                } else if names.contains(&name) {
+                    causes.push(Cause::duplicate(at, name));
+                } else {
+                    names.push(name);
+                }
+            }
+        }
+    }
+    names
+}
+
+/// A container's volume mounts name one of the pod's volumes, and a
+/// `subPath` stays below the volume: relative, without `..`.
+fn volume_mounts(container: &Value, at: &str, volumes: &[&str], causes: &mut Vec<Cause>) {
+    let Some(mounts) = container.get("volumeMounts").and_then(Value::as_array) else {
+        return;
+    };
+    for (j, mount) in mounts.iter().enumerate() {
+        let here = format!("{at}.volumeMounts[{j}]");
+        match mount.get("name").and_then(Value::as_str) {
+            None | Some("") => causes.push(Cause::required(format!("{here}.name"))),
+            Some(name) if !volumes.contains(&name) => {
+                causes.push(Cause::not_found(format!("{here}.name"), name));
+            }
+            Some(_) => {}
+        }
+        if mount
+            .get("mountPath")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+        {
+            causes.push(Cause::required(format!("{here}.mountPath")));
+        }
+        for field in ["subPath", "subPathExpr"] {
+            let Some(sub) = mount.get(field).and_then(Value::as_str) else {
+                continue;
+            };
+            if sub.starts_with('/') {
+                causes.push(Cause::invalid(
+                    format!("{here}.{field}"),
+                    sub,
+                    "must be a relative path",
+                ));
+            } else if sub.split('/').any(|part| part == "..") {
+                causes.push(Cause::invalid(
+                    format!("{here}.{field}"),
+                    sub,
+                    "must not contain '..'",
+                ));
+            }
+        }
+    }
+}
+
 fn pod_spec(spec: &Value, path: &str, causes: &mut Vec<Cause>) {
     let containers = spec.get("containers").and_then(Value::as_array);
     match containers {
@@ -198,6 +267,7 @@ fn pod_spec(spec: &Value, path: &str, causes: &mut Vec<Cause>) {
         Some(list) if list.is_empty() => causes.push(Cause::required(format!("{path}.containers"))),
         Some(_) => {}
     }
+    let volumes = pod_volumes(spec, path, causes);
     let mut names: Vec<&str> = Vec::new();
     for field in ["initContainers", "containers"] {
         let Some(list) = spec.get(field).and_then(Value::as_array) else {
@@ -224,6 +294,7 @@ fn pod_spec(spec: &Value, path: &str, causes: &mut Vec<Cause>) {
             {
                 causes.push(Cause::required(format!("{at}.image")));
             }
+            volume_mounts(container, &at, &volumes, causes);
             if let Some(ports) = container.get("ports").and_then(Value::as_array) {
                 for (j, port) in ports.iter().enumerate() {
                     let number = port.get("containerPort").and_then(Value::as_i64);
@@ -370,5 +441,66 @@ fn data_keys(object: &Value, causes: &mut Vec<Cause>) {
                 ));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::apiserver::resources::Registry;
+
+    fn pod_causes(spec: Value) -> Vec<(String, &'static str)> {
+        let registry = Registry::new();
+        let pods = registry.get("", "v1", "pods").expect("pods are served");
+        let pod = json!({"metadata": {"name": "p"}, "spec": spec});
+        validate(pods, &pod)
+            .into_iter()
+            .map(|c| (c.field, c.reason))
+            .collect()
+    }
+
+    #[test]
+    fn volume_names_and_mounts_are_checked() {
+        let container = |mounts: Value| json!({"name": "c", "image": "i", "volumeMounts": mounts});
+        let ok = pod_causes(json!({
+            "volumes": [{"name": "data", "emptyDir": {}}],
+            "containers": [container(json!([{"name": "data", "mountPath": "/d", "subPath": "a/b"}]))],
+        }));
+        assert!(ok.is_empty(), "{ok:?}");
+
+        // The agent makes a folder of each volume's name.
+        let causes = pod_causes(json!({
+            "volumes": [{"name": "../../etc", "emptyDir": {}}, {"name": "x", "emptyDir": {}}, {"name": "x", "emptyDir": {}}],
+            "containers": [container(json!([
+                {"name": "../../etc", "mountPath": "/d"},
+                {"name": "x", "mountPath": "/e", "subPath": "../up"},
+                {"name": "x", "mountPath": "/f", "subPathExpr": "/abs"},
+                {"name": "x"},
+            ]))],
+        }));
+        let want = [
+            ("spec.volumes[0].name", "FieldValueInvalid"),
+            ("spec.volumes[2].name", "FieldValueDuplicate"),
+            (
+                "spec.containers[0].volumeMounts[0].name",
+                "FieldValueNotFound",
+            ),
+            (
+                "spec.containers[0].volumeMounts[1].subPath",
+                "FieldValueInvalid",
+            ),
+            (
+                "spec.containers[0].volumeMounts[2].subPathExpr",
+                "FieldValueInvalid",
+            ),
+            (
+                "spec.containers[0].volumeMounts[3].mountPath",
+                "FieldValueRequired",
+            ),
+        ];
+        let got: Vec<(&str, &str)> = causes.iter().map(|(f, r)| (f.as_str(), *r)).collect();
+        assert_eq!(got, want);
     }
 }
