@@ -71,8 +71,15 @@ pub fn build(
     }
     for var in container.env.iter().flatten() {
         let value = if let Some(value) = &var.value {
-            let lookup: BTreeMap<String, String> = vars.iter().cloned().collect();
-            expand(value, &lookup)
+            let size: usize = vars.iter().map(|(n, v)| n.len() + v.len()).sum();
+            if size > MAX_ENVIRONMENT {
+                return Err(format!(
+                    "the environment is larger than {MAX_ENVIRONMENT} bytes"
+                ));
+            }
+            let lookup: BTreeMap<&str, &str> =
+                vars.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+            expand(value, &lookup).map_err(|e| format!("env {}: {e}", var.name))?
         } else if let Some(from) = &var.value_from {
             let value = if let Some(r) = &from.config_map_key_ref {
                 let object = sources.config_map(namespace, &r.name);
@@ -209,10 +216,17 @@ pub fn resource_field(c: &Container, resource: &str, divisor: f64) -> Result<Str
 }
 
 /// Expands `$(VAR)` from `vars`; `$$` escapes; unknown names stay as written.
-pub fn expand(input: &str, vars: &BTreeMap<String, String>) -> String {
+pub fn expand(input: &str, vars: &BTreeMap<&str, &str>) -> Result<String, String> {
     let mut out = String::with_capacity(input.len());
     let mut rest = input;
     while let Some(pos) = rest.find('$') {
+        // Each variable may refer to the ones before it twice over, so
+        // forty of them could double a value forty times.
+        if out.len() > MAX_EXPANDED {
+            return Err(format!(
+                "{input:?} expands to more than {MAX_EXPANDED} bytes"
+            ));
+        }
         out.push_str(&rest[..pos]);
         let after = &rest[pos + 1..];
         if let Some(stripped) = after.strip_prefix('$') {
@@ -237,8 +251,20 @@ pub fn expand(input: &str, vars: &BTreeMap<String, String>) -> String {
         }
     }
     out.push_str(rest);
-    out
+    if out.len() > MAX_EXPANDED {
+        return Err(format!(
+            "{input:?} expands to more than {MAX_EXPANDED} bytes"
+        ));
+    }
+    Ok(out)
 }
+
+/// The longest value `$(VAR)` expansion may produce: 1 MiB, half of what
+/// Linux lets a process start with in all its arguments and environment.
+const MAX_EXPANDED: usize = 1 << 20;
+/// The most the environment may hold before another variable is expanded
+/// against it: Linux would not start a process with more anyway.
+const MAX_ENVIRONMENT: usize = 2 << 20;
 
 pub fn secret_data(secret: &Secret) -> BTreeMap<String, String> {
     let mut out: BTreeMap<String, String> = secret
@@ -279,12 +305,12 @@ mod tests {
 
     #[test]
     fn expansion() {
-        let vars = BTreeMap::from([("A".to_owned(), "1".to_owned())]);
-        assert_eq!(expand("x$(A)y", &vars), "x1y");
-        assert_eq!(expand("$(B)", &vars), "$(B)");
-        assert_eq!(expand("$$(A)", &vars), "$(A)");
-        assert_eq!(expand("a$b", &vars), "a$b");
-        assert_eq!(expand("$(A", &vars), "$(A");
+        let vars = BTreeMap::from([("A", "1")]);
+        assert_eq!(expand("x$(A)y", &vars).unwrap(), "x1y");
+        assert_eq!(expand("$(B)", &vars).unwrap(), "$(B)");
+        assert_eq!(expand("$$(A)", &vars).unwrap(), "$(A)");
+        assert_eq!(expand("a$b", &vars).unwrap(), "a$b");
+        assert_eq!(expand("$(A", &vars).unwrap(), "$(A");
     }
 
     struct NoSources;
@@ -340,5 +366,34 @@ mod tests {
         assert_eq!(get("IP"), Some("10.0.0.1"));
         assert_eq!(get("M"), Some("64"));
         assert_eq!(get("S"), None);
+    }
+
+    #[test]
+    fn doubling_expansions_are_refused_not_built() {
+        // A1 = A0 twice, A2 = A1 twice, ...: forty would be 16 TiB.
+        let mut env = vec![serde_json::json!({"name": "A0", "value": "x".repeat(16)})];
+        for i in 1..=40 {
+            let before = format!("$(A{})", i - 1);
+            env.push(
+                serde_json::json!({"name": format!("A{i}"), "value": format!("{before}{before}")}),
+            );
+        }
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p"},
+            "spec": {"containers": [{"name": "c", "env": env}]}
+        }))
+        .unwrap();
+        let c = &pod.spec.as_ref().unwrap().containers[0];
+        let error = build(&pod, c, &[], &[], None, "1.1.1.1", &NoSources).unwrap_err();
+        assert!(
+            error.contains("expands to more than") || error.contains("environment is larger"),
+            "{error}"
+        );
+        // Each reference to A doubles in length: 512 KiB of them expand to
+        // more than 1 MiB.
+        let vars = BTreeMap::from([("A", "12345678")]);
+        let refs = "$(A)".repeat(MAX_EXPANDED / 8 + 1);
+        assert!(expand(&refs, &vars).is_err());
+        assert!(expand(&refs[..4 * 1000], &vars).is_ok_and(|v| v.len() == 8000));
     }
 }

@@ -565,12 +565,15 @@ impl Worker {
             &*self.ctx,
         )
         .map_err(failed)?;
-        let lookup: BTreeMap<String, String> = env.iter().cloned().collect();
-        let expand = |list: &Option<Vec<String>>| -> Option<Vec<String>> {
+        let lookup: BTreeMap<&str, &str> =
+            env.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        let expand = |list: &Option<Vec<String>>| -> Result<Option<Vec<String>>, _> {
             list.as_ref()
                 .map(|l| l.iter().map(|a| env::expand(a, &lookup)).collect())
+                .transpose()
+                .map_err(failed)
         };
-        let args: Vec<String> = match (expand(&container.command), expand(&container.args)) {
+        let args: Vec<String> = match (expand(&container.command)?, expand(&container.args)?) {
             (Some(cmd), args) => cmd.into_iter().chain(args.unwrap_or_default()).collect(),
             (None, Some(args)) => image.entrypoint.iter().cloned().chain(args).collect(),
             (None, None) => image.entrypoint.iter().chain(&image.cmd).cloned().collect(),
