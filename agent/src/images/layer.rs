@@ -314,8 +314,8 @@ impl<'a> Unpacker<'a> {
                 // After chown, which clears setuid/setgid bits.
                 out.set_permissions(fs::Permissions::from_mode(mode(header)?))
                     .map_err(|e| e.to_string())?;
-                if let Ok(mtime) = header.mtime() {
-                    let _ = out.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(mtime));
+                if let Some(mtime) = modified(header) {
+                    let _ = out.set_modified(mtime);
                 }
                 self.xattrs(entry, &path);
             }
@@ -419,11 +419,8 @@ impl<'a> Unpacker<'a> {
         lchown(path, Some(uid), Some(gid)).map_err(|e| e.to_string())?;
         fs::set_permissions(path, fs::Permissions::from_mode(mode(header)?))
             .map_err(|e| e.to_string())?;
-        if is_dir && let Ok(mtime) = header.mtime() {
-            self.dir_times.push((
-                path.to_owned(),
-                SystemTime::UNIX_EPOCH + Duration::from_secs(mtime),
-            ));
+        if is_dir && let Some(mtime) = modified(header) {
+            self.dir_times.push((path.to_owned(), mtime));
         }
         self.xattrs(entry, path);
         Ok(())
@@ -496,6 +493,13 @@ impl<'a> Unpacker<'a> {
     }
 }
 
+/// An entry's modification time; none when it is unreadable or beyond what
+/// `SystemTime` holds (tar's base-256 numbers reach `u64::MAX` seconds).
+fn modified(header: &tar::Header) -> Option<SystemTime> {
+    let seconds = header.mtime().ok()?;
+    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(seconds))
+}
+
 fn owner(header: &tar::Header) -> Result<(u32, u32), String> {
     let uid = header.uid().map_err(|e| format!("bad uid: {e}"))?;
     let gid = header.gid().map_err(|e| format!("bad gid: {e}"))?;
@@ -506,4 +510,22 @@ fn owner(header: &tar::Header) -> Result<(u32, u32), String> {
 
 fn mode(header: &tar::Header) -> Result<u32, String> {
     Ok(header.mode().map_err(|e| format!("bad mode: {e}"))? & 0o7777)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_modification_time_beyond_system_time_is_dropped() {
+        let mut header = tar::Header::new_gnu();
+        header.set_mtime(1_700_000_000);
+        assert_eq!(
+            modified(&header),
+            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+        );
+        header.set_mtime(u64::MAX);
+        assert_eq!(header.mtime().ok(), Some(u64::MAX));
+        assert_eq!(modified(&header), None);
+    }
 }
