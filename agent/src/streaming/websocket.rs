@@ -19,6 +19,8 @@ pub const NORMAL_CLOSURE: [u8; 2] = 1000u16.to_be_bytes();
 
 /// The largest frame accepted; kubectl's are a few KiB.
 const MAX_FRAME: u64 = 1 << 20;
+/// The largest message, however many frames it comes in.
+const MAX_MESSAGE: usize = 4 << 20;
 
 pub enum Message {
     Data(Vec<u8>),
@@ -52,6 +54,12 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 CLOSE => return Ok(Some(Message::Close)),
                 TEXT | BINARY | CONTINUATION => {
                     let mut message = self.partial.take().unwrap_or_default();
+                    if message.len() + payload.len() > MAX_MESSAGE {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "WebSocket message too large",
+                        ));
+                    }
                     message.extend_from_slice(&payload);
                     if fin {
                         return Ok(Some(Message::Data(message)));
@@ -215,5 +223,34 @@ mod tests {
             accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
             "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
+    }
+
+    /// A masked client frame of `len` zero bytes.
+    fn frame(fin: bool, opcode: u8, len: usize) -> Vec<u8> {
+        let mut out = vec![if fin { 0x80 } else { 0 } | opcode, 0x80 | 127];
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+        out.extend_from_slice(&[0; 4]);
+        out.resize(out.len() + len, 0);
+        out
+    }
+
+    #[tokio::test]
+    async fn fragments_are_joined_up_to_a_bound() {
+        let mut stream = frame(false, BINARY, 1000);
+        stream.extend(frame(true, CONTINUATION, 24));
+        let mut reader = Reader::new(&stream[..]);
+        match reader.next().await {
+            Ok(Some(Message::Data(data))) => assert_eq!(data.len(), 1024),
+            _ => panic!("expected one joined message"),
+        }
+
+        // Unfinished fragments of 1 MiB each, without end.
+        let mut stream = frame(false, BINARY, 1 << 20);
+        for _ in 0..8 {
+            stream.extend(frame(false, CONTINUATION, 1 << 20));
+        }
+        let mut reader = Reader::new(&stream[..]);
+        let error = reader.next().await.err().expect("refused");
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
     }
 }
