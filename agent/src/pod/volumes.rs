@@ -62,6 +62,42 @@ pub fn prepare(
     Ok(out)
 }
 
+/// Where a mount's `subPath` of the volume at `root` is, creating missing
+/// folders when `create`. Symlinks on the way are followed only while they
+/// stay inside the volume: a container that shares a volume can make a
+/// link to `/` in it, and runc would bind the host's root for a later
+/// container mounting that subPath.
+///
+/// A container could still swap a checked folder for a link between this
+/// check and runc's mount; kubelet closes that window by binding through
+/// a descriptor opened without following links, which this does not do.
+pub fn sub_path(root: &Path, sub: &str, create: bool) -> Result<PathBuf, String> {
+    if sub.starts_with('/') || sub.split('/').any(|part| part == "..") {
+        return Err(format!("invalid subPath {sub:?}"));
+    }
+    let outside = || format!("subPath {sub:?} leads outside its volume");
+    let base = std::fs::canonicalize(root).map_err(|e| format!("volume folder: {e}"))?;
+    let mut path = base.clone();
+    for part in sub.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        path.push(part);
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                path = std::fs::canonicalize(&path).map_err(|_| outside())?;
+                if !path.starts_with(&base) {
+                    return Err(outside());
+                }
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
+                std::fs::create_dir(&path).map_err(|e| format!("subPath {sub:?}: {e}"))?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(path),
+            Err(e) => return Err(format!("subPath {sub:?}: {e}")),
+        }
+    }
+    Ok(path)
+}
+
 /// A name that is one plain folder below its parent: lowercase letters,
 /// digits and inner dashes, as a DNS-1123 label.
 fn is_folder_name(name: &str) -> bool {
@@ -418,6 +454,37 @@ fn is_mountpoint(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sub_paths_stay_inside_their_volume() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("vol");
+        std::fs::create_dir(&root).unwrap();
+        let base = std::fs::canonicalize(&root).unwrap();
+        assert_eq!(sub_path(&root, "a/b", true).unwrap(), base.join("a/b"));
+        assert!(base.join("a/b").is_dir(), "created");
+        // A link inside the volume, as a configMap's keys are, is fine.
+        std::os::unix::fs::symlink("a", root.join("inside")).unwrap();
+        assert_eq!(
+            sub_path(&root, "inside/b", false).unwrap(),
+            base.join("a/b")
+        );
+        // A link out of it is refused, and nothing is created through it.
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, root.join("out")).unwrap();
+        std::os::unix::fs::symlink("/", root.join("slash")).unwrap();
+        assert!(sub_path(&root, "out", false).is_err());
+        assert!(sub_path(&root, "out/new", true).is_err());
+        assert!(!elsewhere.join("new").exists());
+        assert!(sub_path(&root, "slash/etc", false).is_err());
+        std::os::unix::fs::symlink(dir.path().join("dangling"), root.join("dangling")).unwrap();
+        assert!(sub_path(&root, "dangling", true).is_err());
+        assert!(!dir.path().join("dangling").exists());
+        for bad in ["../x", "/etc", "a/../../x"] {
+            assert!(sub_path(&root, bad, true).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn only_plain_names_become_volume_folders() {

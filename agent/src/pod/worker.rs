@@ -595,13 +595,7 @@ impl Worker {
             };
             let mut source = v.path.clone();
             if let Some(sub) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
-                if sub.split('/').any(|p| p == "..") || sub.starts_with('/') {
-                    return Err(failed(format!("invalid subPath {sub:?}")));
-                }
-                source = source.join(sub);
-                if !v.managed && !source.exists() {
-                    let _ = std::fs::create_dir_all(&source);
-                }
+                source = volumes::sub_path(&source, sub, !v.managed).map_err(failed)?;
             }
             mounts.push(BindMount {
                 source,
