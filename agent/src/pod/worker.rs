@@ -1247,8 +1247,26 @@ fn user(pod: &Pod, container: &Container, image: &ResolvedImage, rootfs: &Path) 
     (uid, gid)
 }
 
+/// The uid and gid of `name` in the image's /etc/passwd. The file is the
+/// image's, read on the host: read only as a plain file under a plain
+/// folder (an image could make either a link to a host file, or the file
+/// a FIFO that blocks the read), and at most 1 MiB of it.
 fn passwd_lookup(rootfs: &Path, name: &str) -> Option<(u32, u32)> {
-    let text = std::fs::read_to_string(rootfs.join("etc/passwd")).ok()?;
+    use std::io::Read;
+    let etc = rootfs.join("etc");
+    let passwd = etc.join("passwd");
+    let plain = |path: &Path, dir: bool| {
+        std::fs::symlink_metadata(path).is_ok_and(|m| if dir { m.is_dir() } else { m.is_file() })
+    };
+    if !plain(&etc, true) || !plain(&passwd, false) {
+        return None;
+    }
+    let mut text = String::new();
+    std::fs::File::open(&passwd)
+        .ok()?
+        .take(1 << 20)
+        .read_to_string(&mut text)
+        .ok()?;
     text.lines().find_map(|line| {
         let fields: Vec<&str> = line.split(':').collect();
         (fields.len() > 3 && fields[0] == name)
@@ -1260,6 +1278,26 @@ fn passwd_lookup(rootfs: &Path, name: &str) -> Option<(u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwd_is_read_only_as_a_plain_file_of_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let rootfs = dir.path();
+        std::fs::create_dir(rootfs.join("etc")).unwrap();
+        std::fs::write(
+            rootfs.join("etc/passwd"),
+            "root:x:0:0::/:/bin/sh\napp:x:1000:1001::/:/bin/sh\n",
+        )
+        .unwrap();
+        assert_eq!(passwd_lookup(rootfs, "app"), Some((1000, 1001)));
+        assert_eq!(passwd_lookup(rootfs, "nobody"), None);
+        // A link to a file outside the image is not followed.
+        std::fs::remove_file(rootfs.join("etc/passwd")).unwrap();
+        let host = dir.path().join("host-passwd");
+        std::fs::write(&host, "app:x:7:7::/:/bin/sh\n").unwrap();
+        std::os::unix::fs::symlink(&host, rootfs.join("etc/passwd")).unwrap();
+        assert_eq!(passwd_lookup(rootfs, "app"), None);
+    }
 
     #[test]
     fn grace_periods_are_clamped_to_what_a_deadline_can_hold() {
