@@ -169,7 +169,7 @@ pub fn validate(rt: &ResourceType, object: &Value) -> Vec<Cause> {
     match (rt.group, rt.plural) {
         ("", "pods") => {
             if let Some(spec) = object.get("spec") {
-                pod_spec(spec, "spec", &mut causes);
+                pod_spec(spec, "spec", &[], &mut causes);
             } else {
                 causes.push(Cause::required("spec"));
             }
@@ -179,7 +179,7 @@ pub fn validate(rt: &ResourceType, object: &Value) -> Vec<Cause> {
         }
         ("batch", "jobs") => {
             if let Some(spec) = object.pointer("/spec/template/spec") {
-                pod_spec(spec, "spec.template.spec", &mut causes);
+                pod_spec(spec, "spec.template.spec", &[], &mut causes);
             } else {
                 causes.push(Cause::required("spec.template.spec"));
             }
@@ -260,14 +260,17 @@ fn volume_mounts(container: &Value, at: &str, volumes: &[&str], causes: &mut Vec
     }
 }
 
-fn pod_spec(spec: &Value, path: &str, causes: &mut Vec<Cause>) {
+/// A pod spec at `path`; `claims` are the names of volumes the pods get
+/// besides the spec's own (a StatefulSet's claim templates).
+fn pod_spec(spec: &Value, path: &str, claims: &[&str], causes: &mut Vec<Cause>) {
     let containers = spec.get("containers").and_then(Value::as_array);
     match containers {
         None => causes.push(Cause::required(format!("{path}.containers"))),
         Some(list) if list.is_empty() => causes.push(Cause::required(format!("{path}.containers"))),
         Some(_) => {}
     }
-    let volumes = pod_volumes(spec, path, causes);
+    let mut volumes = pod_volumes(spec, path, causes);
+    volumes.extend(claims);
     let mut names: Vec<&str> = Vec::new();
     for field in ["initContainers", "containers"] {
         let Some(list) = spec.get(field).and_then(Value::as_array) else {
@@ -358,8 +361,16 @@ fn workload(object: &Value, causes: &mut Vec<Cause>) {
             ));
         }
     }
+    // A StatefulSet's pods also get a volume for each claim template.
+    let claims: Vec<&str> = object
+        .pointer("/spec/volumeClaimTemplates")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|claim| claim.pointer("/metadata/name").and_then(Value::as_str))
+        .collect();
     match object.pointer("/spec/template/spec") {
-        Some(spec) => pod_spec(spec, "spec.template.spec", causes),
+        Some(spec) => pod_spec(spec, "spec.template.spec", &claims, causes),
         None => causes.push(Cause::required("spec.template.spec")),
     }
 }
@@ -502,5 +513,31 @@ mod tests {
         ];
         let got: Vec<(&str, &str)> = causes.iter().map(|(f, r)| (f.as_str(), *r)).collect();
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_statefulset_mounts_its_claim_templates() {
+        let registry = Registry::new();
+        let sets = registry
+            .get("apps", "v1", "statefulsets")
+            .expect("statefulsets are served");
+        let set = |claim: &str| {
+            json!({
+                "metadata": {"name": "web"},
+                "spec": {
+                    "selector": {"matchLabels": {"app": "web"}},
+                    "volumeClaimTemplates": [{"metadata": {"name": claim}}],
+                    "template": {
+                        "metadata": {"labels": {"app": "web"}},
+                        "spec": {"containers": [{"name": "c", "image": "i",
+                            "volumeMounts": [{"name": "data", "mountPath": "/d"}]}]}
+                    }
+                }
+            })
+        };
+        assert!(validate(sets, &set("data")).is_empty());
+        let causes = validate(sets, &set("other"));
+        assert_eq!(causes.len(), 1, "{causes:?}");
+        assert_eq!(causes[0].reason, "FieldValueNotFound");
     }
 }
