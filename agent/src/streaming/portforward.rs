@@ -62,6 +62,9 @@ fn connect_in(netns: Option<&std::path::Path>, port: u16) -> io::Result<std::net
     Ok(stream)
 }
 
+/// Forwarded connections with one of their two streams open, at most.
+const MAX_HALF_OPEN: usize = 1024;
+
 /// One forwarded connection while its streams are being opened.
 #[derive(Default)]
 struct Pair {
@@ -89,6 +92,12 @@ where
                 };
                 // Clients before requestID paired streams by port alone.
                 let key = format!("{port}/{}", headers.get("requestid").unwrap_or(""));
+                // A pair waits only until its second stream comes; a client
+                // that keeps opening halves must not grow the table.
+                if pairs.len() >= MAX_HALF_OPEN && !pairs.contains_key(&key) {
+                    let _ = writer.reset(id).await;
+                    continue;
+                }
                 let pair = pairs.entry(key.clone()).or_default();
                 match headers.get("streamtype") {
                     Some("error") => pair.error = Some(id),

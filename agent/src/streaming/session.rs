@@ -376,7 +376,11 @@ impl Router {
                     Some("resize") => Role::Resize,
                     _ => return,
                 };
-                self.roles.push((id, role));
+                // One stream per role, as upstream: a client opening more
+                // would otherwise grow the list without bound.
+                if self.id(role).is_none() {
+                    self.roles.push((id, role));
+                }
             }
             Event::Data { id, fin, payload } => match self.role(id) {
                 Some(Role::Stdin) => {
