@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,6 +58,10 @@ impl ImageStore {
         for dir in [&paths.root, &paths.blobs, &paths.layers, &paths.tmp] {
             fs::create_dir_all(dir).map_err(ImageError::io(dir))?;
         }
+        // Layers keep the device nodes and setuid files their images hold,
+        // as containers need them; no other user of the host may reach them.
+        fs::set_permissions(&paths.root, fs::Permissions::from_mode(0o700))
+            .map_err(ImageError::io(&paths.root))?;
         let store = ImageStore {
             inner: Arc::new(paths),
         };

@@ -534,6 +534,18 @@ fn gzip_outer_archive_and_plain_layers() {
 }
 
 #[test]
+fn only_root_reaches_the_store() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tmp();
+    let root = dir.path().join("store");
+    fs::create_dir(&root).unwrap();
+    fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
+    ImageStore::open(&root).unwrap();
+    let mode = fs::metadata(&root).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+}
+
+#[test]
 fn tampered_blobs_are_refused_and_the_store_is_unchanged() {
     let dir = tmp();
     let store_root = dir.path().join("store");
