@@ -311,6 +311,17 @@ pub enum Component {
     MetricsServer,
 }
 
+/// The least `skiff agent` command line, for tests.
+#[cfg(test)]
+pub(crate) const AGENT: [&str; 6] = [
+    "skiff",
+    "agent",
+    "--server",
+    "https://s:6443",
+    "--token",
+    "t",
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,16 +367,8 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["skiff", "server", "--disable", "everything"]).is_err());
         assert!(Cli::try_parse_from(["skiff", "agent"]).is_err());
-        let agent = [
-            "skiff",
-            "agent",
-            "--server",
-            "https://s:6443",
-            "--token",
-            "t",
-        ];
         let disabled = |extra: &[&str]| {
-            Cli::try_parse_from(agent.iter().chain(extra)).map(|cli| match cli.command {
+            Cli::try_parse_from(AGENT.iter().chain(extra)).map(|cli| match cli.command {
                 Command::Agent(args) => args.disable,
                 _ => Vec::new(),
             })

@@ -197,18 +197,10 @@ mod tests {
     use clap::Parser;
 
     use super::*;
-    use crate::cli::{Cli, Command};
+    use crate::cli::{AGENT, Cli, Command};
 
     fn agent_node(extra: &[&str]) -> NodeArgs {
-        let args = [
-            "skiff",
-            "agent",
-            "--server",
-            "https://s:6443",
-            "--token",
-            "t",
-        ];
-        let cli = Cli::try_parse_from(args.iter().chain(extra)).expect("agent flags parse");
+        let cli = Cli::try_parse_from(AGENT.iter().chain(extra)).expect("agent flags parse");
         match cli.command {
             Command::Agent(args) => args.node,
             other => panic!("not an agent command: {other:?}"),
